@@ -1,0 +1,184 @@
+//! The command line: `rwgate serve` and `rwgate check-config`. Every setting
+//! can come from the config file, a flag, or an `RWGATE_<NAME>` environment
+//! variable; flags and environment win over the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{AuthMode, Config, ConfigError, LogFormat, Size};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rwgate",
+    version,
+    about = "Prometheus remote_write gateway: authenticate, enforce tenancy, filter, forward to Thanos receive"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve remote_write traffic.
+    Serve(Settings),
+    /// Validate the configuration and print the effective settings (secrets redacted).
+    CheckConfig(Settings),
+}
+
+/// Settings shared by every command: the config file and its overrides.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// TOML config file; flags and environment override it.
+    #[arg(long, short, env = "RWGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:8935].
+    #[arg(long, env = "RWGATE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Remote-write URL of the upstream (Thanos receive).
+    #[arg(long, env = "RWGATE_UPSTREAM_URL")]
+    pub upstream_url: Option<String>,
+    /// Header carrying the account id upstream [default: Cloud-Account-Id].
+    #[arg(long, env = "RWGATE_UPSTREAM_TENANT_HEADER")]
+    pub upstream_tenant_header: Option<String>,
+    /// Timeout of one upstream attempt (e.g. 10s).
+    #[arg(long, env = "RWGATE_UPSTREAM_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Option<Duration>,
+    /// Retries after a retryable upstream failure.
+    #[arg(long, env = "RWGATE_UPSTREAM_MAX_RETRIES")]
+    pub upstream_max_retries: Option<u32>,
+    /// Credential source.
+    #[arg(long, env = "RWGATE_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+    /// Platform REST API base URL (auth = rest).
+    #[arg(long, env = "RWGATE_REST_URL")]
+    pub rest_url: Option<String>,
+    /// File holding the cluster secret for the REST API (auth = rest).
+    #[arg(long, env = "RWGATE_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Tenants file (auth = static).
+    #[arg(long, env = "RWGATE_TENANTS_FILE")]
+    pub tenants_file: Option<PathBuf>,
+    /// How long REST credentials are cached (e.g. 60s).
+    #[arg(long, env = "RWGATE_AUTH_CACHE_TTL", value_parser = humantime::parse_duration)]
+    pub auth_cache_ttl: Option<Duration>,
+    /// `__name__` allowlist regex (fully anchored).
+    #[arg(long, env = "RWGATE_ALLOWLIST")]
+    pub allowlist: Option<String>,
+    /// Tenant label names, comma-separated [default: cloud_account_id,tenant_id].
+    #[arg(long, env = "RWGATE_TENANT_LABELS", value_delimiter = ',')]
+    pub tenant_labels: Option<Vec<String>>,
+    /// PEM certificate chain; with --tls-key, serve HTTPS.
+    #[arg(long, env = "RWGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long, env = "RWGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Largest compressed body (e.g. 10MiB).
+    #[arg(long, env = "RWGATE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<Size>,
+    /// Largest decompressed body (e.g. 64MiB).
+    #[arg(long, env = "RWGATE_MAX_DECODED_BYTES")]
+    pub max_decoded_bytes: Option<Size>,
+    /// Write requests processed at once; more are shed with 503.
+    #[arg(long, env = "RWGATE_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+    /// Grace period for in-flight requests on shutdown (e.g. 25s).
+    #[arg(long, env = "RWGATE_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+    /// Log format.
+    #[arg(long, env = "RWGATE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (RUST_LOG syntax), e.g. info or rwgate=debug.
+    #[arg(long, env = "RWGATE_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl Settings {
+    /// The effective, validated config: file (or defaults), then overrides.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        self.apply(&mut c);
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn apply(&self, c: &mut Config) {
+        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        }
+        fn set_opt<T: Clone>(dst: &mut Option<T>, src: &Option<T>) {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        }
+        set(&mut c.listen, &self.listen);
+        set(&mut c.upstream.url, &self.upstream_url);
+        set(&mut c.upstream.tenant_header, &self.upstream_tenant_header);
+        set(&mut c.upstream.timeout, &self.upstream_timeout);
+        set(&mut c.upstream.max_retries, &self.upstream_max_retries);
+        set(&mut c.auth.mode, &self.auth);
+        set_opt(&mut c.auth.rest_url, &self.rest_url);
+        set_opt(&mut c.auth.cluster_secret_file, &self.cluster_secret_file);
+        set_opt(&mut c.auth.tenants_file, &self.tenants_file);
+        set(&mut c.auth.cache_ttl, &self.auth_cache_ttl);
+        set(&mut c.filter.allowlist, &self.allowlist);
+        set(&mut c.tenancy.labels, &self.tenant_labels);
+        set_opt(&mut c.tls.cert, &self.tls_cert);
+        set_opt(&mut c.tls.key, &self.tls_key);
+        set(&mut c.limits.max_body_bytes, &self.max_body_bytes);
+        set(&mut c.limits.max_decoded_bytes, &self.max_decoded_bytes);
+        set(
+            &mut c.limits.max_concurrent_requests,
+            &self.max_concurrent_requests,
+        );
+        set(&mut c.limits.shutdown_grace, &self.shutdown_grace);
+        set(&mut c.log.format, &self.log_format);
+        set(&mut c.log.level, &self.log_level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_defaults() {
+        let cli = Cli::try_parse_from([
+            "rwgate",
+            "serve",
+            "--auth",
+            "none",
+            "--listen",
+            "127.0.0.1:1",
+            "--max-body-bytes",
+            "1MiB",
+            "--max-decoded-bytes",
+            "8MiB",
+            "--tenant-labels",
+            "a,b",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!()
+        };
+        let c = s.load().unwrap();
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.limits.max_body_bytes, Size(1 << 20));
+        assert_eq!(c.tenancy.labels, ["a", "b"]);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Cli::try_parse_from(["rwgate", "serve", "--max-body-bytes", "lots"]).is_err());
+        assert!(Cli::try_parse_from(["rwgate", "serve", "--auth", "ldap"]).is_err());
+    }
+}

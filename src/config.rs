@@ -1,0 +1,589 @@
+//! The configuration tree: one serde struct, loaded from an optional TOML file,
+//! then overridden by command-line flags and `RWGATE_*` environment variables
+//! (see `cli.rs`). Every field is documented here; `rwgate check-config` prints
+//! the effective tree with secrets redacted.
+//!
+//! Durations are written as people write them (`500ms`, `30s`, `5m`), sizes as
+//! `16MiB` or plain bytes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default listen address: diproxy's port, so existing remote_write URLs keep working.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8935";
+/// Default upstream: the platform's Thanos receive.
+pub const DEFAULT_UPSTREAM_URL: &str = "http://thanos-receive:19291/api/v1/receive";
+/// Default tenant header, as the platform's Thanos receive is configured.
+pub const DEFAULT_TENANT_HEADER: &str = "Cloud-Account-Id";
+/// Default `__name__` allowlist, from the customer Helm chart.
+pub const DEFAULT_ALLOWLIST: &str =
+    "kubecost_.*|cloudtuner_kubecost_.*|container_.*|kube_.*|node_.*|pod_pvc_.*|pv_.*|up";
+/// Labels set to the authenticated account id on every series.
+pub const DEFAULT_TENANT_LABELS: [&str; 2] = ["cloud_account_id", "tenant_id"];
+
+/// The whole configuration of one rwgate process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on (`host:port`).
+    pub listen: SocketAddr,
+    /// TLS termination. Both `cert` and `key` set: serve HTTPS (ALPN h2 and
+    /// http/1.1); neither set: plain HTTP (a TLS ingress terminates in front).
+    pub tls: TlsConfig,
+    /// Limits applied to every request before any work is done.
+    pub limits: LimitsConfig,
+    /// How the `Cloud-Account-Id` of a request is authenticated.
+    pub auth: AuthConfig,
+    /// Labels that carry the tenant on every series.
+    pub tenancy: TenancyConfig,
+    /// Which series are kept.
+    pub filter: FilterConfig,
+    /// Where kept series are forwarded (Thanos receive).
+    pub upstream: UpstreamConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("valid default listen address"),
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+            tenancy: TenancyConfig::default(),
+            filter: FilterConfig::default(),
+            upstream: UpstreamConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// TLS certificate and key (PEM files).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+/// Request limits. Exceeding a size limit answers 413, a shape limit 400,
+/// the concurrency limit 503.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest accepted request body as sent (snappy-compressed).
+    pub max_body_bytes: Size,
+    /// Largest accepted decompressed body; checked against the snappy length
+    /// header before anything is decompressed.
+    pub max_decoded_bytes: Size,
+    /// Most series in one request.
+    pub max_series_per_request: usize,
+    /// Most labels on one series (after nothing is added: counted as sent).
+    pub max_labels_per_series: usize,
+    /// Longest label name, in bytes.
+    pub max_label_name_bytes: usize,
+    /// Longest label value, in bytes.
+    pub max_label_value_bytes: usize,
+    /// Requests processed at once; more are shed with 503 so that memory
+    /// stays bounded under overload.
+    pub max_concurrent_requests: usize,
+    /// Time allowed to receive a request's headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time allowed to receive a request's body.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: Size(10 << 20),
+            max_decoded_bytes: Size(64 << 20),
+            max_series_per_request: 100_000,
+            max_labels_per_series: 64,
+            max_label_name_bytes: 1024,
+            max_label_value_bytes: 4096,
+            max_concurrent_requests: 256,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(25),
+        }
+    }
+}
+
+/// Where credentials come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The platform REST API, as diproxy did.
+    Rest,
+    /// A TOML file of `[[tenant]]` tables.
+    Static,
+    /// The header alone identifies the tenant (trusted networks only).
+    None,
+}
+
+/// Tenant authentication.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `rest`, `static` or `none`.
+    pub mode: AuthMode,
+    /// Base URL of the platform REST API (`rest` mode), e.g. `http://restapi:8999`.
+    pub rest_url: Option<String>,
+    /// File holding the cluster secret sent as the `Secret` header (`rest` mode).
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Timeout of one REST lookup.
+    #[serde(with = "humantime_serde")]
+    pub rest_timeout: Duration,
+    /// How long a known account's credentials are trusted without a new lookup.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How long an unknown account is remembered as unknown (stops retry storms).
+    #[serde(with = "humantime_serde")]
+    pub negative_cache_ttl: Duration,
+    /// During a REST outage, how long past `cache_ttl` a cached answer is still used.
+    #[serde(with = "humantime_serde")]
+    pub stale_ttl: Duration,
+    /// Most accounts kept in the cache.
+    pub cache_capacity: usize,
+    /// Tenants file (`static` mode): `[[tenant]]` tables with `id`,
+    /// `credentials` (base64 of `user:password`) and an optional `allowlist`.
+    pub tenants_file: Option<PathBuf>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Rest,
+            rest_url: None,
+            cluster_secret_file: None,
+            rest_timeout: Duration::from_secs(5),
+            cache_ttl: Duration::from_secs(60),
+            negative_cache_ttl: Duration::from_secs(60),
+            stale_ttl: Duration::from_secs(3600),
+            cache_capacity: 100_000,
+            tenants_file: None,
+        }
+    }
+}
+
+/// Tenant labels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenancyConfig {
+    /// Label names set to the authenticated account id on every series,
+    /// replacing whatever the client sent.
+    pub labels: Vec<String>,
+}
+
+impl Default for TenancyConfig {
+    fn default() -> Self {
+        TenancyConfig {
+            labels: DEFAULT_TENANT_LABELS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
+/// Series filter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterConfig {
+    /// Regex on `__name__`, fully anchored as Prometheus relabel regexes are.
+    /// Series that do not match are dropped (and counted). A tenant's own
+    /// allowlist (static tenants file) replaces this one for that tenant.
+    pub allowlist: String,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        FilterConfig {
+            allowlist: DEFAULT_ALLOWLIST.to_string(),
+        }
+    }
+}
+
+/// The remote-write upstream (Thanos receive).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Remote-write URL kept series are POSTed to (http or https).
+    pub url: String,
+    /// Header carrying the account id to the upstream.
+    pub tenant_header: String,
+    /// Timeout of one upstream attempt.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Retries after a retryable failure (5xx, 429, timeout, connection error).
+    pub max_retries: u32,
+    /// Backoff before the first retry; doubles each time, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Largest backoff between retries.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+    /// Idle pooled connections kept per upstream host.
+    pub pool_max_idle: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: DEFAULT_UPSTREAM_URL.to_string(),
+            tenant_header: DEFAULT_TENANT_HEADER.to_string(),
+            timeout: Duration::from_secs(10),
+            max_retries: 2,
+            retry_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_secs(2),
+            pool_max_idle: 64,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `json` (one object per line) or `text`.
+    pub format: LogFormat,
+    /// Filter in `RUST_LOG` syntax, e.g. `info` or `rwgate=debug,info`.
+    pub level: String,
+    /// Most "rejected request" warnings logged per second; the rest are counted.
+    pub max_rejections_per_sec: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+            max_rejections_per_sec: 10,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// A byte size, written as a plain number of bytes or as `16MiB`, `512KiB`, `1GB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected e.g. 16MiB or 1048576"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "invalid size unit {other:?} in {s:?}: use B, KiB, MiB, GiB, KB, MB or GB"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        for (unit, mult) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= mult && n % mult == 0 {
+                return write!(f, "{}{unit}", n / mult);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A configuration problem, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Parses a TOML document (`origin` names it in errors).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })
+    }
+
+    /// Reads and parses a TOML config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Checks what serde cannot: cross-field rules, regexes, URLs, files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => {
+                return Err(invalid("tls.key", "tls.cert is set but tls.key is not"))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("tls.cert", "tls.key is set but tls.cert is not"))
+            }
+            _ => {}
+        }
+        let l = &self.limits;
+        if l.max_body_bytes.0 == 0 {
+            return Err(invalid("limits.max_body_bytes", "must be greater than 0"));
+        }
+        if l.max_decoded_bytes.0 < l.max_body_bytes.0 {
+            return Err(invalid(
+                "limits.max_decoded_bytes",
+                "must be at least limits.max_body_bytes",
+            ));
+        }
+        if l.max_concurrent_requests == 0 {
+            return Err(invalid(
+                "limits.max_concurrent_requests",
+                "must be greater than 0",
+            ));
+        }
+        match self.auth.mode {
+            AuthMode::Rest => {
+                let url =
+                    self.auth.rest_url.as_deref().ok_or_else(|| {
+                        invalid("auth.rest_url", "required when auth.mode is rest")
+                    })?;
+                check_http_url("auth.rest_url", url)?;
+                if self.auth.cluster_secret_file.is_none() {
+                    return Err(invalid(
+                        "auth.cluster_secret_file",
+                        "required when auth.mode is rest",
+                    ));
+                }
+            }
+            AuthMode::Static => {
+                if self.auth.tenants_file.is_none() {
+                    return Err(invalid(
+                        "auth.tenants_file",
+                        "required when auth.mode is static",
+                    ));
+                }
+            }
+            AuthMode::None => {}
+        }
+        if self.tenancy.labels.is_empty() {
+            return Err(invalid(
+                "tenancy.labels",
+                "at least one label is needed to enforce tenancy",
+            ));
+        }
+        for name in &self.tenancy.labels {
+            if !crate::wire::is_valid_label_name(name) || name == "__name__" {
+                return Err(invalid(
+                    "tenancy.labels",
+                    format!("{name:?} is not a usable label name"),
+                ));
+            }
+        }
+        crate::filter::Allowlist::new(&self.filter.allowlist)
+            .map_err(|e| invalid("filter.allowlist", e.to_string()))?;
+        check_http_url("upstream.url", &self.upstream.url)?;
+        if http::HeaderName::from_bytes(self.upstream.tenant_header.as_bytes()).is_err() {
+            return Err(invalid(
+                "upstream.tenant_header",
+                "not a valid HTTP header name",
+            ));
+        }
+        if self.upstream.timeout.is_zero() {
+            return Err(invalid("upstream.timeout", "must be greater than 0"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The config as TOML with secrets redacted (`check-config`). The config
+    /// holds secrets only by file path, so nothing here is secret itself, but
+    /// URLs may carry `user:password@`, which is masked.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        c.upstream.url = redact_url(&c.upstream.url);
+        c.auth.rest_url = c.auth.rest_url.as_deref().map(redact_url);
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn check_http_url(field: &'static str, url: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| invalid(field, format!("{url:?} is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(invalid(
+                field,
+                format!("{url:?} must start with http:// or https://"),
+            ))
+        }
+    }
+    if uri.host().is_none() {
+        return Err(invalid(field, format!("{url:?} has no host")));
+    }
+    Ok(())
+}
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_diproxy() {
+        let c = Config::default();
+        assert_eq!(c.listen.port(), 8935);
+        assert_eq!(c.upstream.tenant_header, "Cloud-Account-Id");
+        assert_eq!(c.upstream.url, "http://thanos-receive:19291/api/v1/receive");
+    }
+
+    #[test]
+    fn parses_human_units_and_rejects_unknown_fields() {
+        let c = Config::from_toml(
+            r#"
+            listen = "127.0.0.1:9000"
+            [limits]
+            max_body_bytes = "4MiB"
+            max_decoded_bytes = 33554432
+            body_read_timeout = "1500ms"
+            [auth]
+            mode = "none"
+            "#,
+            "test",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_body_bytes, Size(4 << 20));
+        assert_eq!(c.limits.max_decoded_bytes, Size(32 << 20));
+        assert_eq!(c.limits.body_read_timeout, Duration::from_millis(1500));
+        c.validate().unwrap();
+
+        let err = Config::from_toml("[limits]\nmax_bdy_bytes = 1\n", "test").unwrap_err();
+        assert!(err.to_string().contains("max_bdy_bytes"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = Config::default();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid auth.rest_url"), "{err}");
+        c.auth.mode = AuthMode::None;
+        c.filter.allowlist = "kube_(".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid filter.allowlist"), "{err}");
+        c.filter.allowlist = "up".into();
+        c.upstream.url = "ftp://x/".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid upstream.url"), "{err}");
+    }
+
+    #[test]
+    fn sizes_round_trip() {
+        for s in ["16MiB", "512KiB", "1GiB", "1000"] {
+            assert_eq!(s.parse::<Size>().unwrap().to_string(), s);
+        }
+        assert_eq!("1MB".parse::<Size>().unwrap(), Size(1_000_000));
+        assert!("12XB".parse::<Size>().is_err());
+    }
+
+    #[test]
+    fn redacts_userinfo() {
+        assert_eq!(redact_url("https://u:p@host/x"), "https://***@host/x");
+        assert_eq!(redact_url("http://host/x"), "http://host/x");
+    }
+}

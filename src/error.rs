@@ -1,0 +1,133 @@
+//! Every error a request can end in, and the one place each becomes an HTTP
+//! status and a one-line body telling the sender what to fix.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::auth::AuthError;
+use crate::pipeline::PipelineError;
+use crate::tee::TeeError;
+use crate::upstream::UpstreamError;
+
+/// Why a request was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("not found: remote_write goes to POST /storage/api/v2/write, /api/v1/write or /api/v1/receive")]
+    NotFound,
+    #[error("method not allowed: use {0}")]
+    MethodNotAllowed(&'static str),
+    #[error("missing Cloud-Account-Id header")]
+    MissingTenant,
+    #[error("Cloud-Account-Id must be a UUID")]
+    InvalidTenant,
+    #[error("unsupported Content-Encoding {0:?}: send snappy")]
+    UnsupportedEncoding(String),
+    #[error("unsupported Content-Type {0:?}: send application/x-protobuf (Remote-Write 1.0)")]
+    UnsupportedContentType(String),
+    #[error("request body too large: more than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("timed out reading the request body")]
+    BodyTimeout,
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("could not store cost samples durably: {0}; retry later")]
+    Tee(#[from] TeeError),
+    #[error("overloaded: too many requests in flight; retry later")]
+    Overloaded,
+    #[error("shutting down; retry later")]
+    ShuttingDown,
+}
+
+/// What the client is told.
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: String,
+    pub retry_after: Option<Duration>,
+    pub www_authenticate: bool,
+}
+
+impl ApiError {
+    /// The status for this error. Exhaustive on purpose: a new kind of error
+    /// must be given a status here, it cannot silently become a 500.
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            MissingTenant | InvalidTenant | BodyRead(_) => StatusCode::BAD_REQUEST,
+            UnsupportedEncoding(_) | UnsupportedContentType(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Auth(e) => match e {
+                AuthError::UnknownAccount | AuthError::NoCredentials => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                AuthError::BadCredentials => StatusCode::UNAUTHORIZED,
+                AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Pipeline(e) => match e {
+                PipelineError::DecodedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                PipelineError::Snappy(_) | PipelineError::Decode(_) => StatusCode::BAD_REQUEST,
+            },
+            Upstream(e) => match e {
+                UpstreamError::Rejected { status, .. } => *status,
+                UpstreamError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                UpstreamError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Tee(_) | Overloaded | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A short fixed label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            NotFound => "not_found",
+            MethodNotAllowed(_) => "method",
+            MissingTenant => "missing_tenant",
+            InvalidTenant => "invalid_tenant",
+            UnsupportedEncoding(_) => "encoding",
+            UnsupportedContentType(_) => "content_type",
+            BodyTooLarge { .. } => "body_too_large",
+            BodyTimeout => "body_timeout",
+            BodyRead(_) => "body_read",
+            Auth(AuthError::UnknownAccount) => "unknown_account",
+            Auth(AuthError::NoCredentials) => "no_credentials",
+            Auth(AuthError::BadCredentials) => "bad_credentials",
+            Auth(AuthError::Unavailable(_)) => "auth_unavailable",
+            Pipeline(PipelineError::DecodedTooLarge { .. }) => "decoded_too_large",
+            Pipeline(PipelineError::Snappy(_)) => "snappy",
+            Pipeline(PipelineError::Decode(_)) => "protobuf",
+            Upstream(UpstreamError::Rejected { .. }) => "upstream_rejected",
+            Upstream(UpstreamError::RateLimited { .. }) => "upstream_rate_limited",
+            Upstream(UpstreamError::Unavailable { .. }) => "upstream_unavailable",
+            Tee(_) => "tee",
+            Overloaded => "overloaded",
+            ShuttingDown => "shutting_down",
+        }
+    }
+
+    pub fn reply(&self) -> Reply {
+        let retry_after = match self {
+            ApiError::Upstream(UpstreamError::RateLimited { retry_after }) => {
+                Some(retry_after.unwrap_or(Duration::from_secs(1)))
+            }
+            _ => None,
+        };
+        Reply {
+            status: self.status(),
+            body: self.to_string(),
+            retry_after,
+            www_authenticate: matches!(self, ApiError::Auth(AuthError::BadCredentials)),
+        }
+    }
+}

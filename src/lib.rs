@@ -1,0 +1,41 @@
+//! rwgate: a Prometheus remote_write ingestion gateway for a multi-tenant
+//! Kubernetes cost SaaS.
+//!
+//! # Layout
+//!
+//! A write request flows through these modules in this order:
+//!
+//! - [`server`]: accepts connections (plain or TLS via [`tls`]), routes, and
+//!   holds the write handler, which reads top to bottom:
+//! - [`auth`]: the `Cloud-Account-Id` and its credentials (REST API, tenants
+//!   file, or trust), cached.
+//! - [`pipeline`]: the CPU work with no I/O: snappy, decode ([`wire`]),
+//!   the allowlist ([`filter`]), tenant labels, re-encode.
+//! - [`upstream`]: forwards kept series to Thanos receive, retrying in one place.
+//! - [`tee`]: cost samples made durable for ClickHouse.
+//! - [`error`]: every way a request can fail and its HTTP status, in one place.
+//!
+//! Around them: [`config`] (the one documented settings tree), [`cli`] (flags
+//! and environment over it), [`telemetry`] (metric names and logging).
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod pipeline;
+pub mod server;
+pub mod tee;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;
+pub mod wire;
+
+/// Types generated from `proto/` by prost (the Remote-Write 1.0 reference
+/// messages; the hot path uses [`wire`] instead).
+pub mod prompb {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/prometheus.rs"));
+}
+
+pub use server::run;

@@ -1,0 +1,328 @@
+//! The CPU work of one request, with no I/O: snappy-decompress (after checking
+//! the declared length), decode, filter, enforce tenancy, re-encode,
+//! snappy-compress, and pick out the samples to tee. Pure, so it is unit-tested
+//! and benchmarked directly.
+
+use crate::filter::Allowlist;
+use crate::tee::{TeeSample, TEE_PREFIX};
+use crate::wire::{self, DecodeError, Decoded, Injected, ShapeLimits};
+
+/// Buffers reused from one request to the next (see [`ScratchPool`]).
+#[derive(Default)]
+pub struct Scratch {
+    decompressed: Vec<u8>,
+    decoded: Decoded,
+    encoded: Vec<u8>,
+    compressed: Vec<u8>,
+}
+
+/// What to do with a request.
+pub struct Params<'a> {
+    pub account: &'a str,
+    /// Label names set to `account` on every series.
+    pub tenant_labels: &'a [String],
+    pub allowlist: &'a Allowlist,
+    pub limits: ShapeLimits,
+    pub max_decoded_bytes: u64,
+    /// Collect `cloudtuner_kubecost_*` samples for the tee.
+    pub tee: bool,
+}
+
+/// The result of [`process`].
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Snappy-compressed `WriteRequest` of the kept series (empty if none).
+    pub body: Vec<u8>,
+    pub series_received: u64,
+    pub samples_received: u64,
+    pub series_kept: u64,
+    pub samples_kept: u64,
+    pub series_dropped: u64,
+    pub samples_dropped: u64,
+    /// Metadata entries dropped (they carry no tenant).
+    pub metadata_dropped: u64,
+    pub tee: Vec<TeeSample>,
+}
+
+/// Why a body could not be processed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PipelineError {
+    #[error("decompressed body too large: {declared} bytes declared, the limit is {limit}")]
+    DecodedTooLarge { declared: u64, limit: u64 },
+    #[error("invalid snappy block: {0}")]
+    Snappy(String),
+    #[error("invalid remote-write body: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+/// Runs the pipeline on one compressed body. `out_body` in the outcome is a
+/// fresh `Vec` (the caller hands it to the HTTP client); everything else is
+/// reused through `scratch`.
+pub fn process(
+    compressed: &[u8],
+    p: &Params<'_>,
+    scratch: &mut Scratch,
+) -> Result<Outcome, PipelineError> {
+    let declared = snap::raw::decompress_len(compressed)
+        .map_err(|e| PipelineError::Snappy(e.to_string()))? as u64;
+    if declared > p.max_decoded_bytes {
+        return Err(PipelineError::DecodedTooLarge {
+            declared,
+            limit: p.max_decoded_bytes,
+        });
+    }
+    scratch.decompressed.resize(declared as usize, 0);
+    let n = snap::raw::Decoder::new()
+        .decompress(compressed, &mut scratch.decompressed)
+        .map_err(|e| PipelineError::Snappy(e.to_string()))?;
+    scratch.decompressed.truncate(n);
+
+    let buf = &scratch.decompressed;
+    let decoded = &mut scratch.decoded;
+    wire::decode(buf, &p.limits, decoded)?;
+
+    let inject = Injected::new(
+        p.tenant_labels
+            .iter()
+            .map(|n| (n.as_bytes(), p.account.as_bytes()))
+            .collect(),
+    );
+    let mut out = Outcome {
+        metadata_dropped: u64::from(decoded.metadata),
+        ..Outcome::default()
+    };
+    let encoded = &mut scratch.encoded;
+    encoded.clear();
+    for s in &decoded.series {
+        out.series_received += 1;
+        out.samples_received += u64::from(s.samples);
+        let name = s.name.map(|n| n.get(buf));
+        if !p.allowlist.keeps(name) {
+            out.series_dropped += 1;
+            out.samples_dropped += u64::from(s.samples);
+            continue;
+        }
+        out.series_kept += 1;
+        out.samples_kept += u64::from(s.samples);
+        wire::encode_series(encoded, buf, decoded, s, &inject);
+        if p.tee && name.is_some_and(|n| n.starts_with(TEE_PREFIX)) {
+            collect_tee(buf, decoded, s, p, &mut out.tee)?;
+        }
+    }
+    if out.series_kept > 0 {
+        let c = &mut scratch.compressed;
+        c.resize(snap::raw::max_compress_len(encoded.len()), 0);
+        let n = snap::raw::Encoder::new()
+            .compress(encoded, c)
+            .map_err(|e| PipelineError::Snappy(e.to_string()))?;
+        out.body = c[..n].to_vec();
+    }
+    Ok(out)
+}
+
+fn collect_tee(
+    buf: &[u8],
+    decoded: &Decoded,
+    s: &wire::SeriesRef,
+    p: &Params<'_>,
+    tee: &mut Vec<TeeSample>,
+) -> Result<(), PipelineError> {
+    // Labels after tenancy enforcement, sorted, without `__name__`.
+    let text = |span: wire::Span| String::from_utf8_lossy(span.get(buf)).into_owned();
+    let mut labels: Vec<(String, String)> = decoded
+        .labels_of(s)
+        .iter()
+        .filter(|l| {
+            let n = l.name.get(buf);
+            n != b"__name__" && !p.tenant_labels.iter().any(|t| t.as_bytes() == n)
+        })
+        .map(|l| (text(l.name), text(l.value)))
+        .collect();
+    labels.extend(
+        p.tenant_labels
+            .iter()
+            .map(|t| (t.clone(), p.account.to_string())),
+    );
+    labels.sort_unstable();
+    let metric = s.name.map(text).unwrap_or_default();
+    wire::for_each_sample(buf, s, |sample| {
+        tee.push(TeeSample {
+            account: p.account.to_string(),
+            metric: metric.clone(),
+            labels: labels.clone(),
+            timestamp_ms: sample.timestamp_ms,
+            value: sample.value,
+        })
+    })?;
+    Ok(())
+}
+
+/// A small pool of [`Scratch`] buffers so that steady-state requests allocate
+/// nothing for decoding and encoding. Buffers that grew past `max_keep` bytes
+/// (a rare huge request) are dropped instead of pinning the memory.
+pub struct ScratchPool {
+    free: std::sync::Mutex<Vec<Scratch>>,
+    max_keep: usize,
+}
+
+impl ScratchPool {
+    pub fn new(max_keep: usize) -> Self {
+        ScratchPool {
+            free: std::sync::Mutex::new(Vec::new()),
+            max_keep,
+        }
+    }
+
+    pub fn take(&self) -> Scratch {
+        self.free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default()
+    }
+
+    pub fn give(&self, s: Scratch) {
+        let size = s.decompressed.capacity() + s.encoded.capacity() + s.compressed.capacity();
+        if size > self.max_keep {
+            return;
+        }
+        if let Ok(mut f) = self.free.lock() {
+            if f.len() < 64 {
+                f.push(s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompb;
+    use prost::Message;
+
+    fn series(name: &str, extra: &[(&str, &str)], v: f64) -> prompb::TimeSeries {
+        let mut labels = vec![prompb::Label {
+            name: "__name__".into(),
+            value: name.into(),
+        }];
+        labels.extend(extra.iter().map(|(n, v)| prompb::Label {
+            name: n.to_string(),
+            value: v.to_string(),
+        }));
+        prompb::TimeSeries {
+            labels,
+            samples: vec![prompb::Sample {
+                value: v,
+                timestamp: 1_700_000_000_000,
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn compress(req: &prompb::WriteRequest) -> Vec<u8> {
+        snap::raw::Encoder::new()
+            .compress_vec(&req.encode_to_vec())
+            .unwrap()
+    }
+
+    fn params<'a>(allow: &'a Allowlist, labels: &'a [String]) -> Params<'a> {
+        Params {
+            account: "acc",
+            tenant_labels: labels,
+            allowlist: allow,
+            limits: ShapeLimits::UNLIMITED,
+            max_decoded_bytes: 1 << 20,
+            tee: true,
+        }
+    }
+
+    #[test]
+    fn filters_enforces_and_tees() {
+        let allow = Allowlist::new(crate::config::DEFAULT_ALLOWLIST).unwrap();
+        let labels = vec!["cloud_account_id".to_string(), "tenant_id".to_string()];
+        let req = prompb::WriteRequest {
+            timeseries: vec![
+                series("up", &[("cloud_account_id", "evil")], 1.0),
+                series("go_goroutines", &[], 5.0),
+                series(
+                    "cloudtuner_kubecost_namespace_total_cost",
+                    &[("namespace", "ns1"), ("tenant_id", "evil")],
+                    0.25,
+                ),
+            ],
+            metadata: vec![prompb::MetricMetadata::default()],
+        };
+        let mut scratch = Scratch::default();
+        let out = process(&compress(&req), &params(&allow, &labels), &mut scratch).unwrap();
+        assert_eq!(
+            (out.series_received, out.series_kept, out.series_dropped),
+            (3, 2, 1)
+        );
+        assert_eq!(
+            (out.samples_received, out.samples_kept, out.samples_dropped),
+            (3, 2, 1)
+        );
+        assert_eq!(out.metadata_dropped, 1);
+
+        let body = snap::raw::Decoder::new().decompress_vec(&out.body).unwrap();
+        let fwd = prompb::WriteRequest::decode(body.as_slice()).unwrap();
+        assert_eq!(fwd.timeseries.len(), 2);
+        for ts in &fwd.timeseries {
+            let get = |n: &str| {
+                ts.labels
+                    .iter()
+                    .filter(|l| l.name == n)
+                    .map(|l| l.value.as_str())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(get("cloud_account_id"), ["acc"]);
+            assert_eq!(get("tenant_id"), ["acc"]);
+        }
+        assert_eq!(
+            out.tee,
+            vec![TeeSample {
+                account: "acc".into(),
+                metric: "cloudtuner_kubecost_namespace_total_cost".into(),
+                labels: vec![
+                    ("cloud_account_id".into(), "acc".into()),
+                    ("namespace".into(), "ns1".into()),
+                    ("tenant_id".into(), "acc".into()),
+                ],
+                timestamp_ms: 1_700_000_000_000,
+                value: 0.25,
+            }]
+        );
+    }
+
+    #[test]
+    fn declared_length_is_checked_before_decompressing() {
+        // A 6-byte body declaring 4 GiB - 1 of output.
+        let bomb = [0xff, 0xff, 0xff, 0xff, 0x0f, 0x00];
+        let allow = Allowlist::new("up").unwrap();
+        let labels = vec!["tenant_id".to_string()];
+        let mut scratch = Scratch::default();
+        let err = process(&bomb, &params(&allow, &labels), &mut scratch).unwrap_err();
+        assert!(
+            matches!(err, PipelineError::DecodedTooLarge { declared, .. } if declared == u32::MAX as u64)
+        );
+        assert_eq!(scratch.decompressed.capacity(), 0, "nothing was allocated");
+    }
+
+    #[test]
+    fn bad_snappy_and_protobuf_name_the_problem() {
+        let allow = Allowlist::new("up").unwrap();
+        let labels = vec!["tenant_id".to_string()];
+        let mut scratch = Scratch::default();
+        let err = process(b"\x05hello", &params(&allow, &labels), &mut scratch).unwrap_err();
+        assert!(err.to_string().starts_with("invalid snappy block"), "{err}");
+        let not_proto = snap::raw::Encoder::new()
+            .compress_vec(b"\x0a\x09abc")
+            .unwrap();
+        let err = process(&not_proto, &params(&allow, &labels), &mut scratch).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid remote-write body: protobuf"),
+            "{err}"
+        );
+    }
+}

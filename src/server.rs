@@ -1,0 +1,443 @@
+//! Serving: the accept loop (plain or TLS, HTTP/1.1 and h2), routing, and the
+//! write handler that takes one request through auth, the pipeline, the
+//! upstream and the tee, top to bottom.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::filter::Allowlist;
+use crate::pipeline::{self, Params, ScratchPool};
+use crate::telemetry::{self as t, LogLimiter};
+use crate::upstream::Upstream;
+use crate::wire::ShapeLimits;
+
+/// The remote-write paths: diproxy's, and the two Prometheus/Thanos ones.
+pub const WRITE_PATHS: [&str; 3] = ["/storage/api/v2/write", "/api/v1/write", "/api/v1/receive"];
+
+/// Everything a request needs, shared by all connections.
+pub struct State {
+    cfg: Config,
+    auth: Authenticator,
+    upstream: Upstream,
+    allowlist: Allowlist,
+    scratch: ScratchPool,
+    /// Write requests processed at once; beyond this, shed with 503.
+    permits: Arc<Semaphore>,
+    metrics: PrometheusHandle,
+    ready: AtomicBool,
+    log_limiter: LogLimiter,
+}
+
+impl State {
+    /// Builds the shared state from a validated config: auth source, upstream
+    /// client and allowlist. Fails naming what could not be set up.
+    pub fn new(cfg: Config) -> anyhow::Result<State> {
+        let auth = Authenticator::from_config(&cfg.auth)?;
+        let upstream = Upstream::new(&cfg.upstream)?;
+        let allowlist = Allowlist::new(&cfg.filter.allowlist)?;
+        Ok(State {
+            auth,
+            upstream,
+            allowlist,
+            scratch: ScratchPool::new(4 * cfg.limits.max_body_bytes.bytes() as usize + (16 << 20)),
+            permits: Arc::new(Semaphore::new(cfg.limits.max_concurrent_requests)),
+            metrics: t::metrics_handle(),
+            ready: AtomicBool::new(false),
+            log_limiter: LogLimiter::new(cfg.log.max_rejections_per_sec),
+            cfg,
+        })
+    }
+}
+
+/// Serves on `listener` until `shutdown` completes, then stops accepting,
+/// lets in-flight requests finish within `limits.shutdown_grace`, and returns.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = match (&cfg.tls.cert, &cfg.tls.key) {
+        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let grace = cfg.limits.shutdown_grace;
+    let header_timeout = cfg.limits.header_read_timeout;
+    let state = Arc::new(State::new(cfg)?);
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        tls = tls.is_some(),
+        upstream = %state.cfg.upstream.url,
+        auth = ?state.cfg.auth.mode,
+        "rwgate serving"
+    );
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    let graceful = GracefulShutdown::new();
+
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let service = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(&state, req, peer).await) }
+        });
+        let builder = builder.clone();
+        match &tls {
+            None => {
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls_stream =
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tls_stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+
+    // Shutdown, in order: stop accepting, fail readiness, drain connections.
+    drop(listener);
+    state.ready.store(false, Ordering::Release);
+    tracing::info!(grace = ?grace, "shutting down: finishing in-flight requests");
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections closed"),
+        Err(_) => tracing::warn!("grace period over with requests still in flight"),
+    }
+    Ok(())
+}
+
+type Resp = Response<Full<Bytes>>;
+
+/// Routes one request and records its metrics.
+async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+    let started = Instant::now();
+    let path = req.uri().path();
+    let (route, resp) = if WRITE_PATHS.contains(&path) {
+        let route = path_label(path);
+        let resp = if req.method() == Method::POST {
+            write(state, req, peer).await
+        } else {
+            error_response(&ApiError::MethodNotAllowed("POST"))
+        };
+        (route, resp)
+    } else {
+        let route = match path {
+            "/metrics" => "metrics",
+            "/-/healthy" => "healthy",
+            "/-/ready" => "ready",
+            _ => "other",
+        };
+        let resp = if route == "other" {
+            error_response(&ApiError::NotFound)
+        } else if req.method() != Method::GET && req.method() != Method::HEAD {
+            error_response(&ApiError::MethodNotAllowed("GET"))
+        } else {
+            match route {
+                "metrics" => {
+                    let mut r = text(StatusCode::OK, state.metrics.render());
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    r
+                }
+                "healthy" => text(StatusCode::OK, "OK\n".into()),
+                _ if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
+                _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+            }
+        };
+        (route, resp)
+    };
+    metrics::counter!(t::REQUESTS, "route" => route, "status" => status_label(resp.status()))
+        .increment(1);
+    metrics::histogram!(t::REQUEST_DURATION, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// One remote-write request, top to bottom.
+async fn write(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+    // 1. Identify the tenant (cheap header checks come before any work).
+    let account = match tenant_of(&req) {
+        Ok(a) => a,
+        Err(e) => return reject(state, &e, None, peer),
+    };
+    let span = tracing::info_span!("write", tenant = %account);
+    async {
+        // 2. Shed load beyond the concurrency limit rather than queue it.
+        let Ok(_permit) = state.permits.clone().try_acquire_owned() else {
+            return reject(state, &ApiError::Overloaded, Some(&account), peer);
+        };
+        metrics::gauge!(t::IN_FLIGHT).increment(1.0);
+        let result = accept(state, req, &account).await;
+        metrics::gauge!(t::IN_FLIGHT).decrement(1.0);
+        match result {
+            Ok(()) => Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Full::new(Bytes::new()))
+                .unwrap_or_default(),
+            Err(e) => reject(state, &e, Some(&account), peer),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<(), ApiError> {
+    let cfg = &state.cfg;
+    check_encoding(&req)?;
+
+    // 3. Authenticate.
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    let tenant = state.auth.authenticate(account, authorization).await?;
+
+    // 4. Read the body within its size and time limits.
+    let limit = cfg.limits.max_body_bytes.bytes();
+    if let Some(len) = content_length(&req) {
+        if len > limit {
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+    }
+    let body = Limited::new(req.into_body(), limit as usize);
+    let body = match tokio::time::timeout(cfg.limits.body_read_timeout, body.collect()).await {
+        Err(_) => return Err(ApiError::BodyTimeout),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::BodyTooLarge { limit })
+        }
+        Ok(Err(e)) => return Err(ApiError::BodyRead(e.to_string())),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+
+    // 5. Decode, filter, enforce tenancy, re-encode (CPU only, no awaits).
+    let allowlist = tenant.allowlist.as_deref().unwrap_or(&state.allowlist);
+    let params = Params {
+        account,
+        tenant_labels: &cfg.tenancy.labels,
+        allowlist,
+        limits: ShapeLimits {
+            max_series: cfg.limits.max_series_per_request,
+            max_labels_per_series: cfg.limits.max_labels_per_series,
+            max_label_name_bytes: cfg.limits.max_label_name_bytes,
+            max_label_value_bytes: cfg.limits.max_label_value_bytes,
+        },
+        max_decoded_bytes: cfg.limits.max_decoded_bytes.bytes(),
+        tee: false,
+    };
+    let mut scratch = state.scratch.take();
+    let outcome = pipeline::process(&body, &params, &mut scratch);
+    state.scratch.give(scratch);
+    let out = outcome?;
+    metrics::counter!(t::SAMPLES_RECEIVED).increment(out.samples_received);
+    if out.series_dropped > 0 {
+        metrics::counter!(t::SERIES_DROPPED, "reason" => "allowlist").increment(out.series_dropped);
+        metrics::counter!(t::SAMPLES_DROPPED, "reason" => "allowlist")
+            .increment(out.samples_dropped);
+    }
+    if out.metadata_dropped > 0 {
+        metrics::counter!(t::METADATA_DROPPED).increment(out.metadata_dropped);
+    }
+
+    // 6. Forward what is left; nothing left means nothing to send.
+    if out.series_kept == 0 {
+        return Ok(());
+    }
+    state.upstream.send(account, Bytes::from(out.body)).await?;
+    metrics::counter!(t::SAMPLES_FORWARDED).increment(out.samples_kept);
+    Ok(())
+}
+
+/// The `Cloud-Account-Id` header, required and a UUID (normalised to the
+/// lower-case hyphenated form the platform uses).
+fn tenant_of(req: &Request<Incoming>) -> Result<String, ApiError> {
+    let raw = req
+        .headers()
+        .get("cloud-account-id")
+        .ok_or(ApiError::MissingTenant)?;
+    let text = raw.to_str().map_err(|_| ApiError::InvalidTenant)?.trim();
+    if text.is_empty() {
+        return Err(ApiError::MissingTenant);
+    }
+    uuid::Uuid::try_parse(text)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| ApiError::InvalidTenant)
+}
+
+/// Remote-Write 1.0 only: snappy-compressed `application/x-protobuf`. A
+/// missing header is accepted as the 1.0 default (older senders omit it).
+fn check_encoding(req: &Request<Incoming>) -> Result<(), ApiError> {
+    if let Some(enc) = req.headers().get(header::CONTENT_ENCODING) {
+        let enc = String::from_utf8_lossy(enc.as_bytes())
+            .trim()
+            .to_ascii_lowercase();
+        if enc != "snappy" {
+            return Err(ApiError::UnsupportedEncoding(enc));
+        }
+    }
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let ct = String::from_utf8_lossy(ct.as_bytes()).to_string();
+        let mut parts = ct.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let proto_ok = parts
+            .filter_map(|p| p.strip_prefix("proto="))
+            .all(|p| p == "prometheus.WriteRequest");
+        if media != "application/x-protobuf" || !proto_ok {
+            return Err(ApiError::UnsupportedContentType(ct));
+        }
+    }
+    Ok(())
+}
+
+fn content_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Logs (rate-limited) and answers a refused write.
+fn reject(state: &State, e: &ApiError, account: Option<&str>, peer: SocketAddr) -> Resp {
+    metrics::counter!(t::REJECTED, "reason" => e.reason()).increment(1);
+    if state.log_limiter.allow() {
+        let detail = match e {
+            ApiError::Upstream(crate::upstream::UpstreamError::Unavailable { detail }) => {
+                detail.as_str()
+            }
+            ApiError::Auth(crate::auth::AuthError::Unavailable(detail)) => detail.as_str(),
+            _ => "",
+        };
+        if e.status().is_server_error() {
+            tracing::error!(tenant = account.unwrap_or("-"), %peer, reason = e.reason(), status = e.status().as_u16(), detail, "{e}");
+        } else {
+            tracing::warn!(tenant = account.unwrap_or("-"), %peer, reason = e.reason(), status = e.status().as_u16(), "{e}");
+        }
+    }
+    error_response(e)
+}
+
+/// The one place an error becomes a response.
+fn error_response(e: &ApiError) -> Resp {
+    let reply = e.reply();
+    let mut resp = text(reply.status, format!("{}\n", reply.body));
+    if let Some(after) = reply.retry_after {
+        if let Ok(v) = HeaderValue::from_str(&after.as_secs().max(1).to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    if reply.www_authenticate {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"rwgate\""),
+        );
+    }
+    resp
+}
+
+fn text(status: StatusCode, body: String) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn path_label(path: &str) -> &'static str {
+    match path {
+        "/storage/api/v2/write" => "storage_write",
+        "/api/v1/write" => "write",
+        _ => "receive",
+    }
+}
+
+fn status_label(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200 => "200",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        503 => "503",
+        504 => "504",
+        _ if s.is_client_error() => "4xx",
+        _ => "5xx",
+    }
+}

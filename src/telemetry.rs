@@ -1,0 +1,173 @@
+//! Self-metrics and logs. Every metric name is declared here, with its help
+//! text; labels come from small fixed sets (route, status, reason), never raw
+//! paths or tenants.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "rwgate_requests_total";
+pub const REQUEST_DURATION: &str = "rwgate_request_duration_seconds";
+pub const IN_FLIGHT: &str = "rwgate_requests_in_flight";
+pub const REJECTED: &str = "rwgate_requests_rejected_total";
+pub const SAMPLES_RECEIVED: &str = "rwgate_samples_received_total";
+pub const SAMPLES_FORWARDED: &str = "rwgate_samples_forwarded_total";
+pub const SAMPLES_DROPPED: &str = "rwgate_samples_dropped_total";
+pub const SERIES_DROPPED: &str = "rwgate_series_dropped_total";
+pub const METADATA_DROPPED: &str = "rwgate_metadata_dropped_total";
+pub const UPSTREAM_DURATION: &str = "rwgate_upstream_request_duration_seconds";
+pub const UPSTREAM_RESPONSES: &str = "rwgate_upstream_responses_total";
+pub const UPSTREAM_RETRIES: &str = "rwgate_upstream_retries_total";
+pub const AUTH_CACHE: &str = "rwgate_auth_cache_total";
+pub const AUTH_REST_DURATION: &str = "rwgate_auth_rest_request_duration_seconds";
+pub const LOG_SUPPRESSED: &str = "rwgate_log_rejections_suppressed_total";
+
+fn describe() {
+    describe_counter!(REQUESTS, "HTTP requests by route and status.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time to answer a request, by route."
+    );
+    describe_gauge!(IN_FLIGHT, "Write requests being processed.");
+    describe_counter!(REJECTED, "Write requests refused, by reason.");
+    describe_counter!(
+        SAMPLES_RECEIVED,
+        "Samples received in accepted requests (before filtering)."
+    );
+    describe_counter!(SAMPLES_FORWARDED, "Samples acknowledged by the upstream.");
+    describe_counter!(SAMPLES_DROPPED, "Samples dropped, by reason (allowlist).");
+    describe_counter!(SERIES_DROPPED, "Series dropped, by reason (allowlist).");
+    describe_counter!(
+        METADATA_DROPPED,
+        "Metric metadata entries not forwarded (they carry no tenant)."
+    );
+    describe_histogram!(
+        UPSTREAM_DURATION,
+        Unit::Seconds,
+        "Time of one upstream attempt."
+    );
+    describe_counter!(
+        UPSTREAM_RESPONSES,
+        "Upstream attempts by status class (or error)."
+    );
+    describe_counter!(UPSTREAM_RETRIES, "Upstream attempts retried.");
+    describe_counter!(
+        AUTH_CACHE,
+        "Credential lookups by result: hit, miss, stale."
+    );
+    describe_histogram!(
+        AUTH_REST_DURATION,
+        Unit::Seconds,
+        "Time of one REST API credential lookup."
+    );
+    describe_counter!(
+        LOG_SUPPRESSED,
+        "Rejection warnings not logged because of the log rate limit."
+    );
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle
+/// (tests start several servers in one process; they share it).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0,
+                    ],
+                )
+                .expect("static buckets are valid");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_ok() {
+                describe();
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Lets at most `per_sec` warnings through each second, counting the rest, so
+/// a misbehaving client cannot flood the log.
+pub struct LogLimiter {
+    per_sec: u64,
+    /// `second << 32 | count` packed in one atomic.
+    state: AtomicU64,
+}
+
+impl LogLimiter {
+    pub fn new(per_sec: u32) -> Self {
+        LogLimiter {
+            per_sec: u64::from(per_sec),
+            state: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this warning may be logged.
+    pub fn allow(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() & 0xffff_ffff)
+            .unwrap_or(0);
+        let mut cur = self.state.load(Ordering::Relaxed);
+        loop {
+            let (sec, count) = (cur >> 32, cur & 0xffff_ffff);
+            let next = if sec == now {
+                (sec << 32) | (count + 1)
+            } else {
+                (now << 32) | 1
+            };
+            match self
+                .state
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    let allowed = (next & 0xffff_ffff) <= self.per_sec;
+                    if !allowed {
+                        metrics::counter!(LOG_SUPPRESSED).increment(1);
+                    }
+                    return allowed;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+/// Sets up `tracing` output (once per process).
+pub fn init_logging(format: crate::config::LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+        crate::config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_caps_per_second() {
+        let l = LogLimiter::new(3);
+        let allowed = (0..100).filter(|_| l.allow()).count();
+        // All 100 calls happen within one or two seconds.
+        assert!((3..=6).contains(&allowed), "{allowed}");
+    }
+}

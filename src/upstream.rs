@@ -1,0 +1,276 @@
+//! Forwarding kept series to the remote-write upstream (Thanos receive), with
+//! bounded, jittered retries. The retry decision lives in one function,
+//! [`retry_action`].
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+
+use crate::config::UpstreamConfig;
+use crate::telemetry as t;
+
+/// An HTTP(S) client with connection pooling; outbound TLS via rustls with the
+/// webpki roots.
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the pooled client used for the upstream and the REST API.
+pub fn http_client(pool_max_idle: usize) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(pool_max_idle)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(https)
+}
+
+/// Why a forward failed, as the sender must see it.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream refused the batch for good (400, 409, other 4xx): retrying
+    /// it cannot succeed, so the status is passed back.
+    #[error("upstream rejected the write: {reason}")]
+    Rejected { status: StatusCode, reason: String },
+    /// The upstream kept answering 429.
+    #[error("upstream is rate limiting; retry later")]
+    RateLimited { retry_after: Option<Duration> },
+    /// 5xx, timeouts or connection errors, after all retries. `detail` is for
+    /// the log, not the client.
+    #[error("upstream unavailable; retry later")]
+    Unavailable { detail: String },
+}
+
+/// What to do after one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Done,
+    Retry,
+    Fail,
+}
+
+/// The retry decision, in one place: 2xx is done; 5xx and 429 are worth
+/// retrying; any other status (400 bad data, 409 out of order or duplicate)
+/// can never succeed and is passed back to the sender.
+pub fn retry_action(status: StatusCode) -> Action {
+    if status.is_success() {
+        Action::Done
+    } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        Action::Retry
+    } else {
+        Action::Fail
+    }
+}
+
+/// The upstream remote-write endpoint.
+pub struct Upstream {
+    client: HttpClient,
+    uri: Uri,
+    tenant_header: HeaderName,
+    cfg: UpstreamConfig,
+}
+
+enum Attempt {
+    Status(StatusCode, Option<Duration>, String),
+    Error(String),
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Self> {
+        Ok(Upstream {
+            client: http_client(cfg.pool_max_idle),
+            uri: cfg.url.parse()?,
+            tenant_header: HeaderName::from_bytes(cfg.tenant_header.as_bytes())?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// POSTs a snappy-compressed `WriteRequest` for `account`, retrying as
+    /// [`retry_action`] says.
+    pub async fn send(&self, account: &str, body: Bytes) -> Result<(), UpstreamError> {
+        let tenant = HeaderValue::from_str(account).map_err(|_| UpstreamError::Unavailable {
+            detail: "account id is not a valid header value".into(),
+        })?;
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            let result = self.attempt(&tenant, body.clone()).await;
+            metrics::histogram!(t::UPSTREAM_DURATION).record(started.elapsed().as_secs_f64());
+            let (retry_after, last) = match result {
+                Attempt::Status(status, retry_after, reason) => {
+                    metrics::counter!(t::UPSTREAM_RESPONSES, "status" => status_class(status))
+                        .increment(1);
+                    match retry_action(status) {
+                        Action::Done => return Ok(()),
+                        Action::Fail => return Err(UpstreamError::Rejected { status, reason }),
+                        Action::Retry if status == StatusCode::TOO_MANY_REQUESTS => {
+                            (retry_after, UpstreamError::RateLimited { retry_after })
+                        }
+                        Action::Retry => (
+                            None,
+                            UpstreamError::Unavailable {
+                                detail: format!("upstream answered {status}: {reason}"),
+                            },
+                        ),
+                    }
+                }
+                Attempt::Error(detail) => {
+                    metrics::counter!(t::UPSTREAM_RESPONSES, "status" => "error").increment(1);
+                    (None, UpstreamError::Unavailable { detail })
+                }
+            };
+            if attempt >= self.cfg.max_retries {
+                return Err(last);
+            }
+            attempt += 1;
+            metrics::counter!(t::UPSTREAM_RETRIES).increment(1);
+            let wait = retry_after
+                .filter(|d| *d <= self.cfg.retry_max_backoff)
+                .unwrap_or_else(|| self.backoff(attempt));
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Full jitter: uniform in [0, min(max, base * 2^(attempt-1))].
+    fn backoff(&self, attempt: u32) -> Duration {
+        let cap = self
+            .cfg
+            .retry_backoff
+            .saturating_mul(1u32 << (attempt - 1).min(16))
+            .min(self.cfg.retry_max_backoff);
+        let nanos = cap.as_nanos().min(u64::MAX as u128) as u64;
+        Duration::from_nanos(rand::thread_rng().gen_range(0..=nanos))
+    }
+
+    async fn attempt(&self, tenant: &HeaderValue, body: Bytes) -> Attempt {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .header(http::header::CONTENT_ENCODING, "snappy")
+            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+            .header(
+                http::header::USER_AGENT,
+                concat!("rwgate/", env!("CARGO_PKG_VERSION")),
+            )
+            .header(&self.tenant_header, tenant.clone())
+            .body(Full::new(body));
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => return Attempt::Error(format!("building request: {e}")),
+        };
+        let call = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                // Show the root cause (connection refused, DNS), not just "client error".
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg = format!("{msg}: {s}");
+                    src = s.source();
+                }
+                msg
+            })?;
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+            let reason = match (status.is_success(), body) {
+                (true, _) => String::new(),
+                (false, Ok(b)) => one_line(&b),
+                (false, Err(e)) => format!("(unreadable body: {e})"),
+            };
+            Ok::<_, String>(Attempt::Status(status, retry_after, reason))
+        };
+        match tokio::time::timeout(self.cfg.timeout, call).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => Attempt::Error(e),
+            Err(_) => Attempt::Error(format!("timed out after {:?}", self.cfg.timeout)),
+        }
+    }
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200..=299 => "2xx",
+        400 => "400",
+        409 => "409",
+        429 => "429",
+        _ if s.is_client_error() => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The first line of an upstream answer, trimmed and bounded, to pass back.
+fn one_line(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(512)]);
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    if line.is_empty() {
+        "(no reason given)".to_string()
+    } else {
+        line.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_decision() {
+        assert_eq!(retry_action(StatusCode::OK), Action::Done);
+        assert_eq!(retry_action(StatusCode::NO_CONTENT), Action::Done);
+        assert_eq!(
+            retry_action(StatusCode::INTERNAL_SERVER_ERROR),
+            Action::Retry
+        );
+        assert_eq!(retry_action(StatusCode::SERVICE_UNAVAILABLE), Action::Retry);
+        assert_eq!(retry_action(StatusCode::TOO_MANY_REQUESTS), Action::Retry);
+        assert_eq!(retry_action(StatusCode::BAD_REQUEST), Action::Fail);
+        assert_eq!(retry_action(StatusCode::CONFLICT), Action::Fail);
+    }
+
+    #[test]
+    fn reason_is_one_bounded_line() {
+        assert_eq!(
+            one_line(b"\n  out of order sample\nmore"),
+            "out of order sample"
+        );
+        assert_eq!(one_line(b""), "(no reason given)");
+        assert!(one_line(&[b'x'; 2000]).len() <= 512);
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let cfg = UpstreamConfig {
+            retry_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_millis(300),
+            ..UpstreamConfig::default()
+        };
+        let u = Upstream::new(&UpstreamConfig {
+            url: "http://127.0.0.1:1/x".into(),
+            ..cfg
+        })
+        .unwrap();
+        for attempt in 1..40 {
+            assert!(u.backoff(attempt) <= Duration::from_millis(300));
+        }
+    }
+}
