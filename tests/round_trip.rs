@@ -76,7 +76,11 @@ async fn two_tenants_on_every_path_get_exactly_their_own_allowed_series() {
                 .send()
                 .await
                 .expect("POST write");
-            assert_eq!(status_body(resp).await, (204, String::new()), "{path} {tenant}");
+            assert_eq!(
+                status_body(resp).await,
+                (204, String::new()),
+                "{path} {tenant}"
+            );
         }
 
         expected.insert(labels(&[

@@ -52,7 +52,9 @@ pub type LabelSet = BTreeMap<String, String>;
 /// port if it was taken meanwhile.
 pub fn free_port() -> u16 {
     let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr of a bound listener").port()
+    l.local_addr()
+        .expect("local addr of a bound listener")
+        .port()
 }
 
 pub fn now_ms() -> i64 {
@@ -190,11 +192,8 @@ async fn start_child(
     let http = client();
     for attempt in 0..3 {
         let port = fixed_port.unwrap_or_else(free_port);
-        let mut child = ChildGuard::spawn(
-            name,
-            make(port),
-            dir.join(format!("{name}-{attempt}.log")),
-        );
+        let mut child =
+            ChildGuard::spawn(name, make(port), dir.join(format!("{name}-{attempt}.log")));
         let url = format!("http://127.0.0.1:{port}{ready_path}");
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -289,7 +288,8 @@ impl Prometheus {
             .expect("query prometheus /api/v1/series");
         let status = resp.status();
         let body: serde_json::Value =
-            serde_json::from_slice(&resp.bytes().await.expect("series answer")).expect("series answer is JSON");
+            serde_json::from_slice(&resp.bytes().await.expect("series answer"))
+                .expect("series answer is JSON");
         assert_eq!(status, 200, "series query {selector} failed: {body}");
         body["data"]
             .as_array()
@@ -332,7 +332,8 @@ impl Prometheus {
             .await
             .expect("query prometheus /api/v1/query");
         let body: serde_json::Value =
-            serde_json::from_slice(&resp.bytes().await.expect("query answer")).expect("query answer is JSON");
+            serde_json::from_slice(&resp.bytes().await.expect("query answer"))
+                .expect("query answer is JSON");
         assert_eq!(body["status"], "success", "query {query} failed: {body}");
         body["data"]["result"]
             .as_array()
@@ -569,7 +570,9 @@ impl RestApi {
     }
 
     pub fn set_mode(&self, mode: RestMode) {
-        self.state.down.store(mode == RestMode::Down, Ordering::SeqCst);
+        self.state
+            .down
+            .store(mode == RestMode::Down, Ordering::SeqCst);
     }
 
     /// Lookups received (with any secret, up or down).
@@ -590,10 +593,12 @@ impl RestApi {
 
 fn rest_answer(st: &RestState, seen: Seen) -> http::Response<Full<Bytes>> {
     st.calls.fetch_add(1, Ordering::SeqCst);
-    st.paths
-        .lock()
-        .expect("paths lock")
-        .push(seen.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default());
+    st.paths.lock().expect("paths lock").push(
+        seen.uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+    );
     if st.down.load(Ordering::SeqCst) {
         return respond(503, "service unavailable");
     }
@@ -611,8 +616,7 @@ fn rest_answer(st: &RestState, seen: Seen) -> http::Response<Full<Bytes>> {
         None => respond(404, r#"{"error":{"reason":"Cloud account not found"}}"#),
         Some(Account::Credentials(c)) => respond(
             200,
-            serde_json::json!({"id": id, "name": "test", "config": {"credentials": c}})
-                .to_string(),
+            serde_json::json!({"id": id, "name": "test", "config": {"credentials": c}}).to_string(),
         ),
         Some(Account::NoCredentials) => respond(
             200,
