@@ -722,8 +722,10 @@ impl FakeUpstream {
 /// A config for tests: no auth, the given upstream, fast retries and short
 /// timeouts so failures show quickly.
 pub fn test_config(upstream_url: &str) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().expect("addr");
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Config::default()
+    };
     c.auth.mode = AuthMode::None;
     c.upstream.url = upstream_url.to_string();
     c.upstream.max_retries = 2;
@@ -750,6 +752,7 @@ impl Gateway {
             .await
             .expect("bind rwgate listener");
         let addr = listener.local_addr().expect("rwgate addr");
+        let tls = cfg.tls.cert.is_some();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(rwgate::run(cfg, listener, async move {
             let _ = rx.await;
@@ -759,8 +762,15 @@ impl Gateway {
             shutdown: Some(tx),
             task: Some(task),
         };
-        let http = client();
-        let url = gw.url("/-/ready");
+        // The readiness probe only needs to reach the server; with TLS it
+        // does not check the (test-generated) certificate.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .expect("build probe client");
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}/-/ready");
         wait_for("rwgate /-/ready", START_TIMEOUT, || async {
             match http.get(&url).send().await {
                 Ok(r) if r.status() == 200 => Some(()),
@@ -948,3 +958,84 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
 /// Tenant ids used across tests.
 pub const TENANT_A: &str = "0b7f4c8e-1a2b-4c3d-8e9f-00000000000a";
 pub const TENANT_B: &str = "0b7f4c8e-1a2b-4c3d-8e9f-00000000000b";
+
+// ---------------------------------------------------------------------------
+// rwgate as a process (signals, exit codes)
+// ---------------------------------------------------------------------------
+
+/// A `rwgate` command for the built binary.
+pub fn rwgate_cmd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rwgate"));
+    // Only what a test sets explicitly.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RWGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// `rwgate serve` as a child process with `args` plus `--listen` on a fresh
+/// port, waited on until `/-/ready`.
+pub struct RwgateProcess {
+    pub port: u16,
+    pub child: ChildGuard,
+    _dir: TempDir,
+}
+
+impl RwgateProcess {
+    pub async fn start(args: &[&str]) -> RwgateProcess {
+        let dir = tempfile::tempdir().expect("tempdir for rwgate");
+        let make = |port: u16| {
+            let mut cmd = rwgate_cmd();
+            cmd.arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .args(args);
+            cmd
+        };
+        let (child, port) = start_child("rwgate", dir.path(), None, make, "/-/ready").await;
+        RwgateProcess {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+/// Runs a short-lived `rwgate` command (bounded) and returns (exit code,
+/// stdout, stderr).
+pub fn run_rwgate(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = rwgate_cmd();
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rwgate");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("try_wait rwgate").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("rwgate {args:?} did not exit within 20s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("rwgate output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
