@@ -11,6 +11,7 @@
 //!   file, or trust), cached.
 //! - [`pipeline`]: the CPU work with no I/O: snappy, decode ([`wire`]),
 //!   the allowlist ([`filter`]), tenant labels, re-encode.
+//! - [`ratelimit`]: the per-tenant samples/s token bucket (off by default).
 //! - [`upstream`]: forwards kept series to Thanos receive, retrying in one place.
 //! - [`tee`]: cost samples made durable for ClickHouse.
 //! - [`error`]: every way a request can fail and its HTTP status, in one place.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod filter;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod server;
 pub mod tee;
 pub mod telemetry;

@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::filter::Allowlist;
 use crate::pipeline::{self, Params, ScratchPool};
+use crate::ratelimit::TenantLimiter;
 use crate::telemetry::{self as t, LogLimiter};
 use crate::upstream::Upstream;
 use crate::wire::ShapeLimits;
@@ -42,6 +43,7 @@ pub struct State {
     scratch: ScratchPool,
     /// Write requests processed at once; beyond this, shed with 503.
     permits: Arc<Semaphore>,
+    rate: TenantLimiter,
     metrics: PrometheusHandle,
     ready: AtomicBool,
     log_limiter: LogLimiter,
@@ -60,6 +62,7 @@ impl State {
             allowlist,
             scratch: ScratchPool::new(4 * cfg.limits.max_body_bytes.bytes() as usize + (16 << 20)),
             permits: Arc::new(Semaphore::new(cfg.limits.max_concurrent_requests)),
+            rate: TenantLimiter::new(&cfg.limits),
             metrics: t::metrics_handle(),
             ready: AtomicBool::new(false),
             log_limiter: LogLimiter::new(cfg.log.max_rejections_per_sec),
@@ -103,6 +106,18 @@ pub async fn run(
         .timer(TokioTimer::new())
         .max_concurrent_streams(256);
     let graceful = GracefulShutdown::new();
+
+    // Idle tenants' rate-limit buckets are forgotten once a minute.
+    let housekeeping = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                state.rate.forget_idle();
+            }
+        })
+    };
 
     tokio::pin!(shutdown);
     loop {
@@ -163,6 +178,7 @@ pub async fn run(
 
     // Shutdown, in order: stop accepting, fail readiness, drain connections.
     drop(listener);
+    housekeeping.abort();
     state.ready.store(false, Ordering::Release);
     tracing::info!(grace = ?grace, "shutting down: finishing in-flight requests");
     match tokio::time::timeout(grace, graceful.shutdown()).await {
@@ -296,6 +312,10 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
     let outcome = pipeline::process(&body, &params, &mut scratch);
     state.scratch.give(scratch);
     let out = outcome?;
+    state
+        .rate
+        .check(account, out.samples_received)
+        .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
     metrics::counter!(t::SAMPLES_RECEIVED).increment(out.samples_received);
     if out.series_dropped > 0 {
         metrics::counter!(t::SERIES_DROPPED, "reason" => "allowlist").increment(out.series_dropped);
