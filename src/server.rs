@@ -194,41 +194,37 @@ type Resp = Response<Full<Bytes>>;
 async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let started = Instant::now();
     let path = req.uri().path();
-    let (route, resp) = if WRITE_PATHS.contains(&path) {
-        let route = path_label(path);
-        let resp = if req.method() == Method::POST {
-            write(state, req, peer).await
-        } else {
-            error_response(&ApiError::MethodNotAllowed("POST"))
-        };
-        (route, resp)
-    } else {
-        let route = match path {
-            "/metrics" => "metrics",
-            "/-/healthy" => "healthy",
-            "/-/ready" => "ready",
-            _ => "other",
-        };
-        let resp = if route == "other" {
-            error_response(&ApiError::NotFound)
-        } else if req.method() != Method::GET && req.method() != Method::HEAD {
-            error_response(&ApiError::MethodNotAllowed("GET"))
-        } else {
-            match route {
-                "metrics" => {
-                    let mut r = text(StatusCode::OK, state.metrics.render());
-                    r.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                    );
-                    r
-                }
-                "healthy" => text(StatusCode::OK, "OK\n".into()),
-                _ if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
-                _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+    let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
+    let (route, resp) = match path {
+        p if WRITE_PATHS.contains(&p) => {
+            let route = path_label(p);
+            if req.method() == Method::POST {
+                (route, write(state, req, peer).await)
+            } else {
+                (route, error_response(&ApiError::MethodNotAllowed("POST")))
             }
-        };
-        (route, resp)
+        }
+        "/metrics" | "/-/healthy" | "/-/ready" if !read_only => (
+            "operator",
+            error_response(&ApiError::MethodNotAllowed("GET")),
+        ),
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, state.metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            ("metrics", r)
+        }
+        "/-/healthy" => ("healthy", text(StatusCode::OK, "OK\n".into())),
+        "/-/ready" if state.ready.load(Ordering::Acquire) => {
+            ("ready", text(StatusCode::OK, "ready\n".into()))
+        }
+        "/-/ready" => (
+            "ready",
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        ),
+        _ => ("other", error_response(&ApiError::NotFound)),
     };
     metrics::counter!(t::REQUESTS, "route" => route, "status" => status_label(resp.status()))
         .increment(1);
