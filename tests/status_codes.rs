@@ -451,3 +451,157 @@ async fn upstream_down_is_503_and_a_retry_lands_once_it_is_back() {
     );
     gw.stop().await;
 }
+
+/// Slow senders: a body that stops arriving gets 503 (retryable: Prometheus
+/// drops a batch answered 408) after `body_read_timeout`; headers that stop arriving get the connection closed
+/// after `header_read_timeout`. Neither holds a slot forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_bodies_time_out() {
+    let up = FakeUpstream::start(Vec::new()).await;
+    let mut cfg = test_config(&up.url());
+    cfg.limits.body_read_timeout = Duration::from_millis(300);
+    cfg.limits.header_read_timeout = Duration::from_millis(300);
+    let gw = Gateway::start(cfg).await;
+
+    let started = std::time::Instant::now();
+    let partial_body = format!(
+        "POST {WRITE} HTTP/1.1\r\nHost: x\r\nCloud-Account-Id: {TENANT_A}\r\nContent-Length: 100\r\nConnection: close\r\n\r\n0123456789"
+    );
+    let answer = raw_http(gw.addr, partial_body.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\ntimed out reading the request body; retry\n"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let started = std::time::Instant::now();
+    let partial_headers = format!("POST {WRITE} HTTP/1.1\r\nHost: x\r\nCloud-Acc");
+    let answer = raw_http(gw.addr, partial_headers.as_bytes()).await;
+    assert!(
+        !answer.starts_with("HTTP/1.1 2"),
+        "no success for half a request: {answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.count(), 0);
+    gw.stop().await;
+}
+
+/// Beyond `max_concurrent_requests`, writes are shed with 503 (retryable)
+/// instead of queueing without bound; the admitted one completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_concurrency_limit_is_503() {
+    let up = FakeUpstream::start(Vec::new()).await;
+    up.set_delay(Duration::from_secs(1));
+    let mut cfg = test_config(&up.url());
+    cfg.limits.max_concurrent_requests = 1;
+    let gw = Gateway::start(cfg).await;
+    let url = gw.url(WRITE);
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let resp = rw_post(&client(), &url, Some(TENANT_A), up_body())
+                .send()
+                .await
+                .expect("first POST");
+            status_body(resp).await
+        }
+    });
+    wait_for(
+        "the first request to reach the upstream",
+        Duration::from_secs(10),
+        || async { (up.count() == 1).then_some(()) },
+    )
+    .await;
+    expect(
+        rw_post(&client(), &url, Some(TENANT_B), up_body()),
+        503,
+        "overloaded: too many requests in flight; retry later\n",
+    )
+    .await;
+    assert_eq!(
+        first.await.expect("first request task"),
+        (204, String::new())
+    );
+    // The slot is free again.
+    up.set_delay(Duration::ZERO);
+    expect(rw_post(&client(), &url, Some(TENANT_B), up_body()), 204, "").await;
+    gw.stop().await;
+}
+
+fn up_body() -> Vec<u8> {
+    write_body(vec![series("up", &[("job", "x")], 1.0, now_ms())])
+}
+
+/// What goes upstream: the configured tenant header and tenant labels with
+/// the account id normalised to lower case; not the sender's credentials
+/// (diproxy forwarded every header, `Authorization` included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_gets_the_tenant_header_and_labels_but_not_the_credentials() {
+    let up = FakeUpstream::start(Vec::new()).await;
+    let mut cfg = test_config(&up.url());
+    cfg.upstream.tenant_header = "THANOS-TENANT".to_string();
+    cfg.tenancy.labels = vec!["tenant".to_string()];
+    let gw = Gateway::start(cfg).await;
+    let body = write_body(vec![series(
+        "up",
+        &[
+            ("tenant", "someone-else"),
+            ("cloud_account_id", "kept-as-sent"),
+        ],
+        1.0,
+        now_ms(),
+    )]);
+    expect(
+        rw_post(
+            &client(),
+            &gw.url(WRITE),
+            Some(&TENANT_A.to_uppercase()),
+            body,
+        )
+        .basic_auth("user", Some("secret"))
+        .header("X-Custom", "1"),
+        204,
+        "",
+    )
+    .await;
+    let seen = &up.seen()[0];
+    assert_eq!(seen.headers["thanos-tenant"], TENANT_A);
+    assert!(
+        seen.headers.get("cloud-account-id").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    assert!(
+        seen.headers.get("authorization").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    assert!(seen.headers.get("x-custom").is_none(), "{:?}", seen.headers);
+    assert_eq!(seen.headers["x-prometheus-remote-write-version"], "0.1.0");
+    let fwd = decode_body(&seen.body);
+    assert_eq!(
+        fwd.timeseries.iter().map(labels_of).collect::<Vec<_>>(),
+        [labels(&[
+            ("__name__", "up"),
+            ("cloud_account_id", "kept-as-sent"),
+            ("tenant", TENANT_A),
+        ])]
+    );
+    // Labels go out sorted by name, as remote-write receivers require.
+    let names: Vec<&str> = fwd.timeseries[0]
+        .labels
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(names, ["__name__", "cloud_account_id", "tenant"]);
+    gw.stop().await;
+}
