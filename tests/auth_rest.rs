@@ -209,3 +209,58 @@ async fn rest_connection_refused_is_503() {
     );
     gw.stop().await;
 }
+
+/// A REST API that accepts connections but does not answer costs a burst
+/// of concurrent requests one `rest_timeout` in all, not one each in turn
+/// (Prometheus sends a tenant's batches on several shards at once): the
+/// requests queued behind the failed lookup reuse its failure, then the
+/// stale entry (204) or 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_rest_api_costs_a_burst_one_timeout_not_one_each() {
+    const BURST: usize = 6;
+    let rest_timeout = Duration::from_secs(1);
+    let up = FakeUpstream::start(Vec::new()).await;
+    let rest = RestApi::start(SECRET).await;
+    rest.add(TENANT_A, Account::Credentials(basic_credentials("a", "pw")));
+    rest.add(TENANT_B, Account::Credentials(basic_credentials("b", "pw")));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = rest_config(dir.path(), &rest.url(), &up.url());
+    cfg.auth.rest_timeout = rest_timeout;
+    cfg.auth.cache_ttl = Duration::from_millis(100);
+    let gw = std::sync::Arc::new(Gateway::start(cfg).await);
+
+    let (status, _, _) = post(&gw, TENANT_A, Some(("a", "pw"))).await;
+    assert_eq!(status, 204);
+    rest.set_mode(RestMode::Hang);
+    // Let A's entry expire, so that every request below needs a lookup.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // A is cached (stale): 204s. B never was: 503s. Never a 4xx.
+    for (tenant, want) in [(TENANT_A, 204), (TENANT_B, 503)] {
+        let calls_before = rest.calls();
+        let burst: Vec<_> = (0..BURST)
+            .map(|_| {
+                let gw = gw.clone();
+                let user = if tenant == TENANT_A { "a" } else { "b" };
+                tokio::spawn(async move {
+                    let started = std::time::Instant::now();
+                    let (status, _, _) = post(&gw, tenant, Some((user, "pw"))).await;
+                    (status, started.elapsed())
+                })
+            })
+            .collect();
+        for r in burst {
+            let (status, took) = r.await.expect("burst request");
+            assert_eq!(status, want, "{tenant}");
+            assert!(
+                took < rest_timeout * 5 / 2,
+                "{tenant}: a request took {took:?}, more than one REST timeout plus slack"
+            );
+        }
+        let calls = rest.calls() - calls_before;
+        assert!(
+            (1..BURST / 2).contains(&calls),
+            "{tenant}: {calls} REST lookups for a burst of {BURST}"
+        );
+    }
+}

@@ -518,12 +518,16 @@ pub enum RestMode {
     Up,
     /// Answers 503 to everything (an outage behind a load balancer).
     Down,
+    /// Accepts requests but answers only after a minute (an overloaded or
+    /// wedged API): the lookup runs into rwgate's `auth.rest_timeout`.
+    Hang,
 }
 
 struct RestState {
     secret: String,
     accounts: Mutex<BTreeMap<String, Account>>,
     down: AtomicBool,
+    hang: AtomicBool,
     calls: AtomicUsize,
     bad_secret: AtomicUsize,
     paths: Mutex<Vec<String>>,
@@ -542,6 +546,7 @@ impl RestApi {
             secret: secret.to_string(),
             accounts: Mutex::new(BTreeMap::new()),
             down: AtomicBool::new(false),
+            hang: AtomicBool::new(false),
             calls: AtomicUsize::new(0),
             bad_secret: AtomicUsize::new(0),
             paths: Mutex::new(Vec::new()),
@@ -549,7 +554,14 @@ impl RestApi {
         let st = state.clone();
         let handler: Handler = Arc::new(move |seen: Seen| {
             let st = st.clone();
-            Box::pin(async move { rest_answer(&st, seen) })
+            Box::pin(async move {
+                if st.hang.load(Ordering::SeqCst) {
+                    st.calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return respond(504, "gateway timeout");
+                }
+                rest_answer(&st, seen)
+            })
         });
         RestApi {
             server: TestServer::start(handler).await,
@@ -573,6 +585,9 @@ impl RestApi {
         self.state
             .down
             .store(mode == RestMode::Down, Ordering::SeqCst);
+        self.state
+            .hang
+            .store(mode == RestMode::Hang, Ordering::SeqCst);
     }
 
     /// Lookups received (with any secret, up or down).
