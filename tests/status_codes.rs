@@ -399,6 +399,52 @@ async fn nothing_left_after_filtering_is_204_without_upstream_call() {
         "",
     )
     .await;
+    // Metadata only (Prometheus sends it on its own): nothing carries a tenant.
+    let metadata_only = rwgate::prompb::WriteRequest {
+        timeseries: Vec::new(),
+        metadata: vec![rwgate::prompb::MetricMetadata {
+            metric_family_name: "up".into(),
+            help: "target is up".into(),
+            ..Default::default()
+        }],
+    };
+    let body = snap::raw::Encoder::new()
+        .compress_vec(&prost::Message::encode_to_vec(&metadata_only))
+        .expect("compress");
+    expect(
+        rw_post(&client(), &gw.url(WRITE), Some(TENANT_A), body),
+        204,
+        "",
+    )
+    .await;
+    // A series without a name is never kept.
+    let mut nameless = series("up", &[("job", "x")], 1.0, now_ms());
+    nameless.labels.remove(0);
+    expect(
+        rw_post(
+            &client(),
+            &gw.url(WRITE),
+            Some(TENANT_A),
+            write_body(vec![nameless]),
+        ),
+        204,
+        "",
+    )
+    .await;
+    // An empty body is not a snappy block (that would be one 0 byte), as
+    // Prometheus' own receiver also says.
+    expect(
+        rw_post(&client(), &gw.url(WRITE), Some(TENANT_A), Vec::new()),
+        400,
+        "invalid snappy block: snappy: corrupt input (empty)\n",
+    )
+    .await;
+    expect(
+        rw_post(&client(), &gw.url(WRITE), Some(TENANT_A), vec![0]),
+        204,
+        "",
+    )
+    .await;
     assert_eq!(up.count(), 0);
     gw.stop().await;
 }

@@ -77,3 +77,29 @@ async fn https_with_h2_and_http1_round_trips() {
     assert!(plain.is_err() || !plain.expect("answer").status().is_success());
     gw.stop().await;
 }
+
+/// Without TLS (an ingress terminates it), both HTTP/1.1 and cleartext
+/// HTTP/2 (prior knowledge, as gRPC-style ingresses speak to backends) work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_serves_http1_and_h2c() {
+    let up = FakeUpstream::start(Vec::new()).await;
+    let gw = Gateway::start(test_config(&up.url())).await;
+    for (builder, want) in [
+        (reqwest::Client::builder(), reqwest::Version::HTTP_11),
+        (
+            reqwest::Client::builder().http2_prior_knowledge(),
+            reqwest::Version::HTTP_2,
+        ),
+    ] {
+        let http = builder.no_proxy().build().expect("client");
+        let body = write_body(vec![series("up", &[], 1.0, now_ms())]);
+        let resp = rw_post(&http, &gw.url("/api/v1/write"), Some(TENANT_A), body)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(resp.version(), want);
+        assert_eq!(status_body(resp).await, (204, String::new()));
+    }
+    assert_eq!(up.count(), 2);
+    gw.stop().await;
+}
