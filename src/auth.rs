@@ -136,6 +136,7 @@ impl Authenticator {
                     secret,
                     cache: DashMap::new(),
                     inflight: DashMap::new(),
+                    outage: std::sync::Mutex::new(None),
                     cfg: cfg.clone(),
                 }))
             }
@@ -254,16 +255,13 @@ struct RestSource {
     base: String,
     secret: String,
     cache: DashMap<String, CacheEntry>,
-    /// One lookup per account at a time: concurrent misses wait for it. The
-    /// mutex holds the time and detail of the last failed lookup, so that
-    /// requests queued behind a failure reuse it instead of each waiting out
-    /// its own `rest_timeout` in turn.
-    inflight: DashMap<String, LookupLock>,
+    /// One lookup per account at a time: concurrent misses wait for it.
+    inflight: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// When and why the REST API last failed. For `auth.outage_backoff` after
+    /// it, lookups are not sent: stale entries are served, others get 503.
+    outage: std::sync::Mutex<Option<(Instant, String)>>,
     cfg: AuthConfig,
 }
-
-/// An account's single-flight lock, holding its last failed lookup (when, why).
-type LookupLock = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
 
 #[derive(Deserialize)]
 struct CloudAccount {
@@ -295,29 +293,31 @@ impl RestSource {
         let lock = self
             .inflight
             .entry(account.to_string())
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
             .clone();
-        let queued = Instant::now();
-        let mut last_failure = lock.lock().await;
+        let guard = lock.lock().await;
         // Someone else may have fetched it while we waited.
         if let Some(a) = self.fresh(account) {
             metrics::counter!(t::AUTH_CACHE, "result" => "hit").increment(1);
             return Ok(a);
         }
-        // Or failed while we waited: asking again at once would make every
-        // queued request pay the REST timeout one after the other.
-        let result = match last_failure.as_ref().filter(|(at, _)| *at >= queued) {
-            Some((_, detail)) => Err(detail.clone()),
+        // Or the REST API failed just now (for any account): asking again at
+        // once would make every request pay its timeout, and a hanging API
+        // would use up the concurrency limit for everyone.
+        let result = match self.recent_outage() {
+            Some(detail) => Err(detail),
             None => {
                 metrics::counter!(t::AUTH_CACHE, "result" => "miss").increment(1);
                 let result = self.fetch(account).await;
                 if let Err(detail) = &result {
-                    *last_failure = Some((Instant::now(), detail.clone()));
+                    if let Ok(mut o) = self.outage.lock() {
+                        *o = Some((Instant::now(), detail.clone()));
+                    }
                 }
                 result
             }
         };
-        drop(last_failure);
+        drop(guard);
         self.inflight
             .remove_if(account, |_, l| Arc::strong_count(l) <= 2);
         match result {
@@ -344,6 +344,14 @@ impl RestSource {
                 }
             }
         }
+    }
+
+    /// The last REST failure, if it is within `auth.outage_backoff`.
+    fn recent_outage(&self) -> Option<String> {
+        let o = self.outage.lock().ok()?;
+        o.as_ref()
+            .filter(|(at, _)| at.elapsed() < self.cfg.outage_backoff)
+            .map(|(_, detail)| detail.clone())
     }
 
     fn insert(&self, account: &str, answer: Answer) {

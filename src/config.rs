@@ -167,6 +167,11 @@ pub struct AuthConfig {
     /// During a REST outage, how long past `cache_ttl` a cached answer is still used.
     #[serde(with = "humantime_serde")]
     pub stale_ttl: Duration,
+    /// After a failed REST lookup, how long no new lookup is sent: cached
+    /// answers are served (even stale), other accounts get 503. Keeps a
+    /// hanging REST API from holding every request for `rest_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub outage_backoff: Duration,
     /// Most accounts kept in the cache.
     pub cache_capacity: usize,
     /// Tenants file (`static` mode): `[[tenant]]` tables with `id`,
@@ -184,6 +189,7 @@ impl Default for AuthConfig {
             cache_ttl: Duration::from_secs(60),
             negative_cache_ttl: Duration::from_secs(60),
             stale_ttl: Duration::from_secs(3600),
+            outage_backoff: Duration::from_secs(2),
             cache_capacity: 100_000,
             tenants_file: None,
         }

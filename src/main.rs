@@ -7,10 +7,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig(settings) => match settings.load() {
-            Ok(c) => {
-                print!("{}", c.to_redacted_toml());
-                ExitCode::SUCCESS
-            }
+            Ok(c) => match check_files(&c) {
+                Ok(()) => {
+                    print!("{}", c.to_redacted_toml());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("rwgate: {e:#}");
+                    ExitCode::from(2)
+                }
+            },
             Err(e) => {
                 eprintln!("rwgate: {e}");
                 ExitCode::from(2)
@@ -42,6 +48,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// What `serve` would load besides the config itself: the tenants file or
+/// cluster secret, and the TLS pair.
+fn check_files(c: &rwgate::config::Config) -> anyhow::Result<()> {
+    rwgate::auth::Authenticator::from_config(&c.auth)
+        .map_err(|e| anyhow::anyhow!("invalid auth: {e}"))?;
+    if let (Some(cert), Some(key)) = (&c.tls.cert, &c.tls.key) {
+        rwgate::tls::acceptor(cert, key)?;
+    }
+    Ok(())
 }
 
 async fn serve(cfg: rwgate::config::Config) -> anyhow::Result<()> {

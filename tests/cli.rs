@@ -12,9 +12,13 @@ use rwgate::config::{AuthMode, Config, Size};
 fn check_config_prints_the_effective_config_redacted_and_reloadable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("rwgate.toml");
+    let tenants = tenants_file(
+        dir.path(),
+        &[(TENANT_A, &basic_credentials("a", "pw"), None)],
+    );
     std::fs::write(
         &file,
-        "[limits]\nmax_body_bytes = \"2MiB\"\n[upstream]\nurl = \"https://user:hunter2@thanos:19291/api/v1/receive\"\n[auth]\nmode = \"static\"\ntenants_file = \"/etc/rwgate/tenants.toml\"\n",
+        format!("[limits]\nmax_body_bytes = \"2MiB\"\n[upstream]\nurl = \"https://user:hunter2@thanos:19291/api/v1/receive\"\n[auth]\nmode = \"static\"\ntenants_file = {:?}\n", tenants.to_str().expect("utf-8 path")),
     )
     .expect("write config");
     let (code, out, err) = run_rwgate(
@@ -44,6 +48,41 @@ fn check_config_prints_the_effective_config_redacted_and_reloadable() {
         rwgate::config::DEFAULT_ALLOWLIST,
         "defaults are printed too"
     );
+}
+
+#[test]
+fn check_config_reads_the_files_serve_would_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.toml");
+    let (code, _, err) = run_rwgate(
+        &[
+            "check-config",
+            "--auth",
+            "static",
+            "--tenants-file",
+            missing.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("rwgate: invalid auth: cannot read "),
+        "{err}"
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[tenant]]\nid = \"nope\"\ncredentials = \"x\"\n").expect("write");
+    let (code, _, err) = run_rwgate(
+        &[
+            "check-config",
+            "--auth",
+            "static",
+            "--tenants-file",
+            bad.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("tenant[0].id \"nope\" is not a UUID"), "{err}");
 }
 
 #[test]
