@@ -12,7 +12,11 @@
 //! - [`pipeline`]: the CPU work with no I/O: snappy, decode ([`wire`]),
 //!   the allowlist ([`filter`]), tenant labels, re-encode.
 //! - [`upstream`]: forwards kept series to Thanos receive, retrying in one place.
-//! - [`tee`]: cost samples made durable for ClickHouse.
+//! - [`tee`]: cost samples made durable for ClickHouse: appended to the
+//!   [`spool`] concurrently with the upstream send (the request answers 2xx
+//!   only when both succeeded); a background writer drains the spool into
+//!   the raw table of [`clickhouse`], and the [`rollup`] derives expense rows
+//!   from it.
 //! - [`error`]: every way a request can fail and its HTTP status, in one place.
 //!
 //! Around them: [`config`] (the one documented settings tree), [`cli`] (flags
@@ -20,11 +24,14 @@
 
 pub mod auth;
 pub mod cli;
+pub mod clickhouse;
 pub mod config;
 pub mod error;
 pub mod filter;
 pub mod pipeline;
+pub mod rollup;
 pub mod server;
+pub mod spool;
 pub mod tee;
 pub mod telemetry;
 pub mod tls;

@@ -16,6 +16,27 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Migrate(settings) => offline(&settings, |cfg| async move {
+            let ch = rwgate::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
+            let r = ch.migrate().await?;
+            println!(
+                "clickhouse {}: created {:?}, added columns {:?}",
+                r.server_version, r.created, r.columns_added
+            );
+            Ok(())
+        }),
+        Command::Reconcile(args) => offline(&args.settings, |cfg| async move {
+            let ch = rwgate::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
+            let rollup = rwgate::rollup::Rollup::new(ch, &cfg.rollup);
+            let r = rollup
+                .reconcile(&args.from, &args.to, args.account.as_deref())
+                .await?;
+            println!(
+                "reconciled {}..={}: {} buckets examined, {} changed, {} rows written",
+                args.from, args.to, r.buckets_examined, r.buckets_changed, r.rows_written
+            );
+            Ok(())
+        }),
         Command::Serve(settings) => {
             let cfg = match settings.load() {
                 Ok(c) => c,
@@ -40,6 +61,40 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs a one-shot command needing ClickHouse (`migrate`, `reconcile`).
+fn offline<F, Fut>(settings: &rwgate::cli::Settings, f: F) -> ExitCode
+where
+    F: FnOnce(rwgate::config::Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let cfg = match settings.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rwgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cfg.clickhouse.url.is_none() {
+        eprintln!("rwgate: invalid clickhouse.url: required by this command");
+        return ExitCode::from(2);
+    }
+    rwgate::telemetry::init_logging(cfg.log.format, &cfg.log.level);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rwgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rwgate: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
