@@ -502,3 +502,86 @@ pub fn int(v: &serde_json::Value) -> i64 {
         .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
         .unwrap_or_else(|| panic!("not an integer: {v}"))
 }
+
+/// Debian's Prometheus as a remote-write receiver (the real upstream).
+pub struct Prometheus {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Prometheus {
+    pub fn start() -> Prometheus {
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let port = free_port();
+            let config = dir.path().join("prometheus.yml");
+            std::fs::write(&config, "global:\n  scrape_interval: 1h\n").expect("config");
+            let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
+            let log2 = log.try_clone().expect("log");
+            let child = Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg("--web.enable-remote-write-receiver")
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .spawn()
+                .expect("prometheus on PATH");
+            let mut p = Prometheus {
+                dir,
+                port,
+                child: Some(child),
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Some(Ok(Some(_))) = p.child.as_mut().map(|c| c.try_wait()) {
+                    break;
+                }
+                if http_get(port, "/-/ready").is_some_and(|b| b.contains("Ready")) {
+                    return p;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let log =
+                std::fs::read_to_string(p.dir.path().join("prometheus.log")).unwrap_or_default();
+            eprintln!("prometheus did not start; retrying:\n{log}");
+        }
+        panic!("prometheus did not start");
+    }
+
+    pub fn write_url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1/write", self.port)
+    }
+
+    /// The scalar value of an instant PromQL query (0 if empty).
+    pub async fn scalar(&self, query: &str) -> f64 {
+        let text = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/api/v1/query", self.port))
+            .query(&[("query", query)])
+            .send()
+            .await
+            .expect("prometheus query")
+            .text()
+            .await
+            .expect("prometheus answer");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("prometheus json");
+        v["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
