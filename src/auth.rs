@@ -254,10 +254,16 @@ struct RestSource {
     base: String,
     secret: String,
     cache: DashMap<String, CacheEntry>,
-    /// One lookup per account at a time: concurrent misses wait for it.
-    inflight: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// One lookup per account at a time: concurrent misses wait for it. The
+    /// mutex holds the time and detail of the last failed lookup, so that
+    /// requests queued behind a failure reuse it instead of each waiting out
+    /// its own `rest_timeout` in turn.
+    inflight: DashMap<String, LookupLock>,
     cfg: AuthConfig,
 }
+
+/// An account's single-flight lock, holding its last failed lookup (when, why).
+type LookupLock = Arc<tokio::sync::Mutex<Option<(Instant, String)>>>;
 
 #[derive(Deserialize)]
 struct CloudAccount {
@@ -289,17 +295,29 @@ impl RestSource {
         let lock = self
             .inflight
             .entry(account.to_string())
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
             .clone();
-        let _guard = lock.lock().await;
+        let queued = Instant::now();
+        let mut last_failure = lock.lock().await;
         // Someone else may have fetched it while we waited.
         if let Some(a) = self.fresh(account) {
             metrics::counter!(t::AUTH_CACHE, "result" => "hit").increment(1);
             return Ok(a);
         }
-        metrics::counter!(t::AUTH_CACHE, "result" => "miss").increment(1);
-        let result = self.fetch(account).await;
-        drop(_guard);
+        // Or failed while we waited: asking again at once would make every
+        // queued request pay the REST timeout one after the other.
+        let result = match last_failure.as_ref().filter(|(at, _)| *at >= queued) {
+            Some((_, detail)) => Err(detail.clone()),
+            None => {
+                metrics::counter!(t::AUTH_CACHE, "result" => "miss").increment(1);
+                let result = self.fetch(account).await;
+                if let Err(detail) = &result {
+                    *last_failure = Some((Instant::now(), detail.clone()));
+                }
+                result
+            }
+        };
+        drop(last_failure);
         self.inflight
             .remove_if(account, |_, l| Arc::strong_count(l) <= 2);
         match result {

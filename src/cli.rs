@@ -109,6 +109,9 @@ pub struct Settings {
     /// Write requests processed at once; more are shed with 503.
     #[arg(long, env = "RWGATE_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
+    /// Samples per second one tenant may send (0 = no limit).
+    #[arg(long, env = "RWGATE_TENANT_SAMPLES_PER_SEC")]
+    pub tenant_samples_per_sec: Option<u32>,
     /// Grace period for in-flight requests on shutdown (e.g. 25s).
     #[arg(long, env = "RWGATE_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -189,6 +192,10 @@ impl Settings {
         set(
             &mut c.limits.max_concurrent_requests,
             &self.max_concurrent_requests,
+        );
+        set(
+            &mut c.limits.tenant_samples_per_sec,
+            &self.tenant_samples_per_sec,
         );
         set(&mut c.limits.shutdown_grace, &self.shutdown_grace);
         set(&mut c.log.format, &self.log_format);

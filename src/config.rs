@@ -104,6 +104,14 @@ pub struct LimitsConfig {
     /// Requests processed at once; more are shed with 503 so that memory
     /// stays bounded under overload.
     pub max_concurrent_requests: usize,
+    /// Samples per second one tenant may send, across all its requests and
+    /// this replica (a token bucket); beyond it, 429 with `Retry-After`.
+    /// 0 turns the limit off. Prometheus drops a batch answered 429 unless its
+    /// `queue_config.retry_on_http_429` is set (off by default), so leave headroom.
+    pub tenant_samples_per_sec: u32,
+    /// Samples a tenant may send at once above its rate (the bucket size);
+    /// keep it above the senders' largest request (`max_samples_per_send`).
+    pub tenant_burst_samples: u32,
     /// Time allowed to receive a request's headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -125,6 +133,8 @@ impl Default for LimitsConfig {
             max_label_name_bytes: 1024,
             max_label_value_bytes: 4096,
             max_concurrent_requests: 256,
+            tenant_samples_per_sec: 0,
+            tenant_burst_samples: 200_000,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(25),
@@ -615,6 +625,12 @@ impl Config {
             return Err(invalid(
                 "limits.max_decoded_bytes",
                 "must be at least limits.max_body_bytes",
+            ));
+        }
+        if l.tenant_samples_per_sec > 0 && l.tenant_burst_samples == 0 {
+            return Err(invalid(
+                "limits.tenant_burst_samples",
+                "must be greater than 0 when limits.tenant_samples_per_sec is set",
             ));
         }
         if l.max_concurrent_requests == 0 {

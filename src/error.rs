@@ -27,7 +27,7 @@ pub enum ApiError {
     UnsupportedContentType(String),
     #[error("request body too large: more than {limit} bytes")]
     BodyTooLarge { limit: u64 },
-    #[error("timed out reading the request body")]
+    #[error("timed out reading the request body; retry")]
     BodyTimeout,
     #[error("could not read the request body: {0}")]
     BodyRead(String),
@@ -39,6 +39,8 @@ pub enum ApiError {
     Upstream(#[from] UpstreamError),
     #[error("could not store cost samples durably: {0}; retry later")]
     Tee(#[from] TeeError),
+    #[error("rate limit: this account sends more samples per second than allowed; retry later")]
+    RateLimited { retry_after: Duration },
     #[error("overloaded: too many requests in flight; retry later")]
     Overloaded,
     #[error("shutting down; retry later")]
@@ -66,7 +68,6 @@ impl ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Auth(e) => match e {
                 AuthError::UnknownAccount | AuthError::NoCredentials => {
                     StatusCode::UNPROCESSABLE_ENTITY
@@ -83,7 +84,10 @@ impl ApiError {
                 UpstreamError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
                 UpstreamError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
-            Tee(_) | Overloaded | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            // Not 408: Prometheus drops a batch answered with any 4xx but 429
+            // (and 429 too unless retry_on_http_429 is set).
+            BodyTimeout | Tee(_) | Overloaded | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -110,6 +114,7 @@ impl ApiError {
             Upstream(UpstreamError::Rejected { .. }) => "upstream_rejected",
             Upstream(UpstreamError::RateLimited { .. }) => "upstream_rate_limited",
             Upstream(UpstreamError::Unavailable { .. }) => "upstream_unavailable",
+            RateLimited { .. } => "rate_limited",
             Tee(_) => "tee",
             Overloaded => "overloaded",
             ShuttingDown => "shutting_down",
@@ -121,6 +126,7 @@ impl ApiError {
             ApiError::Upstream(UpstreamError::RateLimited { retry_after }) => {
                 Some(retry_after.unwrap_or(Duration::from_secs(1)))
             }
+            ApiError::RateLimited { retry_after } => Some(*retry_after),
             _ => None,
         };
         Reply {

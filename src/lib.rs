@@ -11,6 +11,7 @@
 //!   file, or trust), cached.
 //! - [`pipeline`]: the CPU work with no I/O: snappy, decode ([`wire`]),
 //!   the allowlist ([`filter`]), tenant labels, re-encode.
+//! - [`ratelimit`]: the per-tenant samples/s token bucket (off by default).
 //! - [`upstream`]: forwards kept series to Thanos receive, retrying in one place.
 //! - [`tee`]: cost samples made durable for ClickHouse: appended to the
 //!   [`spool`] concurrently with the upstream send (the request answers 2xx
@@ -29,6 +30,7 @@ pub mod config;
 pub mod error;
 pub mod filter;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod rollup;
 pub mod server;
 pub mod spool;

@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::filter::Allowlist;
 use crate::pipeline::{self, Params, ScratchPool};
+use crate::ratelimit::TenantLimiter;
 use crate::telemetry::{self as t, LogLimiter};
 use crate::upstream::Upstream;
 use crate::wire::ShapeLimits;
@@ -42,6 +43,7 @@ pub struct State {
     scratch: ScratchPool,
     /// Write requests processed at once; beyond this, shed with 503.
     permits: Arc<Semaphore>,
+    rate: TenantLimiter,
     metrics: PrometheusHandle,
     ready: AtomicBool,
     log_limiter: LogLimiter,
@@ -62,6 +64,7 @@ impl State {
             allowlist,
             scratch: ScratchPool::new(4 * cfg.limits.max_body_bytes.bytes() as usize + (16 << 20)),
             permits: Arc::new(Semaphore::new(cfg.limits.max_concurrent_requests)),
+            rate: TenantLimiter::new(&cfg.limits),
             metrics: t::metrics_handle(),
             ready: AtomicBool::new(false),
             log_limiter: LogLimiter::new(cfg.log.max_rejections_per_sec),
@@ -110,6 +113,18 @@ pub async fn run(
         .timer(TokioTimer::new())
         .max_concurrent_streams(256);
     let graceful = GracefulShutdown::new();
+
+    // Idle tenants' rate-limit buckets are forgotten once a minute.
+    let housekeeping = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                state.rate.forget_idle();
+            }
+        })
+    };
 
     tokio::pin!(shutdown);
     loop {
@@ -170,6 +185,7 @@ pub async fn run(
 
     // Shutdown, in order: stop accepting, fail readiness, drain connections.
     drop(listener);
+    housekeeping.abort();
     state.ready.store(false, Ordering::Release);
     tracing::info!(grace = ?grace, "shutting down: finishing in-flight requests");
     match tokio::time::timeout(grace, graceful.shutdown()).await {
@@ -189,41 +205,37 @@ type Resp = Response<Full<Bytes>>;
 async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let started = Instant::now();
     let path = req.uri().path();
-    let (route, resp) = if WRITE_PATHS.contains(&path) {
-        let route = path_label(path);
-        let resp = if req.method() == Method::POST {
-            write(state, req, peer).await
-        } else {
-            error_response(&ApiError::MethodNotAllowed("POST"))
-        };
-        (route, resp)
-    } else {
-        let route = match path {
-            "/metrics" => "metrics",
-            "/-/healthy" => "healthy",
-            "/-/ready" => "ready",
-            _ => "other",
-        };
-        let resp = if route == "other" {
-            error_response(&ApiError::NotFound)
-        } else if req.method() != Method::GET && req.method() != Method::HEAD {
-            error_response(&ApiError::MethodNotAllowed("GET"))
-        } else {
-            match route {
-                "metrics" => {
-                    let mut r = text(StatusCode::OK, state.metrics.render());
-                    r.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                    );
-                    r
-                }
-                "healthy" => text(StatusCode::OK, "OK\n".into()),
-                _ if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
-                _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+    let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
+    let (route, resp) = match path {
+        p if WRITE_PATHS.contains(&p) => {
+            let route = path_label(p);
+            if req.method() == Method::POST {
+                (route, write(state, req, peer).await)
+            } else {
+                (route, error_response(&ApiError::MethodNotAllowed("POST")))
             }
-        };
-        (route, resp)
+        }
+        "/metrics" | "/-/healthy" | "/-/ready" if !read_only => (
+            "operator",
+            error_response(&ApiError::MethodNotAllowed("GET")),
+        ),
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, state.metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            ("metrics", r)
+        }
+        "/-/healthy" => ("healthy", text(StatusCode::OK, "OK\n".into())),
+        "/-/ready" if state.ready.load(Ordering::Acquire) => {
+            ("ready", text(StatusCode::OK, "ready\n".into()))
+        }
+        "/-/ready" => (
+            "ready",
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        ),
+        _ => ("other", error_response(&ApiError::NotFound)),
     };
     metrics::counter!(t::REQUESTS, "route" => route, "status" => status_label(resp.status()))
         .increment(1);
@@ -307,6 +319,10 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
     let outcome = pipeline::process(&body, &params, &mut scratch);
     state.scratch.give(scratch);
     let mut out = outcome?;
+    state
+        .rate
+        .check(account, out.samples_received)
+        .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
     metrics::counter!(t::SAMPLES_RECEIVED).increment(out.samples_received);
     if out.series_dropped > 0 {
         metrics::counter!(t::SERIES_DROPPED, "reason" => "allowlist").increment(out.series_dropped);

@@ -176,7 +176,7 @@ async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
     );
     eventually(Duration::from_secs(30), "spool drains to empty", || async {
         match gw.metric(rwgate::tee::SPOOL_BYTES).await {
-            Some(v) if v == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: what README.md tells you to run and what CI (.ci/run)
+# runs, so the two cannot drift apart. Needs scripts/install-deps.sh first
+# (real Prometheus, vmagent, ClickHouse on the PATH).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo fmt --all --check
+cargo clippy --locked --all-targets -- -D warnings
+# Unit and integration tests; each test is its own process (distinct ports
+# and temp dirs), and every test runs even after one fails.
+cargo nextest run --locked --workspace --no-fail-fast
+# nextest does not run doctests.
+cargo test --locked --workspace --doc
+
+# Load-test smoke (20 s) goes here.

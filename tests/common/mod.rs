@@ -1,0 +1,1056 @@
+//! The integration-test harness: real servers on loopback ports.
+//!
+//! - [`Prometheus`]: Debian's Prometheus as a remote-write receiver (the stand-in
+//!   for Thanos receive), queried through its HTTP API.
+//! - [`VmAgent`]: vmagent, a real remote-write client that sends headers and
+//!   basic auth.
+//! - [`RestApi`]: an in-process stand-in for the platform REST API (the only
+//!   server faked, besides [`FakeUpstream`], which exists only to force the
+//!   upstream answers a real Prometheus cannot give on demand: 409, 429, 5xx,
+//!   slow answers).
+//! - [`Gateway`]: rwgate itself, in-process through `rwgate::run` with its own
+//!   listener and shutdown signal; tests that need process behaviour (signals,
+//!   exit codes) run the built binary instead.
+//!
+//! Every child process is killed when its guard drops, so a failing test still
+//! stops what it started. Every wait is bounded and its panic names what was
+//! awaited. Ports come from the kernel (bind port 0), directories from
+//! `tempfile`, so tests can run in parallel and twice in a row.
+
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use rwgate::config::{AuthMode, Config};
+use rwgate::prompb;
+use tempfile::TempDir;
+
+/// How long a server may take to come up.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Labels of one series, sorted by name.
+pub type LabelSet = BTreeMap<String, String>;
+
+// ---------------------------------------------------------------------------
+// Small utilities
+// ---------------------------------------------------------------------------
+
+/// A loopback port nobody listens on right now (the kernel's choice). There is
+/// a window before the caller binds it; servers started on it retry with a new
+/// port if it was taken meanwhile.
+pub fn free_port() -> u16 {
+    let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr()
+        .expect("local addr of a bound listener")
+        .port()
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// Polls `check` until it returns `Some`, panicking after `timeout` with a
+/// message naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// An HTTP client for tests: no proxies (loopback only), short timeouts.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build reqwest client")
+}
+
+/// A child process that is killed (and reaped) when dropped.
+pub struct ChildGuard {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdout and stderr going to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> ChildGuard {
+        let out = std::fs::File::create(&log).expect("create child log file");
+        let err = out.try_clone().expect("clone log file handle");
+        for var in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+            cmd.env_remove(var);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}; is it installed? see scripts/install-deps.sh"));
+        ChildGuard {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait on a child")
+    }
+
+    /// The last lines of the child's output, for panic messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal with `kill(1)` (no libc, no unsafe).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let name = self.name.clone();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {name} to exit; its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts a server child on a fresh port until it answers `ready_path` with
+/// 200, retrying on another port if it exits early (port taken meanwhile).
+async fn start_child(
+    name: &str,
+    dir: &Path,
+    fixed_port: Option<u16>,
+    make: impl Fn(u16) -> Command,
+    ready_path: &str,
+) -> (ChildGuard, u16) {
+    let http = client();
+    for attempt in 0..3 {
+        let port = fixed_port.unwrap_or_else(free_port);
+        let mut child =
+            ChildGuard::spawn(name, make(port), dir.join(format!("{name}-{attempt}.log")));
+        let url = format!("http://127.0.0.1:{port}{ready_path}");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait() {
+                eprintln!(
+                    "{name} exited early ({status}) on port {port}; log:\n{}",
+                    child.log_tail()
+                );
+                break;
+            }
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status().is_success() {
+                    return (child, port);
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {START_TIMEOUT:?} waiting for {name} at {url}; log:\n{}",
+                    child.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    panic!("{name} did not start in 3 attempts (see logs above)");
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus (remote-write receiver, the stand-in for Thanos receive)
+// ---------------------------------------------------------------------------
+
+/// Debian's Prometheus with `--web.enable-remote-write-receiver`. It scrapes
+/// nothing, so every series in it came through remote write.
+pub struct Prometheus {
+    pub port: u16,
+    child: ChildGuard,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    pub async fn start() -> Prometheus {
+        Self::start_with(None).await
+    }
+
+    /// Starts on `port` (a port the caller reserved, e.g. one rwgate already
+    /// points at), without retrying elsewhere.
+    pub async fn start_on(port: u16) -> Prometheus {
+        Self::start_with(Some(port)).await
+    }
+
+    async fn start_with(fixed: Option<u16>) -> Prometheus {
+        let dir = tempfile::tempdir().expect("tempdir for prometheus");
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(&cfg, "global:\n  scrape_interval: 15s\n").expect("write prometheus.yml");
+        let data = dir.path().join("data");
+        let make = |port: u16| {
+            let mut cmd = Command::new("prometheus");
+            cmd.arg("--web.enable-remote-write-receiver")
+                .arg(format!("--config.file={}", cfg.display()))
+                .arg(format!("--storage.tsdb.path={}", data.display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg("--log.level=warn");
+            cmd
+        };
+        let (child, port) = start_child("prometheus", dir.path(), fixed, make, "/-/ready").await;
+        Prometheus {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn write_url(&self) -> String {
+        format!("{}/api/v1/write", self.base())
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.child.log_tail()
+    }
+
+    /// All series matching `selector`, as label sets.
+    pub async fn series(&self, selector: &str) -> BTreeSet<LabelSet> {
+        let resp = client()
+            .get(format!("{}/api/v1/series", self.base()))
+            .query(&[("match[]", selector)])
+            .send()
+            .await
+            .expect("query prometheus /api/v1/series");
+        let status = resp.status();
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.bytes().await.expect("series answer"))
+                .expect("series answer is JSON");
+        assert_eq!(status, 200, "series query {selector} failed: {body}");
+        body["data"]
+            .as_array()
+            .expect("series data is an array")
+            .iter()
+            .map(|s| {
+                s.as_object()
+                    .expect("series entry is an object")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().expect("label value").to_string()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Every series in the receiver.
+    pub async fn all_series(&self) -> BTreeSet<LabelSet> {
+        self.series("{__name__=~\".+\"}").await
+    }
+
+    /// Waits until `selector` matches at least one series and returns them.
+    pub async fn wait_series(&self, selector: &str, timeout: Duration) -> BTreeSet<LabelSet> {
+        wait_for(
+            &format!("series {selector} in prometheus"),
+            timeout,
+            || async {
+                let s = self.series(selector).await;
+                (!s.is_empty()).then_some(s)
+            },
+        )
+        .await
+    }
+
+    /// The instant vector of `query` as (labels, value) pairs.
+    pub async fn query(&self, query: &str) -> Vec<(LabelSet, f64)> {
+        let resp = client()
+            .get(format!("{}/api/v1/query", self.base()))
+            .query(&[("query", query)])
+            .send()
+            .await
+            .expect("query prometheus /api/v1/query");
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.bytes().await.expect("query answer"))
+                .expect("query answer is JSON");
+        assert_eq!(body["status"], "success", "query {query} failed: {body}");
+        body["data"]["result"]
+            .as_array()
+            .expect("result is an array")
+            .iter()
+            .map(|r| {
+                let labels = r["metric"]
+                    .as_object()
+                    .expect("metric is an object")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().expect("label value").to_string()))
+                    .collect();
+                let value = r["value"][1]
+                    .as_str()
+                    .expect("sample value is a string")
+                    .parse()
+                    .expect("sample value is a float");
+                (labels, value)
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// vmagent (a real remote-write client)
+// ---------------------------------------------------------------------------
+
+/// vmagent scraping `scrape_target` (`host:port`) every second and
+/// remote-writing to `remote_write_url` with the given headers and basic auth.
+pub struct VmAgent {
+    pub port: u16,
+    child: ChildGuard,
+    _dir: TempDir,
+}
+
+impl VmAgent {
+    pub async fn start(
+        remote_write_url: &str,
+        headers: &[(&str, &str)],
+        basic_auth: Option<(&str, &str)>,
+        job: &str,
+        scrape_target: &str,
+    ) -> VmAgent {
+        let dir = tempfile::tempdir().expect("tempdir for vmagent");
+        let scrape = dir.path().join("scrape.yml");
+        std::fs::write(
+            &scrape,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: ['{scrape_target}']\n"
+            ),
+        )
+        .expect("write scrape.yml");
+        let make = |port: u16| {
+            let mut cmd = Command::new("vmagent");
+            cmd.arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+                .arg(format!("-promscrape.config={}", scrape.display()))
+                .arg("-promscrape.config.strictParse=false")
+                .arg(format!("-remoteWrite.url={remote_write_url}"))
+                .arg(format!(
+                    "-remoteWrite.tmpDataPath={}",
+                    dir.path().join("queue").display()
+                ))
+                .arg("-remoteWrite.flushInterval=1s")
+                .arg("-loggerLevel=WARN");
+            if !headers.is_empty() {
+                let joined: Vec<String> =
+                    headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                // vmagent separates several headers of one URL with `^^`.
+                cmd.arg(format!("-remoteWrite.headers={}", joined.join("^^")));
+            }
+            if let Some((user, pass)) = basic_auth {
+                cmd.arg(format!("-remoteWrite.basicAuth.username={user}"))
+                    .arg(format!("-remoteWrite.basicAuth.password={pass}"));
+            }
+            cmd
+        };
+        let (child, port) = start_child("vmagent", dir.path(), None, make, "/health").await;
+        VmAgent {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.child.log_tail()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tiny in-process HTTP servers (REST API stand-in, fake upstream)
+// ---------------------------------------------------------------------------
+
+/// A request as a test server saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+type Handler = Arc<
+    dyn Fn(Seen) -> std::pin::Pin<Box<dyn Future<Output = http::Response<Full<Bytes>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// An HTTP/1.1 server on a loopback port running `handler`; stops accepting
+/// when dropped.
+struct TestServer {
+    addr: SocketAddr,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    async fn start(handler: Handler) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind test server");
+        let addr = listener.local_addr().expect("test server addr");
+        let accept_loop = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                        let handler = handler.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let seen = Seen {
+                                method: parts.method,
+                                uri: parts.uri,
+                                headers: parts.headers,
+                                body,
+                            };
+                            Ok::<_, std::convert::Infallible>(handler(seen).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        TestServer { addr, accept_loop }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.accept_loop.abort();
+    }
+}
+
+fn respond(status: u16, body: impl Into<Bytes>) -> http::Response<Full<Bytes>> {
+    http::Response::builder()
+        .status(status)
+        .body(Full::new(body.into()))
+        .expect("valid test response")
+}
+
+/// What the REST stand-in knows about one account.
+#[derive(Debug, Clone)]
+pub enum Account {
+    /// Has remote-write credentials: base64 of `user:password`.
+    Credentials(String),
+    /// Exists but has none configured.
+    NoCredentials,
+}
+
+/// Whether the REST stand-in answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestMode {
+    Up,
+    /// Answers 503 to everything (an outage behind a load balancer).
+    Down,
+    /// Accepts requests but answers only after a minute (an overloaded or
+    /// wedged API): the lookup runs into rwgate's `auth.rest_timeout`.
+    Hang,
+}
+
+struct RestState {
+    secret: String,
+    accounts: Mutex<BTreeMap<String, Account>>,
+    down: AtomicBool,
+    hang: AtomicBool,
+    calls: AtomicUsize,
+    bad_secret: AtomicUsize,
+    paths: Mutex<Vec<String>>,
+}
+
+/// An in-process stand-in for the platform REST API:
+/// `GET /restapi/v2/cloud_accounts/{id}?details=false` with header `Secret`.
+pub struct RestApi {
+    server: TestServer,
+    state: Arc<RestState>,
+}
+
+impl RestApi {
+    pub async fn start(secret: &str) -> RestApi {
+        let state = Arc::new(RestState {
+            secret: secret.to_string(),
+            accounts: Mutex::new(BTreeMap::new()),
+            down: AtomicBool::new(false),
+            hang: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+            bad_secret: AtomicUsize::new(0),
+            paths: Mutex::new(Vec::new()),
+        });
+        let st = state.clone();
+        let handler: Handler = Arc::new(move |seen: Seen| {
+            let st = st.clone();
+            Box::pin(async move {
+                if st.hang.load(Ordering::SeqCst) {
+                    st.calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return respond(504, "gateway timeout");
+                }
+                rest_answer(&st, seen)
+            })
+        });
+        RestApi {
+            server: TestServer::start(handler).await,
+            state,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.server.addr)
+    }
+
+    pub fn add(&self, id: &str, account: Account) {
+        self.state
+            .accounts
+            .lock()
+            .expect("accounts lock")
+            .insert(id.to_string(), account);
+    }
+
+    pub fn set_mode(&self, mode: RestMode) {
+        self.state
+            .down
+            .store(mode == RestMode::Down, Ordering::SeqCst);
+        self.state
+            .hang
+            .store(mode == RestMode::Hang, Ordering::SeqCst);
+    }
+
+    /// Lookups received (with any secret, up or down).
+    pub fn calls(&self) -> usize {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+
+    /// Lookups whose `Secret` header was missing or wrong.
+    pub fn bad_secret_calls(&self) -> usize {
+        self.state.bad_secret.load(Ordering::SeqCst)
+    }
+
+    /// Path and query of every lookup, in order.
+    pub fn paths(&self) -> Vec<String> {
+        self.state.paths.lock().expect("paths lock").clone()
+    }
+}
+
+fn rest_answer(st: &RestState, seen: Seen) -> http::Response<Full<Bytes>> {
+    st.calls.fetch_add(1, Ordering::SeqCst);
+    st.paths.lock().expect("paths lock").push(
+        seen.uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+    );
+    if st.down.load(Ordering::SeqCst) {
+        return respond(503, "service unavailable");
+    }
+    if seen.headers.get("secret").and_then(|v| v.to_str().ok()) != Some(st.secret.as_str()) {
+        st.bad_secret.fetch_add(1, Ordering::SeqCst);
+        return respond(403, r#"{"error":{"reason":"Forbidden"}}"#);
+    }
+    let Some(id) = seen.uri.path().strip_prefix("/restapi/v2/cloud_accounts/") else {
+        return respond(404, r#"{"error":{"reason":"no such route"}}"#);
+    };
+    if seen.method != http::Method::GET || seen.uri.query() != Some("details=false") {
+        return respond(400, r#"{"error":{"reason":"unexpected request"}}"#);
+    }
+    match st.accounts.lock().expect("accounts lock").get(id) {
+        None => respond(404, r#"{"error":{"reason":"Cloud account not found"}}"#),
+        Some(Account::Credentials(c)) => respond(
+            200,
+            serde_json::json!({"id": id, "name": "test", "config": {"credentials": c}}).to_string(),
+        ),
+        Some(Account::NoCredentials) => respond(
+            200,
+            serde_json::json!({"id": id, "name": "test", "config": {}}).to_string(),
+        ),
+    }
+}
+
+/// One scripted upstream answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    pub fn status(status: u16, body: &str) -> Reply {
+        Reply {
+            status,
+            body: body.to_string(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn header(mut self, name: &'static str, value: &str) -> Reply {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+}
+
+struct UpstreamState {
+    script: Mutex<VecDeque<Reply>>,
+    delay: Mutex<Duration>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+/// A remote-write upstream that answers from a script (then 204), optionally
+/// after a delay, recording every request. Only for what Prometheus cannot be
+/// made to answer on demand (409, 429, 5xx sequences, slowness).
+pub struct FakeUpstream {
+    server: TestServer,
+    state: Arc<UpstreamState>,
+}
+
+impl FakeUpstream {
+    pub async fn start(script: Vec<Reply>) -> FakeUpstream {
+        let state = Arc::new(UpstreamState {
+            script: Mutex::new(script.into()),
+            delay: Mutex::new(Duration::ZERO),
+            seen: Mutex::new(Vec::new()),
+        });
+        let st = state.clone();
+        let handler: Handler = Arc::new(move |seen: Seen| {
+            let st = st.clone();
+            Box::pin(async move {
+                st.seen.lock().expect("seen lock").push(seen);
+                let delay = *st.delay.lock().expect("delay lock");
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let reply = st
+                    .script
+                    .lock()
+                    .expect("script lock")
+                    .pop_front()
+                    .unwrap_or_else(|| Reply::status(204, ""));
+                let mut b = http::Response::builder().status(reply.status);
+                for (k, v) in &reply.headers {
+                    b = b.header(*k, v);
+                }
+                b.body(Full::new(Bytes::from(reply.body)))
+                    .expect("valid scripted reply")
+            })
+        });
+        FakeUpstream {
+            server: TestServer::start(handler).await,
+            state,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/api/v1/receive", self.server.addr)
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *self.state.delay.lock().expect("delay lock") = d;
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("seen lock").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.seen.lock().expect("seen lock").len()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// rwgate in-process
+// ---------------------------------------------------------------------------
+
+/// A config for tests: no auth, the given upstream, fast retries and short
+/// timeouts so failures show quickly.
+pub fn test_config(upstream_url: &str) -> Config {
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Config::default()
+    };
+    c.auth.mode = AuthMode::None;
+    c.upstream.url = upstream_url.to_string();
+    c.upstream.max_retries = 2;
+    c.upstream.retry_backoff = Duration::from_millis(10);
+    c.upstream.retry_max_backoff = Duration::from_millis(50);
+    c.upstream.timeout = Duration::from_secs(5);
+    c.limits.shutdown_grace = Duration::from_secs(5);
+    c
+}
+
+/// rwgate served by `rwgate::run` on a spawned task, with its own listener
+/// on port 0 and a oneshot as its shutdown signal (sent on drop).
+pub struct Gateway {
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Gateway {
+    pub async fn start(cfg: Config) -> Gateway {
+        rwgate::telemetry::init_logging(rwgate::config::LogFormat::Text, "info");
+        cfg.validate().expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind rwgate listener");
+        let addr = listener.local_addr().expect("rwgate addr");
+        let tls = cfg.tls.cert.is_some();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(rwgate::run(cfg, listener, async move {
+            let _ = rx.await;
+        }));
+        let gw = Gateway {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        };
+        // The readiness probe only needs to reach the server; with TLS it
+        // does not check the (test-generated) certificate.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .expect("build probe client");
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}/-/ready");
+        wait_for("rwgate /-/ready", START_TIMEOUT, || async {
+            match http.get(&url).send().await {
+                Ok(r) if r.status() == 200 => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+        gw
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Signals shutdown and waits (bounded) for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("rwgate stopped within 10s")
+                .expect("rwgate task did not panic")
+                .expect("rwgate::run returned Ok");
+        }
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let r = client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(r.status(), 200);
+        r.text().await.expect("metrics text")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The value of one metric line (exact name and label text, e.g.
+/// `rwgate_samples_dropped_total{reason="allowlist"}`), 0 if absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().expect("metric value"))
+        })
+        .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------
+// Remote-write requests
+// ---------------------------------------------------------------------------
+
+/// A series with one sample; `labels` are sent in the given order (not
+/// necessarily sorted, like a sloppy client).
+pub fn series(name: &str, labels: &[(&str, &str)], value: f64, ts_ms: i64) -> prompb::TimeSeries {
+    let mut l = vec![prompb::Label {
+        name: "__name__".into(),
+        value: name.into(),
+    }];
+    l.extend(labels.iter().map(|(n, v)| prompb::Label {
+        name: n.to_string(),
+        value: v.to_string(),
+    }));
+    prompb::TimeSeries {
+        labels: l,
+        samples: vec![prompb::Sample {
+            value,
+            timestamp: ts_ms,
+        }],
+        ..Default::default()
+    }
+}
+
+/// Snappy-compressed protobuf `WriteRequest` of `series`.
+pub fn write_body(series: Vec<prompb::TimeSeries>) -> Vec<u8> {
+    let req = prompb::WriteRequest {
+        timeseries: series,
+        metadata: Vec::new(),
+    };
+    snap::raw::Encoder::new()
+        .compress_vec(&req.encode_to_vec())
+        .expect("snappy compress")
+}
+
+/// Decodes a snappy protobuf `WriteRequest` (what an upstream received).
+pub fn decode_body(body: &[u8]) -> prompb::WriteRequest {
+    let raw = snap::raw::Decoder::new()
+        .decompress_vec(body)
+        .expect("upstream body is snappy");
+    prompb::WriteRequest::decode(raw.as_slice()).expect("upstream body is a WriteRequest")
+}
+
+/// Labels of a prost series as a set.
+pub fn labels_of(ts: &prompb::TimeSeries) -> LabelSet {
+    ts.labels
+        .iter()
+        .map(|l| (l.name.clone(), l.value.clone()))
+        .collect()
+}
+
+/// Builds a label set from pairs.
+pub fn labels(pairs: &[(&str, &str)]) -> LabelSet {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A remote-write POST with the usual headers.
+pub fn rw_post(
+    http: &reqwest::Client,
+    url: &str,
+    account: Option<&str>,
+    body: Vec<u8>,
+) -> reqwest::RequestBuilder {
+    let mut r = http
+        .post(url)
+        .header("Content-Type", "application/x-protobuf")
+        .header("Content-Encoding", "snappy")
+        .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+        .body(body);
+    if let Some(a) = account {
+        r = r.header("Cloud-Account-Id", a);
+    }
+    r
+}
+
+/// Status and body text of a response.
+pub async fn status_body(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let body = resp.text().await.expect("response body");
+    (status, body)
+}
+
+/// Base64 of `user:password`, as the platform stores credentials.
+pub fn basic_credentials(user: &str, password: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+/// A tenants file for `static` auth in `dir`.
+pub fn tenants_file(dir: &Path, entries: &[(&str, &str, Option<&str>)]) -> PathBuf {
+    let mut text = String::new();
+    for (id, creds, allow) in entries {
+        text.push_str(&format!(
+            "[[tenant]]\nid = \"{id}\"\ncredentials = \"{creds}\"\n"
+        ));
+        if let Some(a) = allow {
+            text.push_str(&format!("allowlist = \"{a}\"\n"));
+        }
+    }
+    let path = dir.join("tenants.toml");
+    std::fs::write(&path, text).expect("write tenants file");
+    path
+}
+
+/// Sends raw bytes on a fresh TCP connection and returns the whole answer
+/// (the server closes after it: `Connection: close` must be in `request`).
+pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect for raw request");
+    s.write_all(request).await.expect("write raw request");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("raw answer within 10s")
+        .expect("read raw answer");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Tenant ids used across tests.
+pub const TENANT_A: &str = "0b7f4c8e-1a2b-4c3d-8e9f-00000000000a";
+pub const TENANT_B: &str = "0b7f4c8e-1a2b-4c3d-8e9f-00000000000b";
+
+// ---------------------------------------------------------------------------
+// rwgate as a process (signals, exit codes)
+// ---------------------------------------------------------------------------
+
+/// A `rwgate` command for the built binary.
+pub fn rwgate_cmd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rwgate"));
+    // Only what a test sets explicitly.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RWGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// `rwgate serve` as a child process with `args` plus `--listen` on a fresh
+/// port, waited on until `/-/ready`.
+pub struct RwgateProcess {
+    pub port: u16,
+    pub child: ChildGuard,
+    _dir: TempDir,
+}
+
+impl RwgateProcess {
+    pub async fn start(args: &[&str]) -> RwgateProcess {
+        let dir = tempfile::tempdir().expect("tempdir for rwgate");
+        let make = |port: u16| {
+            let mut cmd = rwgate_cmd();
+            cmd.arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .args(args);
+            cmd
+        };
+        let (child, port) = start_child("rwgate", dir.path(), None, make, "/-/ready").await;
+        RwgateProcess {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+/// Runs a short-lived `rwgate` command (bounded) and returns (exit code,
+/// stdout, stderr).
+pub fn run_rwgate(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = rwgate_cmd();
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rwgate");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("try_wait rwgate").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("rwgate {args:?} did not exit within 20s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("rwgate output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
