@@ -12,7 +12,7 @@
 //! The figures are written into docs/TEE.md by hand.
 
 #[path = "../tests/common_ch/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common_ch;
 
 use std::sync::Arc;
