@@ -1,4 +1,5 @@
-//! The command line: `rwgate serve` and `rwgate check-config`. Every setting
+//! The command line: `rwgate serve`, `rwgate check-config`, `rwgate migrate`
+//! and `rwgate reconcile`. Every setting
 //! can come from the config file, a flag, or an `RWGATE_<NAME>` environment
 //! variable; flags and environment win over the file.
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{AuthMode, Config, ConfigError, LogFormat, Size};
+use crate::config::{AuthMode, Charge, Config, ConfigError, Grain, LogFormat, Size};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,6 +28,28 @@ pub enum Command {
     Serve(Settings),
     /// Validate the configuration and print the effective settings (secrets redacted).
     CheckConfig(Settings),
+    /// Create the ClickHouse tables that are missing and add missing columns
+    /// to `expenses`; never drops or rewrites data.
+    Migrate(Settings),
+    /// Re-derive the expense rows of a date range from the raw samples,
+    /// writing only differences.
+    Reconcile(ReconcileArgs),
+}
+
+/// `rwgate reconcile`.
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub settings: Settings,
+    /// First UTC day to re-derive (YYYY-MM-DD).
+    #[arg(long)]
+    pub from: String,
+    /// Last UTC day to re-derive, inclusive (YYYY-MM-DD).
+    #[arg(long)]
+    pub to: String,
+    /// Only this account (Cloud-Account-Id).
+    #[arg(long)]
+    pub account: Option<String>,
 }
 
 /// Settings shared by every command: the config file and its overrides.
@@ -98,6 +121,33 @@ pub struct Settings {
     /// Log filter (RUST_LOG syntax), e.g. info or rwgate=debug.
     #[arg(long, env = "RWGATE_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// ClickHouse HTTP URL; set to tee cost samples into ClickHouse.
+    #[arg(long, env = "RWGATE_CLICKHOUSE_URL")]
+    pub clickhouse_url: Option<String>,
+    /// ClickHouse database [default: default].
+    #[arg(long, env = "RWGATE_CLICKHOUSE_DATABASE")]
+    pub clickhouse_database: Option<String>,
+    /// ClickHouse user.
+    #[arg(long, env = "RWGATE_CLICKHOUSE_USER")]
+    pub clickhouse_user: Option<String>,
+    /// File holding the ClickHouse password.
+    #[arg(long, env = "RWGATE_CLICKHOUSE_PASSWORD_FILE")]
+    pub clickhouse_password_file: Option<PathBuf>,
+    /// Spool directory [default: /var/lib/rwgate/spool].
+    #[arg(long, env = "RWGATE_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Run the expense rollup here (`--rollup=false` on all but one replica).
+    #[arg(long, env = "RWGATE_ROLLUP", num_args = 0..=1, default_missing_value = "true")]
+    pub rollup: Option<bool>,
+    /// Time between rollup passes (e.g. 60s).
+    #[arg(long, env = "RWGATE_ROLLUP_INTERVAL", value_parser = humantime::parse_duration)]
+    pub rollup_interval: Option<Duration>,
+    /// Expense row grain.
+    #[arg(long, env = "RWGATE_EXPENSE_GRAIN", value_enum)]
+    pub expense_grain: Option<Grain>,
+    /// Which series are charged.
+    #[arg(long, env = "RWGATE_CHARGE", value_enum)]
+    pub charge: Option<Charge>,
 }
 
 impl Settings {
@@ -150,6 +200,18 @@ impl Settings {
         set(&mut c.limits.shutdown_grace, &self.shutdown_grace);
         set(&mut c.log.format, &self.log_format);
         set(&mut c.log.level, &self.log_level);
+        set_opt(&mut c.clickhouse.url, &self.clickhouse_url);
+        set(&mut c.clickhouse.database, &self.clickhouse_database);
+        set_opt(&mut c.clickhouse.user, &self.clickhouse_user);
+        set_opt(
+            &mut c.clickhouse.password_file,
+            &self.clickhouse_password_file,
+        );
+        set(&mut c.spool.dir, &self.spool_dir);
+        set(&mut c.rollup.enabled, &self.rollup);
+        set(&mut c.rollup.interval, &self.rollup_interval);
+        set(&mut c.rollup.grain, &self.expense_grain);
+        set(&mut c.rollup.charge, &self.charge);
     }
 }
 
@@ -181,6 +243,50 @@ mod tests {
         assert_eq!(c.listen.port(), 1);
         assert_eq!(c.limits.max_body_bytes, Size(1 << 20));
         assert_eq!(c.tenancy.labels, ["a", "b"]);
+    }
+
+    #[test]
+    fn tee_flags_and_subcommands() {
+        let cli = Cli::try_parse_from([
+            "rwgate",
+            "serve",
+            "--auth",
+            "none",
+            "--clickhouse-url",
+            "http://ch:8123",
+            "--spool-dir",
+            "/tmp/x",
+            "--rollup=false",
+            "--expense-grain",
+            "hour",
+            "--charge",
+            "pod",
+            "--rollup-interval",
+            "10s",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!()
+        };
+        let c = s.load().unwrap();
+        assert_eq!(c.clickhouse.url.as_deref(), Some("http://ch:8123"));
+        assert!(!c.rollup.enabled);
+        assert_eq!(c.rollup.grain, Grain::Hour);
+        assert_eq!(c.rollup.charge, Charge::Pod);
+        assert_eq!(c.rollup.interval, Duration::from_secs(10));
+        let cli = Cli::try_parse_from([
+            "rwgate",
+            "reconcile",
+            "--from",
+            "2024-01-01",
+            "--to",
+            "2024-01-31",
+            "--account",
+            "a",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Reconcile(r) if r.to == "2024-01-31"));
+        assert!(Cli::try_parse_from(["rwgate", "migrate"]).is_ok());
     }
 
     #[test]

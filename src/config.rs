@@ -45,6 +45,12 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The ClickHouse the tee writes to; the tee is on when `url` is set.
+    pub clickhouse: ClickHouseConfig,
+    /// The local durable spool between requests and ClickHouse.
+    pub spool: SpoolConfig,
+    /// The expense rollup (raw samples -> `expenses` rows).
+    pub rollup: RollupConfig,
 }
 
 impl Default for Config {
@@ -60,6 +66,9 @@ impl Default for Config {
             filter: FilterConfig::default(),
             upstream: UpstreamConfig::default(),
             log: LogConfig::default(),
+            clickhouse: ClickHouseConfig::default(),
+            spool: SpoolConfig::default(),
+            rollup: RollupConfig::default(),
         }
     }
 }
@@ -301,6 +310,191 @@ pub enum LogFormat {
     Text,
 }
 
+/// Default ClickHouse database.
+pub const DEFAULT_CLICKHOUSE_DATABASE: &str = "default";
+/// Default table of raw teed samples.
+pub const DEFAULT_RAW_TABLE: &str = "kubecost_samples";
+/// Default table of expense rows (the platform's).
+pub const DEFAULT_EXPENSES_TABLE: &str = "expenses";
+/// Default table holding the rollup watermark.
+pub const DEFAULT_STATE_TABLE: &str = "rwgate_rollup_state";
+/// Default table of touched (account, hour) per ingest minute.
+pub const DEFAULT_TOUCHED_TABLE: &str = "kubecost_touched";
+/// Default timeout of one ClickHouse request.
+pub const DEFAULT_CLICKHOUSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default spool directory.
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/rwgate/spool";
+/// Default bound on unsent spool bytes (beyond it, teed requests get 503).
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+/// Default spool segment file size.
+pub const DEFAULT_SPOOL_SEGMENT_BYTES: u64 = 64 << 20;
+/// Default most samples in one ClickHouse insert.
+pub const DEFAULT_BATCH_MAX_ROWS: usize = 200_000;
+/// Default longest a sample waits in the spool for its batch to fill.
+pub const DEFAULT_BATCH_MAX_AGE: Duration = Duration::from_secs(1);
+/// Default first backoff after a failed insert (doubles, with jitter).
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// Default largest backoff between failed inserts.
+pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Default rollup pass interval.
+pub const DEFAULT_ROLLUP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default re-read overlap behind the rollup watermark.
+pub const DEFAULT_ROLLUP_OVERLAP: Duration = Duration::from_secs(300);
+/// Default cap on the time one sample is charged for.
+pub const DEFAULT_MAX_GAP: Duration = Duration::from_secs(300);
+/// Default nominal scrape step (what the first sample ever is charged for).
+pub const DEFAULT_STEP: Duration = Duration::from_secs(60);
+
+/// ClickHouse connection and table names. The tee (spool, writer, rollup)
+/// runs when `url` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// HTTP interface URL, e.g. `http://clickhouse:8123`. Unset: no tee.
+    pub url: Option<String>,
+    /// Database holding the tables.
+    pub database: String,
+    /// User name (sent as `X-ClickHouse-User`).
+    pub user: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+    /// Table of raw samples (ReplacingMergeTree).
+    pub raw_table: String,
+    /// Table of expense rows the platform REST API reads (CollapsingMergeTree).
+    pub expenses_table: String,
+    /// Small table holding the rollup watermark.
+    pub state_table: String,
+    /// Small table of (ingest minute, account, hour) the writer touched, so
+    /// that a rollup pass reads only what changed since its last pass.
+    pub touched_table: String,
+    /// Run `migrate` when the tee starts (needs DDL rights; failures are
+    /// logged and retried, ingestion is not held up).
+    pub migrate_on_start: bool,
+    /// LZ4-compress inserts (`decompress=1`; every ClickHouse since 1.1 reads it).
+    pub compress: bool,
+    /// Timeout of one ClickHouse request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: None,
+            database: DEFAULT_CLICKHOUSE_DATABASE.to_string(),
+            user: None,
+            password_file: None,
+            raw_table: DEFAULT_RAW_TABLE.to_string(),
+            expenses_table: DEFAULT_EXPENSES_TABLE.to_string(),
+            state_table: DEFAULT_STATE_TABLE.to_string(),
+            touched_table: DEFAULT_TOUCHED_TABLE.to_string(),
+            migrate_on_start: true,
+            compress: true,
+            timeout: DEFAULT_CLICKHOUSE_TIMEOUT,
+        }
+    }
+}
+
+/// The durable spool: teed samples are made durable here before a request is
+/// acknowledged, and sent to ClickHouse from here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Directory of segment files (one per replica; keep it on a persistent volume).
+    pub dir: PathBuf,
+    /// Most bytes not yet acknowledged by ClickHouse; beyond it, requests with
+    /// cost samples are refused with 503 (the sender retries). Disk use can
+    /// exceed it by up to one segment.
+    pub max_bytes: Size,
+    /// Size at which a new segment file is started.
+    pub segment_bytes: Size,
+    /// Most samples in one ClickHouse insert.
+    pub batch_max_rows: usize,
+    /// Longest the writer waits for a batch to fill before inserting it.
+    #[serde(with = "humantime_serde")]
+    pub batch_max_age: Duration,
+    /// Backoff after the first failed insert; doubles each time, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Largest backoff between failed inserts.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: PathBuf::from(DEFAULT_SPOOL_DIR),
+            max_bytes: Size(DEFAULT_SPOOL_MAX_BYTES),
+            segment_bytes: Size(DEFAULT_SPOOL_SEGMENT_BYTES),
+            batch_max_rows: DEFAULT_BATCH_MAX_ROWS,
+            batch_max_age: DEFAULT_BATCH_MAX_AGE,
+            retry_backoff: DEFAULT_RETRY_BACKOFF,
+            retry_max_backoff: DEFAULT_RETRY_MAX_BACKOFF,
+        }
+    }
+}
+
+/// Expense row grain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Grain {
+    /// One row per resource and UTC day (`date` at midnight), as every importer writes.
+    Day,
+    /// One row per resource and UTC hour.
+    Hour,
+}
+
+/// Which series are charged (exactly one, so money is never counted twice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Charge {
+    /// `cloudtuner_kubecost_namespace_total_cost`, resource `k8s-ns-<md5>`.
+    Namespace,
+    /// `cloudtuner_kubecost_pod_total_cost`, resource `k8s-pod-<md5>`.
+    Pod,
+}
+
+/// The rollup loop deriving expense rows from raw samples.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RollupConfig {
+    /// Run the rollup in this process. Exactly one process per ClickHouse may
+    /// (on by default for a single node; off on all but one replica).
+    pub enabled: bool,
+    /// Time between passes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How far behind its watermark a pass re-reads (covers inserts in flight
+    /// and clock skew between replicas).
+    #[serde(with = "humantime_serde")]
+    pub overlap: Duration,
+    /// `day` or `hour`.
+    pub grain: Grain,
+    /// `namespace` or `pod`.
+    pub charge: Charge,
+    /// Longest time one sample is charged for (no money across outages).
+    #[serde(with = "humantime_serde")]
+    pub max_gap: Duration,
+    /// Nominal scrape step: what the first sample ever of a resource is charged for.
+    #[serde(with = "humantime_serde")]
+    pub step: Duration,
+}
+
+impl Default for RollupConfig {
+    fn default() -> Self {
+        RollupConfig {
+            enabled: true,
+            interval: DEFAULT_ROLLUP_INTERVAL,
+            overlap: DEFAULT_ROLLUP_OVERLAP,
+            grain: Grain::Day,
+            charge: Charge::Namespace,
+            max_gap: DEFAULT_MAX_GAP,
+            step: DEFAULT_STEP,
+        }
+    }
+}
+
 /// A byte size, written as a plain number of bytes or as `16MiB`, `512KiB`, `1GB`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size(pub u64);
@@ -503,6 +697,65 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
+        self.validate_tee()?;
+        Ok(())
+    }
+
+    /// The `[clickhouse]`, `[spool]` and `[rollup]` rules.
+    fn validate_tee(&self) -> Result<(), ConfigError> {
+        let ch = &self.clickhouse;
+        if let Some(url) = &ch.url {
+            check_http_url("clickhouse.url", url)?;
+        }
+        for (field, name) in [
+            ("clickhouse.database", &ch.database),
+            ("clickhouse.raw_table", &ch.raw_table),
+            ("clickhouse.expenses_table", &ch.expenses_table),
+            ("clickhouse.state_table", &ch.state_table),
+            ("clickhouse.touched_table", &ch.touched_table),
+        ] {
+            if name.is_empty()
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                || name.as_bytes()[0].is_ascii_digit()
+            {
+                return Err(invalid(
+                    field,
+                    format!("{name:?} must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)"),
+                ));
+            }
+        }
+        if ch.timeout.is_zero() {
+            return Err(invalid("clickhouse.timeout", "must be greater than 0"));
+        }
+        let sp = &self.spool;
+        if sp.segment_bytes.0 < 4096 {
+            return Err(invalid("spool.segment_bytes", "must be at least 4096"));
+        }
+        if sp.max_bytes.0 < sp.segment_bytes.0 {
+            return Err(invalid(
+                "spool.max_bytes",
+                "must be at least spool.segment_bytes",
+            ));
+        }
+        if sp.batch_max_rows == 0 {
+            return Err(invalid("spool.batch_max_rows", "must be greater than 0"));
+        }
+        if sp.retry_backoff.is_zero() || sp.retry_max_backoff < sp.retry_backoff {
+            return Err(invalid(
+                "spool.retry_max_backoff",
+                "retry_backoff must be > 0 and retry_max_backoff >= retry_backoff",
+            ));
+        }
+        let r = &self.rollup;
+        if r.interval.is_zero() {
+            return Err(invalid("rollup.interval", "must be greater than 0"));
+        }
+        if r.step.is_zero() {
+            return Err(invalid("rollup.step", "must be greater than 0"));
+        }
+        if r.max_gap < r.step {
+            return Err(invalid("rollup.max_gap", "must be at least rollup.step"));
+        }
         Ok(())
     }
 
@@ -513,6 +766,7 @@ impl Config {
         let mut c = self.clone();
         c.upstream.url = redact_url(&c.upstream.url);
         c.auth.rest_url = c.auth.rest_url.as_deref().map(redact_url);
+        c.clickhouse.url = c.clickhouse.url.as_deref().map(redact_url);
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
@@ -595,6 +849,37 @@ mod tests {
     }
 
     #[test]
+    fn tee_sections_parse_and_validate() {
+        let mut c = Config::from_toml(
+            r#"
+            [auth]
+            mode = "none"
+            [clickhouse]
+            url = "http://ch:8123"
+            [spool]
+            dir = "/tmp/s"
+            max_bytes = "2GiB"
+            [rollup]
+            grain = "hour"
+            charge = "pod"
+            interval = "30s"
+            "#,
+            "test",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.rollup.grain, Grain::Hour);
+        assert_eq!(c.spool.max_bytes, Size(2 << 30));
+        c.rollup.max_gap = Duration::from_secs(1);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid rollup.max_gap"), "{err}");
+        c.rollup.max_gap = DEFAULT_MAX_GAP;
+        c.clickhouse.raw_table = "x; DROP".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid clickhouse.raw_table"), "{err}");
+    }
+
+    #[test]
     fn sizes_round_trip() {
         for s in ["16MiB", "512KiB", "1GiB", "1000"] {
             assert_eq!(s.parse::<Size>().unwrap().to_string(), s);
@@ -607,5 +892,22 @@ mod tests {
     fn redacts_userinfo() {
         assert_eq!(redact_url("https://u:p@host/x"), "https://***@host/x");
         assert_eq!(redact_url("http://host/x"), "http://host/x");
+    }
+}
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    /// The config shipped in deploy/ stays loadable as the tree changes.
+    #[test]
+    fn deploy_config_is_valid() {
+        let c = Config::from_toml(
+            include_str!("../deploy/kubernetes/rwgate.toml"),
+            "deploy/kubernetes/rwgate.toml",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.clickhouse.url.is_some() && !c.rollup.enabled);
     }
 }

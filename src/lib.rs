@@ -13,7 +13,11 @@
 //!   the allowlist ([`filter`]), tenant labels, re-encode.
 //! - [`ratelimit`]: the per-tenant samples/s token bucket (off by default).
 //! - [`upstream`]: forwards kept series to Thanos receive, retrying in one place.
-//! - [`tee`]: cost samples made durable for ClickHouse.
+//! - [`tee`]: cost samples made durable for ClickHouse: appended to the
+//!   [`spool`] concurrently with the upstream send (the request answers 2xx
+//!   only when both succeeded); a background writer drains the spool into
+//!   the raw table of [`clickhouse`], and the [`rollup`] derives expense rows
+//!   from it.
 //! - [`error`]: every way a request can fail and its HTTP status, in one place.
 //!
 //! Around them: [`config`] (the one documented settings tree), [`cli`] (flags
@@ -21,12 +25,15 @@
 
 pub mod auth;
 pub mod cli;
+pub mod clickhouse;
 pub mod config;
 pub mod error;
 pub mod filter;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod rollup;
 pub mod server;
+pub mod spool;
 pub mod tee;
 pub mod telemetry;
 pub mod tls;

@@ -47,6 +47,8 @@ pub struct State {
     metrics: PrometheusHandle,
     ready: AtomicBool,
     log_limiter: LogLimiter,
+    /// The ClickHouse tee, when `clickhouse.url` is set.
+    tee: Option<crate::tee::Tee>,
 }
 
 impl State {
@@ -66,6 +68,7 @@ impl State {
             metrics: t::metrics_handle(),
             ready: AtomicBool::new(false),
             log_limiter: LogLimiter::new(cfg.log.max_rejections_per_sec),
+            tee: None,
             cfg,
         })
     }
@@ -85,7 +88,11 @@ pub async fn run(
     };
     let grace = cfg.limits.shutdown_grace;
     let header_timeout = cfg.limits.header_read_timeout;
-    let state = Arc::new(State::new(cfg)?);
+    let mut state = State::new(cfg)?;
+    if state.cfg.clickhouse.url.is_some() {
+        state.tee = Some(crate::tee::Tee::start(&state.cfg).await?);
+    }
+    let state = Arc::new(state);
     state.ready.store(true, Ordering::Release);
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -185,6 +192,10 @@ pub async fn run(
         Ok(()) => tracing::info!("all connections closed"),
         Err(_) => tracing::warn!("grace period over with requests still in flight"),
     }
+    // Then the tee: stop its writer and rollup, flush the spool writer.
+    if let Some(tee) = &state.tee {
+        tee.shutdown(grace).await;
+    }
     Ok(())
 }
 
@@ -263,14 +274,14 @@ async fn write(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp 
 
 async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<(), ApiError> {
     let cfg = &state.cfg;
-    check_encoding(&req)?;
 
-    // 3. Authenticate.
+    // 3. Authenticate, then check the body is something we can read.
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
     let tenant = state.auth.authenticate(account, authorization).await?;
+    check_encoding(&req)?;
 
     // 4. Read the body within its size and time limits.
     let limit = cfg.limits.max_body_bytes.bytes();
@@ -302,12 +313,12 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
             max_label_value_bytes: cfg.limits.max_label_value_bytes,
         },
         max_decoded_bytes: cfg.limits.max_decoded_bytes.bytes(),
-        tee: false,
+        tee: state.tee.is_some(),
     };
     let mut scratch = state.scratch.take();
     let outcome = pipeline::process(&body, &params, &mut scratch);
     state.scratch.give(scratch);
-    let out = outcome?;
+    let mut out = outcome?;
     state
         .rate
         .check(account, out.samples_received)
@@ -322,12 +333,28 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
         metrics::counter!(t::METADATA_DROPPED).increment(out.metadata_dropped);
     }
 
-    // 6. Forward what is left; nothing left means nothing to send.
-    if out.series_kept == 0 {
-        return Ok(());
-    }
-    state.upstream.send(account, Bytes::from(out.body)).await?;
-    metrics::counter!(t::SAMPLES_FORWARDED).increment(out.samples_kept);
+    // 6. Forward what is left (nothing left means nothing to send) and, at
+    // the same time, make the cost samples durable. The tee append happens
+    // whatever the upstream says: samples Thanos refuses as too old are
+    // exactly the history the tee must keep. 2xx only when both succeeded.
+    let body = Bytes::from(std::mem::take(&mut out.body));
+    let forward = async {
+        if out.series_kept == 0 {
+            return Ok(());
+        }
+        state.upstream.send(account, body).await?;
+        metrics::counter!(t::SAMPLES_FORWARDED).increment(out.samples_kept);
+        Ok::<(), ApiError>(())
+    };
+    let tee = async {
+        match &state.tee {
+            Some(tee) => tee.append(&out.tee).await,
+            None => Ok(()),
+        }
+    };
+    let (forwarded, teed) = tokio::join!(forward, tee);
+    forwarded?;
+    teed?;
     Ok(())
 }
 

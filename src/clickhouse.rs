@@ -1,0 +1,332 @@
+//! ClickHouse: the client, the schema (`rwgate migrate`) and the row types.
+//!
+//! Everything here works on ClickHouse 18.16 (Debian's, used by the tests)
+//! and on modern servers (21.x+): only `String`, `Float64`, `Int8`, `Int64`,
+//! `UInt64`, `DateTime`, `Nullable` and `Array` columns; no `DateTime64`,
+//! `Map`, JSON, `async_insert` or server-side query parameters. The
+//! `clickhouse` crate runs with `with_validation(false)` (plain `RowBinary`;
+//! 18.16 has no `RowBinaryWithNamesAndTypes`), so a Rust field of the wrong
+//! type would silently corrupt a column: the row structs below mirror the
+//! DDL next to them field by field, and the integration tests read whole rows
+//! back as JSON (independently of these structs).
+
+use std::time::Duration;
+
+use clickhouse::{Client, Compression, Row};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ClickHouseConfig;
+
+/// Why a ClickHouse operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClickHouseError {
+    #[error("clickhouse: {0}")]
+    Client(#[from] clickhouse::error::Error),
+    #[error("clickhouse: request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("cannot read clickhouse.password_file {path}: {source}")]
+    PasswordFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("clickhouse.url is not set")]
+    NoUrl,
+}
+
+/// A configured client plus the table names.
+#[derive(Clone)]
+pub struct ClickHouse {
+    pub client: Client,
+    pub raw_table: String,
+    pub expenses_table: String,
+    pub state_table: String,
+    pub touched_table: String,
+    pub timeout: Duration,
+}
+
+impl ClickHouse {
+    /// Builds the client (no I/O but reading the password file).
+    pub fn new(cfg: &ClickHouseConfig) -> Result<ClickHouse, ClickHouseError> {
+        let url = cfg.url.as_deref().ok_or(ClickHouseError::NoUrl)?;
+        let mut client = Client::default()
+            .with_url(url)
+            .with_database(&cfg.database)
+            // 18.16 has no RowBinaryWithNamesAndTypes; see the module doc.
+            .with_validation(false)
+            .with_compression(if cfg.compress {
+                Compression::Lz4
+            } else {
+                Compression::None
+            });
+        if let Some(user) = &cfg.user {
+            client = client.with_user(user);
+        }
+        if let Some(path) = &cfg.password_file {
+            let pw =
+                std::fs::read_to_string(path).map_err(|source| ClickHouseError::PasswordFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            client = client.with_password(pw.trim_end_matches(['\r', '\n']));
+        }
+        Ok(ClickHouse {
+            client,
+            raw_table: cfg.raw_table.clone(),
+            expenses_table: cfg.expenses_table.clone(),
+            state_table: cfg.state_table.clone(),
+            touched_table: cfg.touched_table.clone(),
+            timeout: cfg.timeout,
+        })
+    }
+
+    /// Runs `fut` under the configured timeout.
+    pub async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, clickhouse::error::Error>>,
+    ) -> Result<T, ClickHouseError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ClickHouseError::Timeout(self.timeout)),
+        }
+    }
+
+    /// The server version, e.g. `18.16.1`.
+    pub async fn version(&self) -> Result<String, ClickHouseError> {
+        self.timed(self.client.query("SELECT version()").fetch_one::<String>())
+            .await
+    }
+
+    /// Inserts rows in one INSERT statement.
+    pub async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<(), ClickHouseError>
+    where
+        T: Row + Serialize + for<'a> Row<Value<'a> = T>,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let work = async {
+            let mut insert = self
+                .client
+                .insert::<T>(table)
+                .await?
+                .with_timeouts(Some(self.timeout), Some(self.timeout));
+            for row in rows {
+                insert.write(row).await?;
+            }
+            insert.end().await
+        };
+        self.timed(work).await
+    }
+
+    /// Creates what is missing; adds missing `k8s_*` columns to an existing
+    /// expenses table. Never drops or rewrites anything. Idempotent.
+    pub async fn migrate(&self) -> Result<MigrateReport, ClickHouseError> {
+        let version = self.version().await?;
+        let mut report = MigrateReport {
+            server_version: version,
+            ..MigrateReport::default()
+        };
+        let existing: Vec<String> = self
+            .timed(
+                self.client
+                    .query("SELECT name FROM system.tables WHERE database = currentDatabase()")
+                    .fetch_all::<String>(),
+            )
+            .await?;
+        for (name, ddl) in [
+            (&self.raw_table, raw_table_ddl(&self.raw_table)),
+            (
+                &self.expenses_table,
+                expenses_table_ddl(&self.expenses_table),
+            ),
+            (&self.state_table, state_table_ddl(&self.state_table)),
+            (&self.touched_table, touched_table_ddl(&self.touched_table)),
+        ] {
+            if !existing.contains(name) {
+                self.timed(self.client.query(&ddl).execute()).await?;
+                report.created.push(name.clone());
+            }
+        }
+        let columns: Vec<String> = self
+            .timed(
+                self.client
+                    .query(
+                        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = ?",
+                    )
+                    .bind(self.expenses_table.as_str())
+                    .fetch_all::<String>(),
+            )
+            .await?;
+        for col in EXPENSE_K8S_COLUMNS {
+            if !columns.iter().any(|c| c == col) {
+                let sql = format!(
+                    "ALTER TABLE {} ADD COLUMN {col} Nullable(String)",
+                    self.expenses_table
+                );
+                self.timed(self.client.query(&sql).execute()).await?;
+                report
+                    .columns_added
+                    .push(format!("{}.{col}", self.expenses_table));
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// What `migrate` did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct MigrateReport {
+    pub server_version: String,
+    pub created: Vec<String>,
+    pub columns_added: Vec<String>,
+}
+
+/// The columns the platform's older `expenses` tables may lack.
+pub const EXPENSE_K8S_COLUMNS: [&str; 3] = ["k8s_namespace", "k8s_node", "k8s_service"];
+
+/// Raw samples. ReplacingMergeTree on (account, metric, series_id, ts): a
+/// re-sent sample collapses with its first copy (read with `FINAL` for exact
+/// counts; the rollup deduplicates timestamps itself).
+pub fn raw_table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            account String,
+            metric String,
+            cluster String,
+            namespace String,
+            pod String,
+            label_names Array(String),
+            label_values Array(String),
+            series_id UInt64,
+            ts Int64,
+            value Float64,
+            ingest_time DateTime
+        ) ENGINE = ReplacingMergeTree(ingest_time)
+        PARTITION BY toYYYYMM(toDateTime(intDiv(ts, 1000)))
+        ORDER BY (account, metric, series_id, ts)"
+    )
+}
+
+/// The platform's expense table, exactly as DESIGN.md gives it.
+pub fn expenses_table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            cloud_account_id String,
+            resource_id String,
+            date DateTime,
+            cost Float64,
+            sign Int8,
+            k8s_namespace Nullable(String),
+            k8s_node Nullable(String),
+            k8s_service Nullable(String)
+        ) ENGINE = CollapsingMergeTree(sign)
+        PARTITION BY toYYYYMM(date)
+        ORDER BY (cloud_account_id, date, resource_id)"
+    )
+}
+
+/// The rollup watermark (one row per rollup name; latest `version` wins).
+pub fn state_table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            name String,
+            watermark DateTime,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version)
+        ORDER BY name"
+    )
+}
+
+/// Which (metric, account, UTC hour) received samples in which ingest
+/// minute: the rollup's index of "what changed since my last pass", ordered
+/// by ingest minute so that reading the recent part is cheap however long
+/// the history is. Only the charged metrics are recorded.
+pub fn touched_table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            ingest_minute DateTime,
+            metric String,
+            account String,
+            hour DateTime
+        ) ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMMDD(ingest_minute)
+        ORDER BY (ingest_minute, metric, account, hour)"
+    )
+}
+
+/// One row of the touched table (= [`touched_table_ddl`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Row, Serialize, Deserialize)]
+pub struct TouchedRow {
+    pub ingest_minute: u32,
+    pub metric: String,
+    pub account: String,
+    pub hour: u32,
+}
+
+/// One row of the raw table (field order and types = [`raw_table_ddl`]).
+#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+pub struct RawRow {
+    pub account: String,
+    pub metric: String,
+    pub cluster: String,
+    pub namespace: String,
+    pub pod: String,
+    pub label_names: Vec<String>,
+    pub label_values: Vec<String>,
+    pub series_id: u64,
+    pub ts: i64,
+    pub value: f64,
+    /// `DateTime`: seconds since the epoch, UTC.
+    pub ingest_time: u32,
+}
+
+/// One row of the expenses table (field order and types = [`expenses_table_ddl`]).
+#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+pub struct ExpenseRow {
+    pub cloud_account_id: String,
+    pub resource_id: String,
+    /// `DateTime`: seconds since the epoch, UTC (midnight for daily rows).
+    pub date: u32,
+    pub cost: f64,
+    pub sign: i8,
+    pub k8s_namespace: Option<String>,
+    pub k8s_node: Option<String>,
+    pub k8s_service: Option<String>,
+}
+
+/// One row of the state table.
+#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+pub struct StateRow {
+    pub name: String,
+    pub watermark: u32,
+    pub version: u64,
+}
+
+/// The stable id of a series: the first 8 bytes (little endian) of the MD5
+/// of its metric name and sorted labels, `name=value` joined by `0xff`.
+pub fn series_id(metric: &str, labels: &[(String, String)]) -> u64 {
+    let mut ctx = md5::Context::new();
+    ctx.consume(metric.as_bytes());
+    for (n, v) in labels {
+        ctx.consume([0xffu8]);
+        ctx.consume(n.as_bytes());
+        ctx.consume(b"=");
+        ctx.consume(v.as_bytes());
+    }
+    let d = ctx.compute().0;
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_id_depends_on_every_label() {
+        let a = vec![("namespace".to_string(), "a".to_string())];
+        let b = vec![("namespace".to_string(), "b".to_string())];
+        assert_ne!(series_id("m", &a), series_id("m", &b));
+        assert_ne!(series_id("m", &a), series_id("n", &a));
+        assert_eq!(series_id("m", &a), series_id("m", &a.clone()));
+    }
+}

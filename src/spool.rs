@@ -1,0 +1,894 @@
+//! The durable spool: an append-only log of segment files between the write
+//! requests (which wait for their append to be on disk) and the ClickHouse
+//! writer (which reads from it and releases what ClickHouse acknowledged).
+//!
+//! # Why our own log and not a crate
+//!
+//! The well-kept Rust WALs (okaywal, and the sled/commitlog family) are built
+//! around a *checkpoint* model: the log owns the decision of when entries are
+//! checkpointed and hands them to a callback, after which they are gone. The
+//! tee needs the opposite: entries are released only after an *external*
+//! system (ClickHouse) acknowledged them, possibly hours later, while appends
+//! go on and a bounded size refuses new entries. Expressing that on okaywal
+//! means fighting its checkpointer (holding checkpoints open indefinitely) and
+//! re-reading entries through its recovery API. What we need is small: framed
+//! records with checksums, one writer thread doing group commit, a reader
+//! cursor and an acknowledged position. That is this file.
+//!
+//! # Format
+//!
+//! The directory holds segment files `NNNNNNNNNNNNNNNNNNNN.seg` (sequence
+//! number, zero-padded) and `ack` (the acknowledged position). A segment is a
+//! sequence of records:
+//!
+//! ```text
+//! len: u32 LE | crc32: u32 LE | appended_ms: i64 LE | payload: len bytes
+//! ```
+//!
+//! `crc32` (crc32fast, IEEE) covers `appended_ms` and the payload. Recovery
+//! scans every unacknowledged segment and truncates it at the first record
+//! that is short or fails its checksum: a torn write at the tail (a crash
+//! during `write`) loses only records whose append was never acknowledged to a
+//! client, because a client is answered only after `fdatasync` returned.
+//! After recovery the writer always starts a fresh segment.
+//!
+//! # Group commit
+//!
+//! [`Spool::append`] sends its framed record to one writer thread and awaits
+//! the answer. The thread takes everything queued, writes it with one
+//! `write_all`, calls `fdatasync` once, and then wakes every waiter of that
+//! batch: concurrent requests share one fsync, and a request arriving during
+//! an fsync rides on the next one.
+//!
+//! # Release
+//!
+//! [`SpoolReader`] reads records up to the durable end; after ClickHouse
+//! acknowledged them the writer calls [`SpoolReader::ack`], which records the
+//! position in `ack` (write to a temporary file and rename; not fsynced,
+//! because losing it only means re-sending rows ClickHouse deduplicates) and
+//! deletes segments that are entirely acknowledged.
+//!
+//! # Bound
+//!
+//! The size bound counts bytes appended but not yet acknowledged. An append
+//! that would exceed it fails with [`TeeError::SpoolFull`] (503: the sender
+//! retries later). Disk use can exceed the bound by at most one segment,
+//! because segments are deleted whole.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::tee::TeeError;
+
+/// Bytes of a record header.
+pub const HEADER_LEN: u64 = 16;
+/// Largest accepted record payload (a corrupt length beyond it ends recovery).
+pub const MAX_RECORD: u64 = 256 << 20;
+/// Most bytes one group commit writes before syncing.
+const MAX_GROUP_BYTES: usize = 32 << 20;
+const SEGMENT_SUFFIX: &str = ".seg";
+const ACK_FILE: &str = "ack";
+
+/// A position in the log: segment sequence number and byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Pos {
+    pub seg: u64,
+    pub off: u64,
+}
+
+/// What the spool needs to know.
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    pub dir: PathBuf,
+    /// Most unacknowledged bytes.
+    pub max_bytes: u64,
+    /// Segment size at which a new segment is started.
+    pub segment_bytes: u64,
+}
+
+/// One record read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Wall-clock time of the append, in ms since the epoch.
+    pub appended_ms: i64,
+    pub payload: Vec<u8>,
+    /// Position just after this record (what to [`SpoolReader::ack`]).
+    pub end: Pos,
+}
+
+/// State shared by the appenders, the writer thread and the reader.
+struct Shared {
+    dir: PathBuf,
+    /// Bytes appended (or being appended) and not yet acknowledged.
+    used: AtomicU64,
+    max_bytes: u64,
+    /// End of the durable data (after the last fsync).
+    durable: Mutex<Pos>,
+    /// Woken after every group commit.
+    committed: Notify,
+    /// Group commits done (for tests and metrics).
+    syncs: AtomicU64,
+    /// Set when the writer thread failed and could not restore a clean tail.
+    poisoned: AtomicBool,
+}
+
+struct Job {
+    frame: Vec<u8>,
+    done: oneshot::Sender<io::Result<()>>,
+}
+
+/// The append side. Cheap to share behind an `Arc`.
+pub struct Spool {
+    shared: Arc<Shared>,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The read-and-release side (one, owned by the ClickHouse writer).
+pub struct SpoolReader {
+    shared: Arc<Shared>,
+    /// Next record to read.
+    cursor: Pos,
+    /// Acknowledged up to here.
+    acked: Pos,
+    /// Open file of `cursor.seg`.
+    file: Option<(u64, File)>,
+    /// Appended-at time of the oldest unacknowledged record read so far.
+    oldest_unacked_ms: Option<i64>,
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}{SEGMENT_SUFFIX}"))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Frames one record.
+pub fn frame(appended_ms: i64, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(HEADER_LEN as usize + payload.len());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&appended_ms.to_le_bytes());
+    crc.update(payload);
+    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    f.extend_from_slice(&crc.finalize().to_le_bytes());
+    f.extend_from_slice(&appended_ms.to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads one record at the reader's position; `Ok(None)` at a clean end, a
+/// short record, or a bad checksum (all three end the valid prefix).
+fn read_record(r: &mut impl Read) -> io::Result<Option<(i64, Vec<u8>)>> {
+    let mut h = [0u8; HEADER_LEN as usize];
+    if !read_full(r, &mut h)? {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64;
+    let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    let ms_bytes = [h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]];
+    if len > MAX_RECORD {
+        return Ok(None);
+    }
+    let mut payload = vec![0u8; len as usize];
+    if !read_full(r, &mut payload)? {
+        return Ok(None);
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&ms_bytes);
+    hasher.update(&payload);
+    if hasher.finalize() != crc {
+        return Ok(None);
+    }
+    Ok(Some((i64::from_le_bytes(ms_bytes), payload)))
+}
+
+/// Fills `buf`; false if the input ended first.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => return Ok(false),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Length of the valid prefix of a segment file.
+fn valid_len(path: &Path) -> io::Result<u64> {
+    let mut r = io::BufReader::new(File::open(path)?);
+    let mut len = 0;
+    while let Some((_, payload)) = read_record(&mut r)? {
+        len += HEADER_LEN + payload.len() as u64;
+    }
+    Ok(len)
+}
+
+fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut seqs = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(num) = name.strip_suffix(SEGMENT_SUFFIX) {
+            if let Ok(seq) = num.parse::<u64>() {
+                seqs.push(seq);
+            }
+        }
+    }
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
+fn read_ack(dir: &Path) -> Option<Pos> {
+    let bytes = fs::read(dir.join(ACK_FILE)).ok()?;
+    if bytes.len() != 20 {
+        return None;
+    }
+    let seg = u64::from_le_bytes(bytes[0..8].try_into().ok()?);
+    let off = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
+    let crc = u32::from_le_bytes(bytes[16..20].try_into().ok()?);
+    (crc32fast::hash(&bytes[..16]) == crc).then_some(Pos { seg, off })
+}
+
+fn write_ack(dir: &Path, pos: Pos) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(20);
+    bytes.extend_from_slice(&pos.seg.to_le_bytes());
+    bytes.extend_from_slice(&pos.off.to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+    let tmp = dir.join("ack.tmp");
+    fs::write(&tmp, &bytes)?;
+    fs::rename(&tmp, dir.join(ACK_FILE))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `opts.dir`: recovers every segment
+    /// (truncating torn tails), starts a fresh segment and the writer thread.
+    pub fn open(opts: &SpoolOptions) -> io::Result<(Spool, SpoolReader)> {
+        fs::create_dir_all(&opts.dir)?;
+        let dir = opts.dir.clone();
+        let seqs = list_segments(&dir)?;
+        let mut acked = read_ack(&dir).unwrap_or_default();
+        // Segments wholly before the acknowledged one are garbage.
+        for &seq in seqs.iter().filter(|&&s| s < acked.seg) {
+            fs::remove_file(segment_path(&dir, seq))?;
+        }
+        let live: Vec<u64> = seqs.into_iter().filter(|&s| s >= acked.seg).collect();
+        if live.first() != Some(&acked.seg) {
+            // The acknowledged segment is gone (or there is no ack): start
+            // at the first remaining segment.
+            acked = Pos {
+                seg: live.first().copied().unwrap_or(acked.seg.max(1)),
+                off: 0,
+            };
+        }
+        let mut used = 0;
+        for &seq in &live {
+            let path = segment_path(&dir, seq);
+            let valid = valid_len(&path)?;
+            let actual = fs::metadata(&path)?.len();
+            if valid < actual {
+                tracing::warn!(
+                    segment = %path.display(),
+                    valid,
+                    actual,
+                    "spool: truncating a torn or corrupt tail"
+                );
+                let f = OpenOptions::new().write(true).open(&path)?;
+                f.set_len(valid)?;
+                f.sync_all()?;
+            }
+            if seq == acked.seg {
+                acked.off = acked.off.min(valid);
+                used += valid - acked.off;
+            } else {
+                used += valid;
+            }
+        }
+        let active = live.last().map_or(acked.seg, |s| s + 1);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&dir, active))?;
+        sync_dir(&dir)?;
+
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            used: AtomicU64::new(used),
+            max_bytes: opts.max_bytes,
+            durable: Mutex::new(Pos {
+                seg: active,
+                off: 0,
+            }),
+            committed: Notify::new(),
+            syncs: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            shared: shared.clone(),
+            file,
+            seg: active,
+            off: 0,
+            segment_bytes: opts.segment_bytes,
+        };
+        let thread = std::thread::Builder::new()
+            .name("rwgate-spool".into())
+            .spawn(move || writer.run(rx))?;
+        let reader = SpoolReader {
+            shared: shared.clone(),
+            cursor: acked,
+            acked,
+            file: None,
+            oldest_unacked_ms: None,
+        };
+        Ok((
+            Spool {
+                shared,
+                tx: Mutex::new(Some(tx)),
+                thread: Mutex::new(Some(thread)),
+            },
+            reader,
+        ))
+    }
+
+    /// Appends one record and returns once it is on disk (shared fsync).
+    pub async fn append(&self, payload: &[u8]) -> Result<(), TeeError> {
+        let frame = frame(now_ms(), payload);
+        let size = frame.len() as u64;
+        if size - HEADER_LEN > MAX_RECORD {
+            return Err(TeeError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "record too large for the spool",
+            )));
+        }
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return Err(TeeError::Io(io::Error::other(
+                "spool writer failed earlier; restart rwgate",
+            )));
+        }
+        // Reserve the space first so that concurrent appends cannot overshoot.
+        let before = self.shared.used.fetch_add(size, Ordering::AcqRel);
+        if before + size > self.shared.max_bytes {
+            self.shared.used.fetch_sub(size, Ordering::AcqRel);
+            return Err(TeeError::SpoolFull);
+        }
+        let (done, wait) = oneshot::channel();
+        let sent = match self.tx.lock() {
+            Ok(tx) => tx
+                .as_ref()
+                .map(|tx| tx.send(Job { frame, done }).is_ok())
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        let result = if sent {
+            match wait.await {
+                Ok(r) => r.map_err(TeeError::Io),
+                Err(_) => Err(TeeError::Io(io::Error::other("spool writer stopped"))),
+            }
+        } else {
+            Err(TeeError::Io(io::Error::other("spool is closed")))
+        };
+        if result.is_err() {
+            self.shared.used.fetch_sub(size, Ordering::AcqRel);
+        }
+        result
+    }
+
+    /// Bytes appended and not yet acknowledged by ClickHouse.
+    pub fn pending_bytes(&self) -> u64 {
+        self.shared.used.load(Ordering::Acquire)
+    }
+
+    /// Completes after the next group commit (or at once if one happened
+    /// since the last call).
+    pub async fn committed(&self) {
+        self.shared.committed.notified().await
+    }
+
+    /// Group commits done since open.
+    pub fn syncs(&self) -> u64 {
+        self.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Stops the writer thread after it committed everything queued. Appends
+    /// after this fail.
+    pub fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            if t.join().is_err() {
+                tracing::error!("spool writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer thread: owns the active segment.
+struct Writer {
+    shared: Arc<Shared>,
+    file: File,
+    seg: u64,
+    off: u64,
+    segment_bytes: u64,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut buf = Vec::new();
+        let mut waiters = Vec::new();
+        // Blocks for the first job of a group, then takes whatever queued.
+        while let Ok(first) = rx.recv() {
+            buf.clear();
+            buf.extend_from_slice(&first.frame);
+            waiters.push(first.done);
+            while buf.len() < MAX_GROUP_BYTES {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        buf.extend_from_slice(&job.frame);
+                        waiters.push(job.done);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let result = self.commit(&buf);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "spool: group commit failed");
+            }
+            for w in waiters.drain(..) {
+                let r = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                };
+                let _ = w.send(r);
+            }
+        }
+    }
+
+    fn commit(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return Err(io::Error::other("spool writer failed earlier"));
+        }
+        if self.off > 0 && self.off + buf.len() as u64 > self.segment_bytes {
+            self.rotate()?;
+        }
+        let written = self
+            .file
+            .write_all(buf)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Cut the partial write off so that the log stays a clean
+            // sequence of records; if even that fails, stop appending.
+            let restored = self
+                .file
+                .set_len(self.off)
+                .and_then(|()| self.file.seek(SeekFrom::Start(self.off)).map(|_| ()));
+            if restored.is_err() {
+                self.shared.poisoned.store(true, Ordering::Release);
+            }
+            return Err(e);
+        }
+        self.off += buf.len() as u64;
+        if let Ok(mut d) = self.shared.durable.lock() {
+            *d = Pos {
+                seg: self.seg,
+                off: self.off,
+            };
+        }
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        self.shared.committed.notify_one();
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let next = self.seg + 1;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&self.shared.dir, next))?;
+        sync_dir(&self.shared.dir)?;
+        self.file = file;
+        self.seg = next;
+        self.off = 0;
+        if let Ok(mut d) = self.shared.durable.lock() {
+            *d = Pos { seg: next, off: 0 };
+        }
+        Ok(())
+    }
+}
+
+impl SpoolReader {
+    /// Where reading resumes (tests).
+    pub fn cursor(&self) -> Pos {
+        self.cursor
+    }
+
+    /// Appended-at time of the oldest record read and not yet acknowledged.
+    pub fn oldest_unacked_ms(&self) -> Option<i64> {
+        self.oldest_unacked_ms
+    }
+
+    /// Bytes appended and not yet acknowledged.
+    pub fn pending_bytes(&self) -> u64 {
+        self.shared.used.load(Ordering::Acquire)
+    }
+
+    /// Whether durable data lies beyond the cursor.
+    pub fn has_unread(&self) -> bool {
+        self.durable() > self.cursor
+    }
+
+    fn durable(&self) -> Pos {
+        self.shared
+            .durable
+            .lock()
+            .map(|d| *d)
+            .unwrap_or(self.cursor)
+    }
+
+    /// Waits until a group commit happened (or returns at once if durable
+    /// data is already waiting). Cancel-safe.
+    pub async fn wait_for_data(&self) {
+        let notified = self.shared.committed.notified();
+        if self.has_unread() {
+            return;
+        }
+        notified.await;
+    }
+
+    /// Reads durable records from the cursor on, stopping after `max_bytes`
+    /// of payload or `max_records` records, and advances the cursor. Blocking
+    /// file I/O (page-cache reads): call from a blocking context.
+    pub fn read(&mut self, max_records: usize, max_bytes: usize) -> io::Result<Vec<Record>> {
+        let durable = self.durable();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while self.cursor < durable && out.len() < max_records && bytes < max_bytes {
+            let seg = self.cursor.seg;
+            if self.file.as_ref().map(|(s, _)| *s) != Some(seg) {
+                match File::open(segment_path(&self.shared.dir, seg)) {
+                    Ok(mut f) => {
+                        f.seek(SeekFrom::Start(self.cursor.off))?;
+                        self.file = Some((seg, f));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && seg < durable.seg => {
+                        self.cursor = Pos {
+                            seg: seg + 1,
+                            off: 0,
+                        };
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some((_, file)) = self.file.as_mut() else {
+                continue;
+            };
+            // The active segment is read only up to its durable end.
+            if seg == durable.seg && self.cursor.off >= durable.off {
+                break;
+            }
+            match read_record(file)? {
+                Some((ms, payload)) => {
+                    self.cursor.off += HEADER_LEN + payload.len() as u64;
+                    bytes += payload.len();
+                    self.oldest_unacked_ms.get_or_insert(ms);
+                    out.push(Record {
+                        appended_ms: ms,
+                        payload,
+                        end: self.cursor,
+                    });
+                }
+                None if seg < durable.seg => {
+                    // End of a sealed segment: on to the next.
+                    self.cursor = Pos {
+                        seg: seg + 1,
+                        off: 0,
+                    };
+                    self.file = None;
+                }
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "spool segment {seg} is unreadable at offset {} below its durable end",
+                            self.cursor.off
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Releases everything up to `pos` (ClickHouse has it): persists the
+    /// position and deletes segments wholly before it.
+    pub fn ack(&mut self, pos: Pos) -> io::Result<()> {
+        if pos <= self.acked {
+            return Ok(());
+        }
+        let released = self.bytes_between(self.acked, pos)?;
+        write_ack(&self.shared.dir, pos)?;
+        for seq in self.acked.seg..pos.seg {
+            match fs::remove_file(segment_path(&self.shared.dir, seq)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.acked = pos;
+        self.shared.used.fetch_sub(
+            released.min(self.shared.used.load(Ordering::Acquire)),
+            Ordering::AcqRel,
+        );
+        if self.acked >= self.cursor {
+            self.oldest_unacked_ms = None;
+        }
+        Ok(())
+    }
+
+    /// Record bytes between two positions (sealed segments count whole).
+    fn bytes_between(&self, from: Pos, to: Pos) -> io::Result<u64> {
+        if from.seg == to.seg {
+            return Ok(to.off.saturating_sub(from.off));
+        }
+        let mut total = 0;
+        for seq in from.seg..to.seg {
+            let len = match fs::metadata(segment_path(&self.shared.dir, seq)) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(e),
+            };
+            total += if seq == from.seg {
+                len.saturating_sub(from.off)
+            } else {
+                len
+            };
+        }
+        Ok(total + to.off)
+    }
+
+    /// Forgets records read but not acknowledged: the next read starts again
+    /// at the acknowledged position (after a failed insert that is not
+    /// retried from memory).
+    pub fn rewind(&mut self) {
+        self.cursor = self.acked;
+        self.file = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    fn opts(dir: &Path) -> SpoolOptions {
+        SpoolOptions {
+            dir: dir.to_path_buf(),
+            max_bytes: 1 << 20,
+            segment_bytes: 4096,
+        }
+    }
+
+    fn read_all(r: &mut SpoolReader) -> Vec<Vec<u8>> {
+        r.read(usize::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.payload)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn appends_read_back_across_segments_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..100u32)
+            .map(|i| vec![i as u8; 10 + i as usize * 3])
+            .collect();
+        {
+            let (spool, mut reader) = Spool::open(&opts(dir.path())).unwrap();
+            for p in &payloads {
+                spool.append(p).await.unwrap();
+            }
+            assert_eq!(read_all(&mut reader), payloads);
+            assert!(list_segments(dir.path()).unwrap().len() > 1, "rotated");
+        }
+        // Nothing acknowledged: everything comes back after a reopen.
+        let (spool, mut reader) = Spool::open(&opts(dir.path())).unwrap();
+        let total: u64 = payloads.iter().map(|p| p.len() as u64 + HEADER_LEN).sum();
+        assert_eq!(spool.pending_bytes(), total);
+        let records = reader.read(usize::MAX, usize::MAX).unwrap();
+        assert_eq!(
+            records
+                .iter()
+                .map(|r| r.payload.clone())
+                .collect::<Vec<_>>(),
+            payloads
+        );
+        // Acknowledge the first 60: only the rest comes back, old segments go.
+        reader.ack(records[59].end).unwrap();
+        let left = list_segments(dir.path()).unwrap();
+        assert!(left[0] >= records[59].end.seg, "{left:?}");
+        drop(reader);
+        drop(spool);
+        let (spool, mut reader) = Spool::open(&opts(dir.path())).unwrap();
+        assert_eq!(read_all(&mut reader), payloads[60..].to_vec());
+        let rest: u64 = payloads[60..]
+            .iter()
+            .map(|p| p.len() as u64 + HEADER_LEN)
+            .sum();
+        assert_eq!(spool.pending_bytes(), rest);
+    }
+
+    #[tokio::test]
+    async fn ack_everything_drains_to_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, mut reader) = Spool::open(&opts(dir.path())).unwrap();
+        for i in 0..200u32 {
+            spool.append(&i.to_le_bytes().repeat(20)).await.unwrap();
+        }
+        let recs = reader.read(usize::MAX, usize::MAX).unwrap();
+        assert_eq!(recs.len(), 200);
+        reader.ack(recs[199].end).unwrap();
+        assert_eq!(spool.pending_bytes(), 0);
+        assert_eq!(reader.oldest_unacked_ms(), None);
+        assert!(list_segments(dir.path()).unwrap().len() <= 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_share_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.segment_bytes = 1 << 20;
+        o.max_bytes = 64 << 20;
+        let (spool, mut reader) = Spool::open(&o).unwrap();
+        let spool = Arc::new(spool);
+        let tasks: Vec<_> = (0..64u32)
+            .map(|t| {
+                let spool = spool.clone();
+                tokio::spawn(async move {
+                    for i in 0..20u32 {
+                        spool
+                            .append(&[t.to_le_bytes(), i.to_le_bytes()].concat())
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(
+            spool.syncs() < 64 * 20,
+            "{} syncs for 1280 appends",
+            spool.syncs()
+        );
+        let mut got = read_all(&mut reader);
+        assert_eq!(got.len(), 1280);
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 1280);
+    }
+
+    #[tokio::test]
+    async fn full_spool_refuses_then_accepts_after_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_bytes = 4096;
+        let (spool, mut reader) = Spool::open(&o).unwrap();
+        let p = vec![7u8; 1000];
+        for _ in 0..4 {
+            spool.append(&p).await.unwrap();
+        }
+        assert!(matches!(spool.append(&p).await, Err(TeeError::SpoolFull)));
+        let recs = reader.read(usize::MAX, usize::MAX).unwrap();
+        reader.ack(recs[3].end).unwrap();
+        spool.append(&p).await.unwrap();
+    }
+
+    /// A crash can leave any prefix of the last write on disk, and disks can
+    /// flip bits: recovery keeps exactly the records before the damage, and
+    /// appending works afterwards.
+    #[tokio::test]
+    async fn torn_and_corrupt_tails_are_truncated() {
+        let payloads: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 50 + i as usize]).collect();
+        let lens: Vec<u64> = payloads
+            .iter()
+            .map(|p| p.len() as u64 + HEADER_LEN)
+            .collect();
+        let total: u64 = lens.iter().sum();
+        // Every byte around each record boundary, and a stride through the rest.
+        let mut cuts: BTreeSet<u64> = (0..total).step_by(13).collect();
+        let mut b = 0;
+        for l in &lens {
+            for d in 0..=HEADER_LEN + 1 {
+                cuts.insert((b + d).min(total - 1));
+                cuts.insert(b.saturating_sub(d));
+            }
+            b += l;
+        }
+        for &cut in &cuts {
+            for corrupt in [false, true] {
+                let dir = tempfile::tempdir().unwrap();
+                let mut o = opts(dir.path());
+                o.segment_bytes = 1 << 20;
+                let seg;
+                {
+                    let (spool, _r) = Spool::open(&o).unwrap();
+                    for p in &payloads {
+                        spool.append(p).await.unwrap();
+                    }
+                    seg = list_segments(dir.path()).unwrap()[0];
+                }
+                let path = segment_path(dir.path(), seg);
+                let mut bytes = fs::read(&path).unwrap();
+                if corrupt {
+                    bytes[cut as usize] ^= 0x40;
+                } else {
+                    bytes.truncate(cut as usize);
+                }
+                fs::write(&path, &bytes).unwrap();
+                // Records entirely before the damaged byte survive.
+                let mut intact = 0;
+                let mut end = 0;
+                for l in &lens {
+                    if end + l <= cut {
+                        intact += 1;
+                        end += l;
+                    } else {
+                        break;
+                    }
+                }
+                let (spool, mut reader) = Spool::open(&o).unwrap();
+                assert_eq!(
+                    read_all(&mut reader),
+                    payloads[..intact].to_vec(),
+                    "cut {cut} corrupt {corrupt}"
+                );
+                assert_eq!(fs::metadata(&path).unwrap().len(), end);
+                spool.append(b"after").await.unwrap();
+                assert_eq!(read_all(&mut reader), vec![b"after".to_vec()]);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn rewind_rereads_unacknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, mut reader) = Spool::open(&opts(dir.path())).unwrap();
+        for i in 0..5u8 {
+            spool.append(&[i]).await.unwrap();
+        }
+        let first = reader.read(2, usize::MAX).unwrap();
+        reader.ack(first[1].end).unwrap();
+        let _ = reader.read(10, usize::MAX).unwrap();
+        reader.rewind();
+        assert_eq!(read_all(&mut reader), vec![vec![2], vec![3], vec![4]]);
+    }
+}

@@ -1,0 +1,191 @@
+//! kill -9 of the rwgate binary at random moments of a stream, restart,
+//! continue: nothing lost, nothing doubled (raw rows and money exact).
+
+mod common_ch;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common_ch::*;
+use rand::Rng;
+
+const ACCOUNT: &str = "0d000000-0000-4000-8000-000000000001";
+/// 2024-03-04T00:00:00Z.
+const DAY_S: i64 = 1_709_510_400;
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+
+fn rate(i: usize, k: i64) -> f64 {
+    [0.2, 1.1, 2.7][i] * (1.0 + (k % 11) as f64 / 11.0)
+}
+
+struct Rwgate {
+    child: Child,
+}
+
+impl Rwgate {
+    fn start(config: &std::path::Path) -> Rwgate {
+        let child = Command::new(env!("CARGO_BIN_EXE_rwgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rwgate binary");
+        Rwgate { child }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Rwgate {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_and_doubles_nothing() {
+    let ch = ClickHouseServer::start();
+    let sink = Sink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("rwgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+listen = "127.0.0.1:{port}"
+[auth]
+mode = "none"
+[upstream]
+url = "{upstream}"
+max_retries = 0
+[clickhouse]
+url = "{ch}"
+[spool]
+dir = "{spool}"
+batch_max_age = "30ms"
+retry_backoff = "50ms"
+retry_max_backoff = "200ms"
+[rollup]
+interval = "100ms"
+[log]
+level = "error"
+"#,
+            upstream = sink.url(),
+            ch = ch.url(),
+            spool = dir.path().join("spool").display(),
+        ),
+    )
+    .unwrap();
+    let gw = Arc::new(Mutex::new(Rwgate::start(&config)));
+    let url = format!("http://127.0.0.1:{port}/api/v1/write");
+
+    // A killer: several kill -9 + restart at random moments of the stream.
+    let streaming = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let killer = {
+        let gw = gw.clone();
+        let config = config.clone();
+        let streaming = streaming.clone();
+        tokio::spawn(async move {
+            let mut mid_stream = 0;
+            for _ in 0..4 {
+                let wait = rand::thread_rng().gen_range(150..900);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                let mut g = gw.lock().unwrap();
+                g.kill9();
+                if streaming.load(std::sync::atomic::Ordering::SeqCst) {
+                    mid_stream += 1;
+                }
+                *g = Rwgate::start(&config);
+            }
+            mid_stream
+        })
+    };
+
+    // The stream: a day in 5-minute requests, each retried until 2xx as
+    // Prometheus does.
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for chunk in 0..288i64 {
+        let series: Vec<Series> = NAMESPACES
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let samples = (chunk * 5..chunk * 5 + 5)
+                    .map(|k| ((DAY_S + k * 60) * 1000, rate(i, k)))
+                    .collect();
+                Series::new(NS_METRIC, &[("namespace", ns)], samples)
+            })
+            .collect();
+        post_until_ok(&client, || url.clone(), ACCOUNT, body(&series), deadline).await;
+        if chunk % 4 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    streaming.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mid_stream = killer.await.unwrap();
+    assert!(
+        mid_stream >= 2,
+        "only {mid_stream} kills happened mid-stream"
+    );
+
+    let want: BTreeMap<String, f64> = NAMESPACES
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let samples: Vec<(i64, f64)> = (0..1440)
+                .map(|k| ((DAY_S + k * 60) * 1000, rate(i, k)))
+                .collect();
+            let costs = reference_costs(&samples, 86_400, 300, 60);
+            (ns_resource_id(ns), costs[&DAY_S])
+        })
+        .collect();
+    let sql = format!(
+        "SELECT resource_id, SUM(cost * sign) AS c, SUM(sign) AS s FROM expenses \
+         WHERE cloud_account_id = '{ACCOUNT}' GROUP BY resource_id HAVING SUM(sign) > 0"
+    );
+    eventually(Duration::from_secs(60), "money after crashes", || async {
+        let rows = ch.rows(&sql).await;
+        let got: BTreeMap<String, f64> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["resource_id"].as_str().unwrap().to_string(),
+                    r["c"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        let ok = rows.iter().all(|r| int(&r["s"]) == 1)
+            && got.len() == want.len()
+            && got
+                .iter()
+                .all(|(k, v)| want.get(k).is_some_and(|w| rel_close(*v, *w, 1e-9)));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("got {got:?} want {want:?}"))
+        }
+    })
+    .await;
+    let rows = ch
+        .rows(&format!(
+            "SELECT namespace, ts, count() AS n FROM kubecost_samples FINAL \
+             WHERE account = '{ACCOUNT}' GROUP BY namespace, ts HAVING n != 1"
+        ))
+        .await;
+    assert!(rows.is_empty(), "doubled samples: {rows:?}");
+    let total = ch
+        .rows(&format!(
+            "SELECT count() AS n FROM kubecost_samples FINAL WHERE account = '{ACCOUNT}'"
+        ))
+        .await;
+    assert_eq!(int(&total[0]["n"]), 1440 * 3, "nothing lost");
+}
