@@ -2,11 +2,14 @@
 # End-to-end demo on loopback, with real servers:
 #   exporter (static kubecost-shaped metrics) <- vmagent (scrapes, remote-writes with
 #   Cloud-Account-Id + basic auth) -> rwgate -> Prometheus 2.42 (remote-write receiver,
-#   standing in for Thanos receive).
-# Shows which series arrived with which labels, and what rwgate dropped.
+#   standing in for Thanos receive)
+#                                        \-> ClickHouse 18.16 (raw cost samples, expense rows)
+# Shows which series arrived with which labels, what rwgate dropped, and the
+# expense rows the tee derived from the cost gauges.
 # Usage: scripts/demo.sh [--keep]   (--keep leaves everything running until Ctrl-C)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin"   # clickhouse-server lives in /usr/sbin
 
 bash scripts/install-deps.sh
 echo "== building rwgate (release)"
@@ -37,6 +40,41 @@ OTHER=9b1d2c3e-0000-4000-8000-00000000beef
 CREDS=$(printf 'demo:s3cret' | base64)
 
 prom_port=$(port); rw_port=$(port); vm_port=$(port); exp_port=$(port)
+ch_http=$(port); ch_tcp=$(port); ch_inter=$(port)
+
+echo "== starting ClickHouse on :$ch_http"
+mkdir -p "$work/ch"
+cat > "$work/ch/config.xml" <<XML
+<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><console>1</console></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <http_port>$ch_http</http_port>
+  <tcp_port>$ch_tcp</tcp_port>
+  <interserver_http_port>$ch_inter</interserver_http_port>
+  <path>$work/ch/data/</path>
+  <tmp_path>$work/ch/tmp/</tmp_path>
+  <user_files_path>$work/ch/user_files/</user_files_path>
+  <format_schema_path>$work/ch/format_schemas/</format_schema_path>
+  <users_config>$work/ch/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>5368709</mark_cache_size>
+  <max_concurrent_queries>100</max_concurrent_queries>
+</yandex>
+XML
+cat > "$work/ch/users.xml" <<XML
+<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+XML
+(cd "$work/ch" && exec clickhouse-server --config-file="$work/ch/config.xml" >"$work/clickhouse.log" 2>&1) &
+pids+=($!)
+wait_http "http://127.0.0.1:$ch_http/ping" "ClickHouse"
+ch() { curl -fsS "http://127.0.0.1:$ch_http/" --data-binary "$1"; }
 
 echo "== starting Prometheus 2.42 as the remote-write receiver on :$prom_port"
 mkdir -p "$work/prom"
@@ -69,7 +107,10 @@ id = "$ACCOUNT"
 credentials = "$CREDS"
 TENANTS
 "$RWGATE" serve --listen "127.0.0.1:$rw_port" --auth static --tenants-file "$work/tenants.toml" \
-  --upstream-url "http://127.0.0.1:$prom_port/api/v1/write" >"$work/rwgate.log" 2>&1 &
+  --upstream-url "http://127.0.0.1:$prom_port/api/v1/write" \
+  --clickhouse-url "http://127.0.0.1:$ch_http" --spool-dir "$work/spool" \
+  --rollup --rollup-interval 2s --expense-grain day --charge namespace \
+  >"$work/rwgate.log" 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$rw_port/-/ready" "rwgate"
 
@@ -114,12 +155,33 @@ echo
 echo "== rwgate's own counters:"
 curl -fsS "http://127.0.0.1:$rw_port/metrics" | grep -E '^rwgate_(samples_(received|forwarded|dropped)_total|requests_total)' | sed 's/^/  /'
 echo
+echo "== waiting for the tee: raw samples in ClickHouse and a rollup pass"
+for _ in $(seq 1 60); do
+  n=$(ch "SELECT count() FROM expenses" 2>/dev/null || echo 0)
+  [ "${n:-0}" -ge 2 ] && break
+  sleep 0.5
+done
+sleep 3   # a few more scrapes, so the rows below have grown past the first sample
+echo
+echo "== raw cost samples kept (kubecost_samples FINAL), per series:"
+ch "SELECT metric, namespace, count() AS samples, min(value) AS rate_usd_per_h
+    FROM kubecost_samples FINAL GROUP BY metric, namespace ORDER BY namespace
+    FORMAT PrettyCompactNoEscapes" | sed 's/^/  /'
+echo
+echo "== expense rows, read the way the platform REST API reads them"
+echo "   (SUM(cost * sign) ... HAVING SUM(sign) > 0, never FINAL):"
+ch "SELECT cloud_account_id, resource_id, k8s_namespace, date, SUM(cost * sign) AS cost
+    FROM expenses GROUP BY cloud_account_id, resource_id, k8s_namespace, date
+    HAVING SUM(sign) > 0 ORDER BY resource_id FORMAT PrettyCompactNoEscapes" | sed 's/^/  /'
+echo "   The first sample of a namespace is charged the nominal 60 s step, each later"
+echo "   one the time since the previous sample (2 s here): rate * dt / 3600 USD."
+echo
 echo "== a request without credentials is refused as diproxy did:"
 curl -sS -o /dev/stderr -w '  HTTP %{http_code}\n' -X POST -H "Cloud-Account-Id: $ACCOUNT" \
   -H 'Content-Type: application/x-protobuf' -H 'Content-Encoding: snappy' \
   --data-binary x "http://127.0.0.1:$rw_port/storage/api/v2/write" 2>&1 | sed 's/^/  /'
 
 if [ "${1:-}" = "--keep" ]; then
-  echo "== running; rwgate on :$rw_port, Prometheus on :$prom_port. Ctrl-C to stop."
+  echo "== running; rwgate on :$rw_port, Prometheus on :$prom_port, ClickHouse on :$ch_http. Ctrl-C to stop."
   wait
 fi

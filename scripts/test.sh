@@ -3,6 +3,7 @@
 # runs, so the two cannot drift apart. Needs scripts/install-deps.sh first
 # (real Prometheus, vmagent, ClickHouse on the PATH).
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"   # clickhouse-server lives in /usr/sbin
 cd "$(dirname "$0")/.."
 
 cargo fmt --all --check
