@@ -48,7 +48,8 @@ use tokio::sync::watch;
 
 use crate::clickhouse::{ClickHouse, ClickHouseError, ExpenseRow, StateRow};
 use crate::config::{Charge, Grain, RollupConfig};
-use crate::tee::{self, unix_now};
+use crate::tee::unix_now;
+use crate::telemetry as t;
 
 /// The namespace-total metric (charged by default).
 pub const NAMESPACE_METRIC: &str = "cloudtuner_kubecost_namespace_total_cost";
@@ -300,13 +301,13 @@ impl Rollup {
             }
             match self.pass().await {
                 Ok(r) => {
-                    metrics::counter!(tee::ROLLUP_PASSES, "result" => "ok").increment(1);
+                    metrics::counter!(t::ROLLUP_PASSES, "result" => "ok").increment(1);
                     if r.buckets_changed > 0 {
                         tracing::debug!(?r, "rollup pass");
                     }
                 }
                 Err(e) => {
-                    metrics::counter!(tee::ROLLUP_PASSES, "result" => "error").increment(1);
+                    metrics::counter!(t::ROLLUP_PASSES, "result" => "error").increment(1);
                     tracing::warn!(error = %e, "rollup pass failed; retrying next interval");
                 }
             }
@@ -334,8 +335,8 @@ impl Rollup {
             .await?;
         let report = self.derive(touched, None).await?;
         self.set_watermark(pass_start).await?;
-        metrics::gauge!(tee::ROLLUP_LAG).set(unix_now().saturating_sub(pass_start as u64) as f64);
-        metrics::histogram!(tee::ROLLUP_PASS_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::gauge!(t::ROLLUP_LAG).set(unix_now().saturating_sub(pass_start as u64) as f64);
+        metrics::histogram!(t::ROLLUP_PASS_DURATION).record(started.elapsed().as_secs_f64());
         Ok(report)
     }
 
@@ -402,14 +403,14 @@ impl Rollup {
         }
         match self.ch.insert(&self.ch.expenses_table, rows).await {
             Ok(()) => {
-                metrics::counter!(tee::BATCHES_WRITTEN, "table" => "expenses").increment(1);
-                metrics::counter!(tee::ROWS_WRITTEN, "table" => "expenses")
+                metrics::counter!(t::BATCHES_WRITTEN, "table" => "expenses").increment(1);
+                metrics::counter!(t::ROWS_WRITTEN, "table" => "expenses")
                     .increment(rows.len() as u64);
                 rows.clear();
                 Ok(())
             }
             Err(e) => {
-                metrics::counter!(tee::BATCHES_FAILED, "table" => "expenses").increment(1);
+                metrics::counter!(t::BATCHES_FAILED, "table" => "expenses").increment(1);
                 Err(e.into())
             }
         }
@@ -523,7 +524,7 @@ impl Rollup {
                 continue;
             }
             report.buckets_changed += 1;
-            metrics::counter!(tee::ROLLUP_BUCKETS_CHANGED).increment(1);
+            metrics::counter!(t::ROLLUP_BUCKETS_CHANGED).increment(1);
             for (cost, sign) in fix {
                 rows.push(ExpenseRow {
                     cloud_account_id: key.0.clone(),

@@ -13,86 +13,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clickhouse::{series_id, ClickHouse, RawRow, TouchedRow};
 use crate::config::Config;
 use crate::spool::{Pos, Spool, SpoolOptions, SpoolReader};
+use crate::telemetry as t;
 
 /// The metric-name prefix of the cost exporter's gauges, the only series teed.
 pub const TEE_PREFIX: &[u8] = b"cloudtuner_kubecost_";
-
-/// Unsent spool bytes.
-pub const SPOOL_BYTES: &str = "rwgate_tee_spool_bytes";
-/// Age of the oldest unsent spool entry.
-pub const SPOOL_OLDEST_AGE: &str = "rwgate_tee_spool_oldest_entry_age_seconds";
-/// Time for a request's tee append to become durable.
-pub const SPOOL_APPEND_DURATION: &str = "rwgate_tee_spool_append_duration_seconds";
-/// Samples made durable in the spool.
-pub const SAMPLES_SPOOLED: &str = "rwgate_tee_samples_spooled_total";
-/// ClickHouse inserts that succeeded, by table (`samples`, `expenses`).
-pub const BATCHES_WRITTEN: &str = "rwgate_clickhouse_batches_written_total";
-/// ClickHouse inserts that failed (and will be retried), by table.
-pub const BATCHES_FAILED: &str = "rwgate_clickhouse_batches_failed_total";
-/// Rows inserted, by table (`samples`, `expenses`).
-pub const ROWS_WRITTEN: &str = "rwgate_clickhouse_rows_written_total";
-/// Spool records that could not be decoded (skipped; a bug if ever non-zero).
-pub const RECORDS_UNDECODABLE: &str = "rwgate_tee_records_undecodable_total";
-/// Seconds between now and the rollup watermark after the last pass.
-pub const ROLLUP_LAG: &str = "rwgate_rollup_lag_seconds";
-/// Expense buckets whose value changed (each writes a -1/+1 pair).
-pub const ROLLUP_BUCKETS_CHANGED: &str = "rwgate_rollup_buckets_changed_total";
-/// Rollup passes by result (`ok`, `error`).
-pub const ROLLUP_PASSES: &str = "rwgate_rollup_passes_total";
-/// Time of one rollup pass.
-pub const ROLLUP_PASS_DURATION: &str = "rwgate_rollup_pass_duration_seconds";
-
-/// Registers help texts of the tee metrics.
-pub fn describe_metrics() {
-    describe_gauge!(
-        SPOOL_BYTES,
-        Unit::Bytes,
-        "Spool bytes not yet in ClickHouse."
-    );
-    describe_gauge!(
-        SPOOL_OLDEST_AGE,
-        Unit::Seconds,
-        "Age of the oldest spool entry not yet in ClickHouse (0 when drained)."
-    );
-    describe_histogram!(
-        SPOOL_APPEND_DURATION,
-        Unit::Seconds,
-        "Time for a request's cost samples to become durable (group commit)."
-    );
-    describe_counter!(SAMPLES_SPOOLED, "Cost samples made durable in the spool.");
-    describe_counter!(BATCHES_WRITTEN, "ClickHouse inserts done, by table.");
-    describe_counter!(
-        BATCHES_FAILED,
-        "ClickHouse inserts failed (retried), by table."
-    );
-    describe_counter!(ROWS_WRITTEN, "Rows inserted into ClickHouse, by table.");
-    describe_counter!(
-        RECORDS_UNDECODABLE,
-        "Spool records skipped because they could not be decoded."
-    );
-    describe_gauge!(
-        ROLLUP_LAG,
-        Unit::Seconds,
-        "Time since the rollup watermark (how stale expense rows may be)."
-    );
-    describe_counter!(
-        ROLLUP_BUCKETS_CHANGED,
-        "Expense buckets rewritten by the rollup."
-    );
-    describe_counter!(ROLLUP_PASSES, "Rollup passes, by result.");
-    describe_histogram!(
-        ROLLUP_PASS_DURATION,
-        Unit::Seconds,
-        "Time of one rollup pass."
-    );
-}
 
 /// One teed sample, after tenancy enforcement.
 #[derive(Debug, Clone, PartialEq)]
@@ -271,7 +201,6 @@ impl Tee {
     /// if the spool cannot be opened or the client cannot be configured;
     /// ClickHouse being down is not an error here.
     pub async fn start(cfg: &Config) -> anyhow::Result<Tee> {
-        describe_metrics();
         let ch = ClickHouse::new(&cfg.clickhouse)?;
         let opts = SpoolOptions {
             dir: cfg.spool.dir.clone(),
@@ -318,8 +247,8 @@ impl Tee {
         let started = Instant::now();
         let payload = encode(samples);
         self.spool.append(&payload).await?;
-        metrics::histogram!(SPOOL_APPEND_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::counter!(SAMPLES_SPOOLED).increment(samples.len() as u64);
+        metrics::histogram!(t::SPOOL_APPEND_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::counter!(t::SAMPLES_SPOOLED).increment(samples.len() as u64);
         Ok(())
     }
 
@@ -386,8 +315,8 @@ impl Writer {
                 };
                 match result {
                     Ok(()) => {
-                        metrics::counter!(BATCHES_WRITTEN, "table" => "samples").increment(1);
-                        metrics::counter!(ROWS_WRITTEN, "table" => "samples")
+                        metrics::counter!(t::BATCHES_WRITTEN, "table" => "samples").increment(1);
+                        metrics::counter!(t::ROWS_WRITTEN, "table" => "samples")
                             .increment(rows.len() as u64);
                         backoff = self.cfg.retry_backoff;
                         if let Err(e) = self.ack(end).await {
@@ -396,7 +325,7 @@ impl Writer {
                         break;
                     }
                     Err(e) => {
-                        metrics::counter!(BATCHES_FAILED, "table" => "samples").increment(1);
+                        metrics::counter!(t::BATCHES_FAILED, "table" => "samples").increment(1);
                         tracing::warn!(error = %e, rows = rows.len(), retry_in = ?backoff, "clickhouse insert failed; retrying");
                         self.publish_gauges();
                         if sleep_or_stop(jitter(backoff), &mut stop).await {
@@ -441,7 +370,7 @@ impl Writer {
             for rec in records {
                 first_ms.get_or_insert(rec.appended_ms);
                 if let Err(e) = decode_rows(&rec.payload, &mut rows) {
-                    metrics::counter!(RECORDS_UNDECODABLE).increment(1);
+                    metrics::counter!(t::RECORDS_UNDECODABLE).increment(1);
                     tracing::error!(error = %e, "skipping an undecodable spool record");
                 }
                 end = Some(rec.end);
@@ -513,10 +442,10 @@ impl Writer {
     }
 
     fn publish_gauges(&self) {
-        metrics::gauge!(SPOOL_BYTES).set(self.spool.pending_bytes() as f64);
+        metrics::gauge!(t::SPOOL_BYTES).set(self.spool.pending_bytes() as f64);
         let oldest = self.reader.lock().ok().and_then(|r| r.oldest_unacked_ms());
         let age = oldest.map_or(0.0, |ms| (unix_now_ms() - ms).max(0) as f64 / 1000.0);
-        metrics::gauge!(SPOOL_OLDEST_AGE).set(age);
+        metrics::gauge!(t::SPOOL_OLDEST_AGE).set(age);
     }
 }
 

@@ -25,6 +25,32 @@ pub const AUTH_CACHE: &str = "rwgate_auth_cache_total";
 pub const AUTH_REST_DURATION: &str = "rwgate_auth_rest_request_duration_seconds";
 pub const LOG_SUPPRESSED: &str = "rwgate_log_rejections_suppressed_total";
 
+// The ClickHouse tee.
+/// Unsent spool bytes.
+pub const SPOOL_BYTES: &str = "rwgate_tee_spool_bytes";
+/// Age of the oldest unsent spool entry.
+pub const SPOOL_OLDEST_AGE: &str = "rwgate_tee_spool_oldest_entry_age_seconds";
+/// Time for a request's tee append to become durable.
+pub const SPOOL_APPEND_DURATION: &str = "rwgate_tee_spool_append_duration_seconds";
+/// Samples made durable in the spool.
+pub const SAMPLES_SPOOLED: &str = "rwgate_tee_samples_spooled_total";
+/// ClickHouse inserts that succeeded, by table (`samples`, `expenses`).
+pub const BATCHES_WRITTEN: &str = "rwgate_clickhouse_batches_written_total";
+/// ClickHouse inserts that failed (and will be retried), by table.
+pub const BATCHES_FAILED: &str = "rwgate_clickhouse_batches_failed_total";
+/// Rows inserted, by table (`samples`, `expenses`).
+pub const ROWS_WRITTEN: &str = "rwgate_clickhouse_rows_written_total";
+/// Spool records that could not be decoded (skipped; a bug if ever non-zero).
+pub const RECORDS_UNDECODABLE: &str = "rwgate_tee_records_undecodable_total";
+/// Seconds between now and the rollup watermark after the last pass.
+pub const ROLLUP_LAG: &str = "rwgate_rollup_lag_seconds";
+/// Expense buckets whose value changed (each writes a -1/+1 pair).
+pub const ROLLUP_BUCKETS_CHANGED: &str = "rwgate_rollup_buckets_changed_total";
+/// Rollup passes by result (`ok`, `error`).
+pub const ROLLUP_PASSES: &str = "rwgate_rollup_passes_total";
+/// Time of one rollup pass.
+pub const ROLLUP_PASS_DURATION: &str = "rwgate_rollup_pass_duration_seconds";
+
 fn describe() {
     describe_counter!(REQUESTS, "HTTP requests by route and status.");
     describe_histogram!(
@@ -67,6 +93,48 @@ fn describe() {
     describe_counter!(
         LOG_SUPPRESSED,
         "Rejection warnings not logged because of the log rate limit."
+    );
+
+    describe_gauge!(
+        SPOOL_BYTES,
+        Unit::Bytes,
+        "Spool bytes not yet in ClickHouse."
+    );
+    describe_gauge!(
+        SPOOL_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest spool entry not yet in ClickHouse (0 when drained)."
+    );
+    describe_histogram!(
+        SPOOL_APPEND_DURATION,
+        Unit::Seconds,
+        "Time for a request's cost samples to become durable (group commit)."
+    );
+    describe_counter!(SAMPLES_SPOOLED, "Cost samples made durable in the spool.");
+    describe_counter!(BATCHES_WRITTEN, "ClickHouse inserts done, by table.");
+    describe_counter!(
+        BATCHES_FAILED,
+        "ClickHouse inserts failed (retried), by table."
+    );
+    describe_counter!(ROWS_WRITTEN, "Rows inserted into ClickHouse, by table.");
+    describe_counter!(
+        RECORDS_UNDECODABLE,
+        "Spool records skipped because they could not be decoded."
+    );
+    describe_gauge!(
+        ROLLUP_LAG,
+        Unit::Seconds,
+        "Time since the rollup watermark (how stale expense rows may be)."
+    );
+    describe_counter!(
+        ROLLUP_BUCKETS_CHANGED,
+        "Expense buckets rewritten by the rollup."
+    );
+    describe_counter!(ROLLUP_PASSES, "Rollup passes, by result.");
+    describe_histogram!(
+        ROLLUP_PASS_DURATION,
+        Unit::Seconds,
+        "Time of one rollup pass."
     );
 }
 

@@ -91,7 +91,7 @@ async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
         );
         spool_sizes.push(
             eventually(Duration::from_secs(10), "spool gauge", || async {
-                gw.metric(rwgate::tee::SPOOL_BYTES)
+                gw.metric(rwgate::telemetry::SPOOL_BYTES)
                     .await
                     .ok_or("no gauge".to_string())
             })
@@ -175,13 +175,16 @@ async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
         "the refused sample is kept"
     );
     eventually(Duration::from_secs(30), "spool drains to empty", || async {
-        match gw.metric(rwgate::tee::SPOOL_BYTES).await {
+        match gw.metric(rwgate::telemetry::SPOOL_BYTES).await {
             Some(0.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
-    let failed = gw.metric(rwgate::tee::BATCHES_FAILED).await.unwrap_or(0.0);
+    let failed = gw
+        .metric(rwgate::telemetry::BATCHES_FAILED)
+        .await
+        .unwrap_or(0.0);
     assert!(
         failed > 0.0,
         "inserts failed during the outage and were retried"
