@@ -135,6 +135,7 @@ impl Authenticator {
                         .to_string(),
                     secret,
                     cache: DashMap::new(),
+                    negative: DashMap::new(),
                     inflight: DashMap::new(),
                     outage: std::sync::Mutex::new(None),
                     cfg: cfg.clone(),
@@ -254,7 +255,10 @@ struct RestSource {
     client: HttpClient,
     base: String,
     secret: String,
+    /// Known accounts (credentials), kept up to `cache_ttl + stale_ttl`.
     cache: DashMap<String, CacheEntry>,
+    /// Unknown accounts and accounts without credentials.
+    negative: DashMap<String, CacheEntry>,
     /// One lookup per account at a time: concurrent misses wait for it.
     inflight: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// When and why the REST API last failed. For `auth.outage_backoff` after
@@ -277,12 +281,11 @@ struct AccountConfig {
 
 impl RestSource {
     fn fresh(&self, account: &str) -> Option<Answer> {
-        let e = self.cache.get(account)?;
-        let ttl = match e.answer {
-            Answer::Credentials(_) => self.cfg.cache_ttl,
-            _ => self.cfg.negative_cache_ttl,
-        };
-        (e.fetched.elapsed() < ttl).then(|| e.answer.clone())
+        if let Some(e) = self.cache.get(account) {
+            return (e.fetched.elapsed() < self.cfg.cache_ttl).then(|| e.answer.clone());
+        }
+        let e = self.negative.get(account)?;
+        (e.fetched.elapsed() < self.cfg.negative_cache_ttl).then(|| e.answer.clone())
     }
 
     async fn lookup(&self, account: &str) -> Result<Answer, AuthError> {
@@ -326,7 +329,9 @@ impl RestSource {
                 Ok(answer)
             }
             Err(detail) => {
-                // Outage: a stale answer beats refusing data.
+                // Outage: stale credentials beat refusing data. (A stale
+                // "unknown" is not used: the account may exist by now, and a
+                // 422 would make the sender drop its data.)
                 let stale = self.cache.get(account).and_then(|e| {
                     (e.fetched.elapsed() < self.cfg.cache_ttl + self.cfg.stale_ttl)
                         .then(|| e.answer.clone())
@@ -354,21 +359,31 @@ impl RestSource {
             .map(|(_, detail)| detail.clone())
     }
 
+    /// Caches an answer. Known accounts and unknown ones are kept apart, so
+    /// that requests with made-up account ids (each a REST lookup and a
+    /// negative entry) can never evict the credentials of real tenants.
     fn insert(&self, account: &str, answer: Answer) {
-        if self.cache.len() >= self.cfg.cache_capacity {
-            let horizon = self.cfg.cache_ttl + self.cfg.stale_ttl;
-            self.cache.retain(|_, e| e.fetched.elapsed() < horizon);
-            if self.cache.len() >= self.cfg.cache_capacity {
-                self.cache.clear();
+        let entry = CacheEntry {
+            answer,
+            fetched: Instant::now(),
+        };
+        let (map, keep_for) = match entry.answer {
+            Answer::Credentials(_) => {
+                self.negative.remove(account);
+                (&self.cache, self.cfg.cache_ttl + self.cfg.stale_ttl)
+            }
+            _ => {
+                self.cache.remove(account);
+                (&self.negative, self.cfg.negative_cache_ttl)
+            }
+        };
+        if map.len() >= self.cfg.cache_capacity {
+            map.retain(|_, e| e.fetched.elapsed() < keep_for);
+            if map.len() >= self.cfg.cache_capacity {
+                map.clear();
             }
         }
-        self.cache.insert(
-            account.to_string(),
-            CacheEntry {
-                answer,
-                fetched: Instant::now(),
-            },
-        );
+        map.insert(account.to_string(), entry);
     }
 
     /// One REST lookup. `Err` means the source could not answer (outage or
@@ -469,6 +484,31 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("tenant[0].allowlist"), "{e}");
+    }
+
+    #[test]
+    fn unknown_accounts_cannot_evict_known_ones() {
+        let cfg = AuthConfig {
+            cache_capacity: 2,
+            ..AuthConfig::default()
+        };
+        let rest = RestSource {
+            client: http_client(1),
+            base: String::new(),
+            secret: String::new(),
+            cache: DashMap::new(),
+            negative: DashMap::new(),
+            inflight: DashMap::new(),
+            outage: std::sync::Mutex::new(None),
+            cfg,
+        };
+        rest.insert(ID, Answer::Credentials("c".into()));
+        for i in 0..10 {
+            rest.insert(&format!("made-up-{i}"), Answer::Unknown);
+        }
+        assert_eq!(rest.fresh(ID), Some(Answer::Credentials("c".into())));
+        assert!(rest.negative.len() <= 2);
+        assert_eq!(rest.fresh("made-up-9"), Some(Answer::Unknown));
     }
 
     #[test]

@@ -104,6 +104,12 @@ pub struct LimitsConfig {
     /// Requests processed at once; more are shed with 503 so that memory
     /// stays bounded under overload.
     pub max_concurrent_requests: usize,
+    /// Decompressed bytes all requests may hold at once (each request counts
+    /// its declared size before decompressing); beyond it, 503. Bounds memory
+    /// under many concurrent large requests.
+    pub max_decoded_bytes_in_flight: Size,
+    /// Open connections at once; beyond it, new ones wait in the listen backlog.
+    pub max_connections: usize,
     /// Samples per second one tenant may send, across all its requests and
     /// this replica (a token bucket); beyond it, 429 with `Retry-After`.
     /// 0 turns the limit off. Prometheus drops a batch answered 429 unless its
@@ -133,6 +139,8 @@ impl Default for LimitsConfig {
             max_label_name_bytes: 1024,
             max_label_value_bytes: 4096,
             max_concurrent_requests: 256,
+            max_decoded_bytes_in_flight: Size(256 << 20),
+            max_connections: 10_000,
             tenant_samples_per_sec: 0,
             tenant_burst_samples: 200_000,
             header_read_timeout: Duration::from_secs(10),
@@ -181,7 +189,8 @@ pub struct AuthConfig {
     /// hanging REST API from holding every request for `rest_timeout`.
     #[serde(with = "humantime_serde")]
     pub outage_backoff: Duration,
-    /// Most accounts kept in the cache.
+    /// Most accounts kept in the cache; known and unknown accounts are counted
+    /// (and evicted) separately, so made-up ids cannot evict real tenants.
     pub cache_capacity: usize,
     /// Tenants file (`static` mode): `[[tenant]]` tables with `id`,
     /// `credentials` (base64 of `user:password`) and an optional `allowlist`.
@@ -638,6 +647,15 @@ impl Config {
                 "limits.tenant_burst_samples",
                 "must be greater than 0 when limits.tenant_samples_per_sec is set",
             ));
+        }
+        if l.max_decoded_bytes_in_flight.0 < l.max_decoded_bytes.0 {
+            return Err(invalid(
+                "limits.max_decoded_bytes_in_flight",
+                "must be at least limits.max_decoded_bytes, or no large request could pass",
+            ));
+        }
+        if l.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be greater than 0"));
         }
         if l.max_concurrent_requests == 0 {
             return Err(invalid(

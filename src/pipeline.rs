@@ -55,6 +55,13 @@ pub enum PipelineError {
     Decode(#[from] DecodeError),
 }
 
+/// The decompressed length a snappy body declares in its header.
+pub fn declared_len(compressed: &[u8]) -> Result<u64, PipelineError> {
+    snap::raw::decompress_len(compressed)
+        .map(|n| n as u64)
+        .map_err(|e| PipelineError::Snappy(e.to_string()))
+}
+
 /// Runs the pipeline on one compressed body. `out_body` in the outcome is a
 /// fresh `Vec` (the caller hands it to the HTTP client); everything else is
 /// reused through `scratch`.
@@ -63,8 +70,7 @@ pub fn process(
     p: &Params<'_>,
     scratch: &mut Scratch,
 ) -> Result<Outcome, PipelineError> {
-    let declared = snap::raw::decompress_len(compressed)
-        .map_err(|e| PipelineError::Snappy(e.to_string()))? as u64;
+    let declared = declared_len(compressed)?;
     if declared > p.max_decoded_bytes {
         return Err(PipelineError::DecodedTooLarge {
             declared,

@@ -34,6 +34,10 @@ use crate::wire::ShapeLimits;
 /// The remote-write paths: diproxy's, and the two Prometheus/Thanos ones.
 pub const WRITE_PATHS: [&str; 3] = ["/storage/api/v2/write", "/api/v1/write", "/api/v1/receive"];
 
+/// Scratch buffers larger than this (after a rare large request) are freed
+/// rather than pooled, so the pool never pins much memory.
+const SCRATCH_KEEP_BYTES: usize = 8 << 20;
+
 /// Everything a request needs, shared by all connections.
 pub struct State {
     cfg: Config,
@@ -43,6 +47,9 @@ pub struct State {
     scratch: ScratchPool,
     /// Write requests processed at once; beyond this, shed with 503.
     permits: Arc<Semaphore>,
+    /// Decompressed bytes held by requests at once, in KiB permits (the
+    /// declared snappy length is known before decompressing); beyond it, 503.
+    decoded_budget: Semaphore,
     rate: TenantLimiter,
     metrics: PrometheusHandle,
     ready: AtomicBool,
@@ -62,8 +69,9 @@ impl State {
             auth,
             upstream,
             allowlist,
-            scratch: ScratchPool::new(4 * cfg.limits.max_body_bytes.bytes() as usize + (16 << 20)),
+            scratch: ScratchPool::new(SCRATCH_KEEP_BYTES),
             permits: Arc::new(Semaphore::new(cfg.limits.max_concurrent_requests)),
+            decoded_budget: Semaphore::new(kib(cfg.limits.max_decoded_bytes_in_flight.bytes())),
             rate: TenantLimiter::new(&cfg.limits),
             metrics: t::metrics_handle(),
             ready: AtomicBool::new(false),
@@ -88,6 +96,7 @@ pub async fn run(
     };
     let grace = cfg.limits.shutdown_grace;
     let header_timeout = cfg.limits.header_read_timeout;
+    let max_connections = cfg.limits.max_connections;
     let mut state = State::new(cfg)?;
     if state.cfg.clickhouse.url.is_some() {
         state.tee = Some(crate::tee::Tee::start(&state.cfg).await?);
@@ -111,7 +120,10 @@ pub async fn run(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        // Dead h2 peers are found by pings rather than kept forever.
+        .keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
 
     // Idle tenants' rate-limit buckets are forgotten once a minute.
@@ -126,8 +138,15 @@ pub async fn run(
         })
     };
 
+    let connections = Arc::new(Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
+        // At most `limits.max_connections` open at once; beyond that, new
+        // connections wait in the kernel's backlog instead of using up fds.
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => p?,
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -147,22 +166,24 @@ pub async fn run(
             async move { Ok::<_, std::convert::Infallible>(handle(&state, req, peer).await) }
         });
         let builder = builder.clone();
-        match &tls {
-            None => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            // A client that connects and sends nothing must not hold the
+            // connection: hyper's header timeout starts only once the
+            // protocol is known.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
             }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
+            let served = match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
                     let tls_stream =
                         match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => s,
@@ -172,15 +193,14 @@ pub async fn run(
                             }
                             Err(_) => return,
                         };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tls_stream), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                    let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-        }
+        });
     }
 
     // Shutdown, in order: stop accepting, fail readiness, drain connections.
@@ -315,9 +335,15 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
         max_decoded_bytes: cfg.limits.max_decoded_bytes.bytes(),
         tee: state.tee.is_some(),
     };
+    let declared = pipeline::declared_len(&body).unwrap_or(0);
+    let units = kib(declared.min(cfg.limits.max_decoded_bytes.bytes()));
+    let Ok(budget) = state.decoded_budget.try_acquire_many(units as u32) else {
+        return Err(ApiError::Overloaded);
+    };
     let mut scratch = state.scratch.take();
     let outcome = pipeline::process(&body, &params, &mut scratch);
     state.scratch.give(scratch);
+    drop(budget);
     let mut out = outcome?;
     state
         .rate
@@ -353,8 +379,10 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
         }
     };
     let (forwarded, teed) = tokio::join!(forward, tee);
-    forwarded?;
+    // A failed tee wins over an upstream 4xx: the sender must retry (503)
+    // rather than drop the batch, or the cost samples would be lost.
     teed?;
+    forwarded?;
     Ok(())
 }
 
@@ -454,6 +482,12 @@ fn text(status: StatusCode, body: String) -> Resp {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// Bytes as KiB semaphore permits, rounded up (semaphores count in `usize`,
+/// `acquire_many` in `u32`: KiB keeps a 4 TiB budget within range).
+fn kib(bytes: u64) -> usize {
+    bytes.div_ceil(1024).min(u64::from(u32::MAX)) as usize
 }
 
 fn path_label(path: &str) -> &'static str {

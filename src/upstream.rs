@@ -38,7 +38,7 @@ pub fn http_client(pool_max_idle: usize) -> HttpClient {
 /// Why a forward failed, as the sender must see it.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The upstream refused the batch for good (400, 409, other 4xx): retrying
+    /// The upstream refused the batch for good (400, 409, 413, 422): retrying
     /// it cannot succeed, so the status is passed back.
     #[error("upstream rejected the write: {reason}")]
     Rejected { status: StatusCode, reason: String },
@@ -56,19 +56,24 @@ pub enum UpstreamError {
 pub enum Action {
     Done,
     Retry,
+    /// The batch itself is refused: pass the status back to the sender.
+    Reject,
+    /// The upstream is misconfigured (wrong path, auth proxy, redirect):
+    /// retrying now will not help, and the sender must not drop the batch.
     Fail,
 }
 
 /// The retry decision, in one place: 2xx is done; 5xx and 429 are worth
-/// retrying; any other status (400 bad data, 409 out of order or duplicate)
-/// can never succeed and is passed back to the sender.
+/// retrying; 400, 409, 413 and 422 say the data can never be accepted (bad
+/// samples, out of order, duplicate, too large) and are passed back; any
+/// other status (3xx, 401, 403, 404, ...) is an upstream problem that a
+/// sender must retry later, so it becomes 503 without retrying here.
 pub fn retry_action(status: StatusCode) -> Action {
-    if status.is_success() {
-        Action::Done
-    } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-        Action::Retry
-    } else {
-        Action::Fail
+    match status.as_u16() {
+        200..=299 => Action::Done,
+        429 | 500..=599 => Action::Retry,
+        400 | 409 | 413 | 422 => Action::Reject,
+        _ => Action::Fail,
     }
 }
 
@@ -112,7 +117,12 @@ impl Upstream {
                         .increment(1);
                     match retry_action(status) {
                         Action::Done => return Ok(()),
-                        Action::Fail => return Err(UpstreamError::Rejected { status, reason }),
+                        Action::Reject => return Err(UpstreamError::Rejected { status, reason }),
+                        Action::Fail => {
+                            return Err(UpstreamError::Unavailable {
+                                detail: format!("upstream answered {status}: {reason}"),
+                            })
+                        }
                         Action::Retry if status == StatusCode::TOO_MANY_REQUESTS => {
                             (retry_after, UpstreamError::RateLimited { retry_after })
                         }
@@ -243,8 +253,12 @@ mod tests {
         );
         assert_eq!(retry_action(StatusCode::SERVICE_UNAVAILABLE), Action::Retry);
         assert_eq!(retry_action(StatusCode::TOO_MANY_REQUESTS), Action::Retry);
-        assert_eq!(retry_action(StatusCode::BAD_REQUEST), Action::Fail);
-        assert_eq!(retry_action(StatusCode::CONFLICT), Action::Fail);
+        assert_eq!(retry_action(StatusCode::BAD_REQUEST), Action::Reject);
+        assert_eq!(retry_action(StatusCode::CONFLICT), Action::Reject);
+        assert_eq!(retry_action(StatusCode::PAYLOAD_TOO_LARGE), Action::Reject);
+        assert_eq!(retry_action(StatusCode::NOT_FOUND), Action::Fail);
+        assert_eq!(retry_action(StatusCode::UNAUTHORIZED), Action::Fail);
+        assert_eq!(retry_action(StatusCode::MOVED_PERMANENTLY), Action::Fail);
     }
 
     #[test]
