@@ -95,7 +95,7 @@ pub struct LimitsConfig {
     pub max_decoded_bytes: Size,
     /// Most series in one request.
     pub max_series_per_request: usize,
-    /// Most labels on one series (after nothing is added: counted as sent).
+    /// Most labels on one series, counted as sent (before tenant labels are set).
     pub max_labels_per_series: usize,
     /// Longest label name, in bytes.
     pub max_label_name_bytes: usize,
