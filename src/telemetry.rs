@@ -46,6 +46,8 @@ pub const RECORDS_UNDECODABLE: &str = "rwgate_tee_records_undecodable_total";
 pub const ROLLUP_LAG: &str = "rwgate_rollup_lag_seconds";
 /// Expense buckets whose value changed (each writes a -1/+1 pair).
 pub const ROLLUP_BUCKETS_CHANGED: &str = "rwgate_rollup_buckets_changed_total";
+/// (account, bucket)s the rollup gave up on after repeated data errors.
+pub const ROLLUP_BUCKETS_SKIPPED: &str = "rwgate_rollup_buckets_skipped_total";
 /// Rollup passes by result (`ok`, `error`).
 pub const ROLLUP_PASSES: &str = "rwgate_rollup_passes_total";
 /// Time of one rollup pass.
@@ -129,6 +131,10 @@ fn describe() {
     describe_counter!(
         ROLLUP_BUCKETS_CHANGED,
         "Expense buckets rewritten by the rollup."
+    );
+    describe_counter!(
+        ROLLUP_BUCKETS_SKIPPED,
+        "Expense buckets (account, bucket) skipped after failing several passes in a row because of their data; re-derive them with rwgate reconcile."
     );
     describe_counter!(ROLLUP_PASSES, "Rollup passes, by result.");
     describe_histogram!(
