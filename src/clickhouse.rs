@@ -100,6 +100,7 @@ const DATA_ERROR_CODES: &[u32] = &[
     190, // SIZES_OF_ARRAYS_DOESNT_MATCH
     306, // TOO_DEEP_RECURSION
     349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
 ];
 
 /// A configured client plus the table names.

@@ -42,6 +42,12 @@ pub const BATCHES_FAILED: &str = "rwgate_clickhouse_batches_failed_total";
 pub const ROWS_WRITTEN: &str = "rwgate_clickhouse_rows_written_total";
 /// Spool records that could not be decoded (skipped; a bug if ever non-zero).
 pub const RECORDS_UNDECODABLE: &str = "rwgate_tee_records_undecodable_total";
+/// Rows ClickHouse refused for their content, written to the dead-letter file.
+pub const ROWS_DEAD_LETTERED: &str = "rwgate_tee_rows_dead_lettered_total";
+/// Cost samples not teed because of an absurd timestamp, by reason.
+pub const SAMPLES_REJECTED: &str = "rwgate_tee_samples_rejected_total";
+/// Failed spool reads (retried with backoff).
+pub const SPOOL_READ_ERRORS: &str = "rwgate_tee_spool_read_errors_total";
 /// Seconds between now and the rollup watermark after the last pass.
 pub const ROLLUP_LAG: &str = "rwgate_rollup_lag_seconds";
 /// Expense buckets whose value changed (each writes a -1/+1 pair).
@@ -122,6 +128,18 @@ fn describe() {
     describe_counter!(
         RECORDS_UNDECODABLE,
         "Spool records skipped because they could not be decoded."
+    );
+    describe_counter!(
+        ROWS_DEAD_LETTERED,
+        "Raw rows ClickHouse refused for their content (not availability), written to dead-letter.jsonl in the spool directory instead of being retried."
+    );
+    describe_counter!(
+        SAMPLES_REJECTED,
+        "Cost samples not teed because their timestamp is older than spool.max_sample_age or further ahead than spool.max_sample_future, by reason (too_old, too_far_in_future)."
+    );
+    describe_counter!(
+        SPOOL_READ_ERRORS,
+        "Spool reads that failed (retried with backoff)."
     );
     describe_gauge!(
         ROLLUP_LAG,

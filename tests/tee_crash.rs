@@ -74,6 +74,7 @@ dir = "{spool}"
 batch_max_age = "30ms"
 retry_backoff = "50ms"
 retry_max_backoff = "200ms"
+max_sample_age = "20years"
 [rollup]
 interval = "100ms"
 [log]
