@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 use rwgate::clickhouse::{ClickHouse, RawRow, TouchedRow};
 use rwgate::config::Config;
 use rwgate::rollup::{Rollup, NAMESPACE_METRIC};
-use rwgate::tee::{Tee, TeeSample};
+use rwgate::tee::{Tee, TeeSeries};
 
 /// One request's worth of cost samples: 40 series of one sample (a cluster
 /// scrape of namespace and component gauges).
-fn request_samples(k: i64) -> Vec<TeeSample> {
+fn request_samples(k: i64) -> Vec<TeeSeries> {
     (0..40)
-        .map(|i| TeeSample {
+        .map(|i| TeeSeries {
             account: "0e000000-0000-4000-8000-000000000001".into(),
             // A component gauge: raw only, so the rollup timing below sees
             // only its own day.
@@ -46,8 +46,7 @@ fn request_samples(k: i64) -> Vec<TeeSample> {
                     "0e000000-0000-4000-8000-000000000001".into(),
                 ),
             ],
-            timestamp_ms: 1_709_251_200_000 + k * 60_000,
-            value: 0.5 + i as f64,
+            samples: vec![(1_709_251_200_000 + k * 60_000, 0.5 + i as f64)],
         })
         .collect()
 }
@@ -64,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.clickhouse.url = Some(ch_server.url());
     cfg.spool.dir = spool_dir.path().into();
     cfg.spool.batch_max_age = Duration::from_millis(200);
+    cfg.spool.max_sample_age = Duration::from_secs(20 * 365 * 86_400);
     cfg.rollup.enabled = false;
 
     // 1 + 2: appends under load while the writer drains into ClickHouse.

@@ -33,6 +33,76 @@ pub enum ClickHouseError {
     NoUrl,
 }
 
+impl ClickHouseError {
+    /// The ClickHouse exception code (`Code: 62`), when the server sent one.
+    pub fn code(&self) -> Option<u32> {
+        let ClickHouseError::Client(clickhouse::error::Error::BadResponse(msg)) = self else {
+            return None;
+        };
+        let at = msg.find("Code: ")? + "Code: ".len();
+        let digits: String = msg[at..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    }
+
+    /// The failure is about what was sent (the query text or the rows), so
+    /// sending the same thing again will fail the same way: a syntax error
+    /// or an over-long query (62), unparsable or out-of-range data, "too many
+    /// partitions for single INSERT block" (252 with that message; plain 252
+    /// "too many parts" is an availability problem), or a row the client
+    /// could not serialise. Everything else (no answer, timeouts, memory,
+    /// overload, missing tables, authentication, unknown codes) is treated
+    /// as availability: retrying later may succeed, and nothing is dropped.
+    pub fn is_data_error(&self) -> bool {
+        use clickhouse::error::Error as E;
+        match self {
+            ClickHouseError::Client(E::BadResponse(msg)) => match self.code() {
+                Some(252) => msg.contains("partitions for single INSERT"),
+                Some(c) => DATA_ERROR_CODES.contains(&c),
+                None => false,
+            },
+            ClickHouseError::Client(
+                E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_),
+            ) => true,
+            _ => false,
+        }
+    }
+
+    /// The request timed out (a smaller one may not).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            ClickHouseError::Timeout(_)
+                | ClickHouseError::Client(clickhouse::error::Error::TimedOut)
+        ) || matches!(self.code(), Some(159 | 209))
+    }
+}
+
+/// ClickHouse exception codes about the query or the data sent, not the
+/// server's availability (ClickHouse `src/Common/ErrorCodes.cpp`).
+const DATA_ERROR_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    32,  // ATTEMPT_TO_READ_AFTER_EOF
+    33,  // CANNOT_READ_ALL_DATA
+    36,  // BAD_ARGUMENTS
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    43,  // ILLEGAL_TYPE_OF_ARGUMENT
+    53,  // TYPE_MISMATCH
+    62,  // SYNTAX_ERROR (also "Max query size exceeded")
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    128, // TOO_LARGE_ARRAY_SIZE
+    131, // TOO_LARGE_STRING_SIZE
+    190, // SIZES_OF_ARRAYS_DOESNT_MATCH
+    306, // TOO_DEEP_RECURSION
+    349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+];
+
 /// A configured client plus the table names.
 #[derive(Clone)]
 pub struct ClickHouse {
@@ -320,6 +390,25 @@ pub fn series_id(metric: &str, labels: &[(String, String)]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_about_the_data_are_told_from_availability() {
+        use clickhouse::error::Error as E;
+        let bad = |m: &str| ClickHouseError::Client(E::BadResponse(m.into()));
+        let old = bad("Code: 62, e.displayText() = DB::Exception: Max query size exceeded");
+        assert_eq!(old.code(), Some(62));
+        assert!(old.is_data_error());
+        assert!(bad("Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100).").is_data_error());
+        assert!(!bad("Code: 252. DB::Exception: Too many parts (300). Merges are processing significantly slower than inserts").is_data_error());
+        assert!(
+            !bad("Code: 241. DB::Exception: Memory limit (for query) exceeded").is_data_error()
+        );
+        assert!(!bad("Code: 60. DB::Exception: Table default.x doesn't exist").is_data_error());
+        assert!(!bad("502 Bad Gateway").is_data_error());
+        assert!(!ClickHouseError::Timeout(Duration::from_secs(1)).is_data_error());
+        assert!(ClickHouseError::Timeout(Duration::from_secs(1)).is_timeout());
+        assert!(bad("Code: 159. DB::Exception: Timeout exceeded").is_timeout());
+    }
 
     #[test]
     fn series_id_depends_on_every_label() {

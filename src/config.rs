@@ -339,6 +339,12 @@ pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_SPOOL_SEGMENT_BYTES: u64 = 64 << 20;
 /// Default most samples in one ClickHouse insert.
 pub const DEFAULT_BATCH_MAX_ROWS: usize = 200_000;
+/// Default most estimated bytes of rows in one ClickHouse insert.
+pub const DEFAULT_BATCH_MAX_BYTES: u64 = 64 << 20;
+/// Default oldest sample timestamp the tee accepts (older: not teed, counted).
+pub const DEFAULT_MAX_SAMPLE_AGE: Duration = Duration::from_secs(365 * 86_400);
+/// Default furthest-ahead sample timestamp the tee accepts.
+pub const DEFAULT_MAX_SAMPLE_FUTURE: Duration = Duration::from_secs(86_400);
 /// Default longest a sample waits in the spool for its batch to fill.
 pub const DEFAULT_BATCH_MAX_AGE: Duration = Duration::from_secs(1);
 /// Default first backoff after a failed insert (doubles, with jitter).
@@ -419,6 +425,17 @@ pub struct SpoolConfig {
     pub segment_bytes: Size,
     /// Most samples in one ClickHouse insert.
     pub batch_max_rows: usize,
+    /// Most estimated bytes of rows in one ClickHouse insert (default 64 MiB):
+    /// a record whose rows expand large (long labels, many samples) is
+    /// inserted in several parts, so writer memory stays bounded.
+    pub batch_max_bytes: Size,
+    /// Samples older than this (by their timestamp) are not teed, only
+    /// counted (`rwgate_tee_samples_rejected_total`). Default 365 days.
+    #[serde(with = "humantime_serde")]
+    pub max_sample_age: Duration,
+    /// Samples further ahead than this are not teed, only counted. Default 1 day.
+    #[serde(with = "humantime_serde")]
+    pub max_sample_future: Duration,
     /// Longest the writer waits for a batch to fill before inserting it.
     #[serde(with = "humantime_serde")]
     pub batch_max_age: Duration,
@@ -437,6 +454,9 @@ impl Default for SpoolConfig {
             max_bytes: Size(DEFAULT_SPOOL_MAX_BYTES),
             segment_bytes: Size(DEFAULT_SPOOL_SEGMENT_BYTES),
             batch_max_rows: DEFAULT_BATCH_MAX_ROWS,
+            batch_max_bytes: Size(DEFAULT_BATCH_MAX_BYTES),
+            max_sample_age: DEFAULT_MAX_SAMPLE_AGE,
+            max_sample_future: DEFAULT_MAX_SAMPLE_FUTURE,
             batch_max_age: DEFAULT_BATCH_MAX_AGE,
             retry_backoff: DEFAULT_RETRY_BACKOFF,
             retry_max_backoff: DEFAULT_RETRY_MAX_BACKOFF,
@@ -757,6 +777,9 @@ impl Config {
         }
         if sp.batch_max_rows == 0 {
             return Err(invalid("spool.batch_max_rows", "must be greater than 0"));
+        }
+        if sp.batch_max_bytes.0 == 0 {
+            return Err(invalid("spool.batch_max_bytes", "must be greater than 0"));
         }
         if sp.retry_backoff.is_zero() || sp.retry_max_backoff < sp.retry_backoff {
             return Err(invalid(

@@ -4,7 +4,7 @@
 //! and benchmarked directly.
 
 use crate::filter::Allowlist;
-use crate::tee::{TeeSample, TEE_PREFIX};
+use crate::tee::{TeeSeries, TEE_PREFIX};
 use crate::wire::{self, DecodeError, Decoded, Injected, ShapeLimits};
 
 /// Buffers reused from one request to the next (see [`ScratchPool`]).
@@ -41,7 +41,7 @@ pub struct Outcome {
     pub samples_dropped: u64,
     /// Metadata entries dropped (they carry no tenant).
     pub metadata_dropped: u64,
-    pub tee: Vec<TeeSample>,
+    pub tee: Vec<TeeSeries>,
 }
 
 /// Why a body could not be processed.
@@ -131,7 +131,7 @@ fn collect_tee(
     decoded: &Decoded,
     s: &wire::SeriesRef,
     p: &Params<'_>,
-    tee: &mut Vec<TeeSample>,
+    tee: &mut Vec<TeeSeries>,
 ) -> Result<(), PipelineError> {
     // Labels after tenancy enforcement, sorted, without `__name__`.
     let text = |span: wire::Span| String::from_utf8_lossy(span.get(buf)).into_owned();
@@ -151,15 +151,17 @@ fn collect_tee(
     );
     labels.sort_unstable();
     let metric = s.name.map(text).unwrap_or_default();
+    // The labels once per series, never per sample.
+    let mut samples = Vec::with_capacity(s.samples as usize);
     wire::for_each_sample(buf, s, |sample| {
-        tee.push(TeeSample {
-            account: p.account.to_string(),
-            metric: metric.clone(),
-            labels: labels.clone(),
-            timestamp_ms: sample.timestamp_ms,
-            value: sample.value,
-        })
+        samples.push((sample.timestamp_ms, sample.value))
     })?;
+    tee.push(TeeSeries {
+        account: p.account.to_string(),
+        metric,
+        labels,
+        samples,
+    });
     Ok(())
 }
 
@@ -286,7 +288,7 @@ mod tests {
         }
         assert_eq!(
             out.tee,
-            vec![TeeSample {
+            vec![TeeSeries {
                 account: "acc".into(),
                 metric: "cloudtuner_kubecost_namespace_total_cost".into(),
                 labels: vec![
@@ -294,8 +296,7 @@ mod tests {
                     ("namespace".into(), "ns1".into()),
                     ("tenant_id".into(), "acc".into()),
                 ],
-                timestamp_ms: 1_700_000_000_000,
-                value: 0.25,
+                samples: vec![(1_700_000_000_000, 0.25)],
             }]
         );
     }

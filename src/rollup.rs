@@ -61,6 +61,22 @@ pub const CHARGED_METRICS: [&str; 2] = [NAMESPACE_METRIC, POD_METRIC];
 /// Most rows in one expenses insert (a bucket's rows never straddle two).
 const MAX_INSERT_ROWS: usize = 100_000;
 
+/// Most bytes of string literals in the `IN` lists of one query. ClickHouse
+/// refuses queries over `max_query_size` (256 KiB by default) with "Code:
+/// 62"; a query holds at most two lists (accounts, namespaces), so it stays
+/// well under that whatever the number or length of the keys.
+pub const IN_LIST_BUDGET: usize = 64 << 10;
+
+/// Namespace values longer than this are matched by their MD5 in queries
+/// (`hex(MD5(namespace))`, 34 bytes of literal), so a tenant's long label
+/// values cannot inflate a query.
+const HASH_NAMESPACES_OVER: usize = 64;
+
+/// Consecutive failed passes after which an (account, bucket) whose queries
+/// fail because of their content (not availability) is skipped, so that it
+/// cannot hold the watermark back for every other account.
+pub const MAX_BUCKET_FAILURES: u32 = 3;
+
 /// What the money rule needs.
 #[derive(Debug, Clone, Copy)]
 pub struct MoneyRule {
@@ -170,6 +186,8 @@ pub struct PassReport {
     pub buckets_examined: usize,
     pub buckets_changed: usize,
     pub rows_written: usize,
+    /// (account, bucket)s given up on after [`MAX_BUCKET_FAILURES`] passes.
+    pub buckets_skipped: usize,
 }
 
 /// Why a pass failed.
@@ -181,6 +199,16 @@ pub enum RollupError {
     Date(String),
 }
 
+impl RollupError {
+    /// Retrying the same work cannot help (see [`ClickHouseError::is_data_error`]).
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            RollupError::ClickHouse(e) => e.is_data_error(),
+            RollupError::Date(_) => true,
+        }
+    }
+}
+
 /// The rollup writer.
 pub struct Rollup {
     ch: ClickHouse,
@@ -188,6 +216,8 @@ pub struct Rollup {
     charge: Charge,
     grain: Grain,
     overlap: Duration,
+    /// Consecutive failed passes per (account, bucket), for data errors only.
+    failures: std::sync::Mutex<HashMap<(String, i64), u32>>,
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -240,6 +270,52 @@ fn in_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
     format!("({})", v.join(","))
 }
 
+/// Splits `items` into runs whose literals (`weight` bytes each) add up to at
+/// most `budget` bytes; an item heavier than the budget gets a run of its own.
+pub fn chunk_by_bytes<T>(items: &[T], budget: usize, weight: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut used) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let w = weight(item);
+        if i > start && used + w > budget {
+            out.push(&items[start..i]);
+            (start, used) = (i, 0);
+        }
+        used += w;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+/// The literal bytes a namespace costs in [`namespace_condition`].
+fn namespace_weight(ns: &&String) -> usize {
+    if ns.len() > HASH_NAMESPACES_OVER {
+        35
+    } else {
+        ns.len() + 3
+    }
+}
+
+/// `namespace` is one of `nss`: short values as literals, long ones by MD5.
+fn namespace_condition(nss: &[&String]) -> String {
+    let (long, short): (Vec<&String>, Vec<&String>) =
+        nss.iter().partition(|n| n.len() > HASH_NAMESPACES_OVER);
+    let mut parts = Vec::new();
+    if !short.is_empty() {
+        parts.push(format!("namespace IN {}", in_list(short)));
+    }
+    if !long.is_empty() {
+        let hashes: Vec<String> = long
+            .iter()
+            .map(|n| format!("'{:X}'", md5::compute(n.as_bytes())))
+            .collect();
+        parts.push(format!("hex(MD5(namespace)) IN ({})", hashes.join(",")));
+    }
+    format!("({})", parts.join(" OR "))
+}
+
 /// Days since the epoch of `YYYY-MM-DD`.
 pub fn parse_day(s: &str) -> Result<i64, RollupError> {
     let bad = || RollupError::Date(s.to_string());
@@ -268,6 +344,7 @@ impl Rollup {
             charge: cfg.charge,
             grain: cfg.grain,
             overlap: cfg.overlap,
+            failures: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -385,16 +462,94 @@ impl Rollup {
         }
         let mut report = PassReport::default();
         let mut pending: Vec<ExpenseRow> = Vec::new();
+        // A data error of one (account, bucket) that has not yet failed
+        // MAX_BUCKET_FAILURES times: the others are written, then the pass
+        // fails (the watermark stays) and the next pass tries it again.
+        let mut unresolved: Option<RollupError> = None;
         for (bucket, accounts) in by_bucket {
-            let rows = self.derive_bucket(bucket, &accounts, &mut report).await?;
-            if pending.len() + rows.len() > MAX_INSERT_ROWS && !pending.is_empty() {
-                self.write(&mut pending).await?;
+            let accounts: Vec<String> = accounts.into_iter().collect();
+            for chunk in chunk_by_bytes(&accounts, IN_LIST_BUDGET, |a| a.len() + 3) {
+                let rows = match self.derive_bucket(bucket, chunk, &mut report).await {
+                    Ok(rows) => {
+                        self.succeeded(bucket, chunk);
+                        rows
+                    }
+                    Err(e) if !e.is_data_error() => return Err(e),
+                    Err(e) => {
+                        // Something in this data: isolate it account by
+                        // account, so that the others still get their rows.
+                        tracing::warn!(error = %e, bucket, accounts = chunk.len(), "rollup: a bucket failed; retrying it account by account");
+                        let mut rows = Vec::new();
+                        for account in chunk {
+                            let one = std::slice::from_ref(account);
+                            match self.derive_bucket(bucket, one, &mut report).await {
+                                Ok(r) => {
+                                    self.succeeded(bucket, one);
+                                    rows.extend(r);
+                                }
+                                Err(e) if !e.is_data_error() => return Err(e),
+                                Err(e) => {
+                                    if self.failed(bucket, account, &e) {
+                                        report.buckets_skipped += 1;
+                                    } else {
+                                        unresolved.get_or_insert(e);
+                                    }
+                                }
+                            }
+                        }
+                        rows
+                    }
+                };
+                if pending.len() + rows.len() > MAX_INSERT_ROWS && !pending.is_empty() {
+                    report.rows_written += pending.len();
+                    self.write(&mut pending).await?;
+                }
+                pending.extend(rows);
             }
-            pending.extend(rows);
         }
         report.rows_written += pending.len();
         self.write(&mut pending).await?;
-        Ok(report)
+        match unresolved {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// Forgets earlier failures of these (account, bucket)s.
+    fn succeeded(&self, bucket: i64, accounts: &[String]) {
+        if let Ok(mut f) = self.failures.lock() {
+            if !f.is_empty() {
+                for a in accounts {
+                    f.remove(&(a.clone(), bucket));
+                }
+            }
+        }
+    }
+
+    /// Records a data error of (account, bucket); true when it has now failed
+    /// [`MAX_BUCKET_FAILURES`] passes in a row and is skipped (logged, counted).
+    fn failed(&self, bucket: i64, account: &str, e: &RollupError) -> bool {
+        let n = match self.failures.lock() {
+            Ok(mut f) => {
+                if f.len() > 100_000 {
+                    f.clear(); // bounded; worst case a bucket is retried longer
+                }
+                let n = f.entry((account.to_string(), bucket)).or_insert(0);
+                *n += 1;
+                *n
+            }
+            Err(_) => MAX_BUCKET_FAILURES,
+        };
+        if n < MAX_BUCKET_FAILURES {
+            tracing::warn!(error = %e, account, bucket, failures = n, "rollup: bucket failed; retrying next pass");
+            return false;
+        }
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(&(account.to_string(), bucket));
+        }
+        metrics::counter!(t::ROLLUP_BUCKETS_SKIPPED).increment(1);
+        tracing::error!(error = %e, account, bucket, failures = n, "rollup: skipping a bucket that keeps failing; its expense rows are not updated (rwgate reconcile re-derives it once fixed)");
+        true
     }
 
     async fn write(&self, rows: &mut Vec<ExpenseRow>) -> Result<(), RollupError> {
@@ -420,7 +575,7 @@ impl Rollup {
     async fn derive_bucket(
         &self,
         bucket: i64,
-        accounts: &BTreeSet<String>,
+        accounts: &[String],
         report: &mut PassReport,
     ) -> Result<Vec<ExpenseRow>, RollupError> {
         let start = bucket * self.rule.bucket_ms;
@@ -466,20 +621,26 @@ impl Rollup {
             .map(|(k, _)| k)
             .collect();
         let mut has_earlier: BTreeSet<Resource> = BTreeSet::new();
-        if !need_history.is_empty() {
-            let nss: BTreeSet<&String> = need_history.iter().map(|r| &r.namespace).collect();
+        let nss: Vec<&String> = need_history
+            .iter()
+            .map(|r| &r.namespace)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for nss in chunk_by_bytes(&nss, IN_LIST_BUDGET, namespace_weight) {
             let sql = format!(
                 "SELECT account, namespace, {pod_expr} AS p FROM {raw} \
-                 WHERE metric = {m} AND account IN {accts} AND namespace IN {nss} \
+                 WHERE metric = {m} AND account IN {accts} AND {nss} \
                  AND ts < {lead_in} AND isFinite(value){pod_filter} LIMIT 1 BY account, namespace, p",
                 raw = self.ch.raw_table,
                 m = quote(self.metric()),
-                nss = in_list(nss),
+                nss = namespace_condition(nss),
             );
             let rows: Vec<KeyRow> = self
                 .ch
                 .timed(self.ch.client.query(&sql).fetch_all::<KeyRow>())
                 .await?;
+            // MD5 matches are re-checked by the exact key here.
             has_earlier.extend(rows.into_iter().map(|k| Resource {
                 account: k.account,
                 namespace: k.namespace,
@@ -644,6 +805,58 @@ mod tests {
             p.resource_id(Charge::Pod),
             format!("k8s-pod-{}", &want[..16])
         );
+    }
+
+    #[test]
+    fn in_lists_are_chunked_by_bytes_and_long_namespaces_hashed() {
+        let items: Vec<String> = (0..1000).map(|i| format!("{i:0>100}")).collect();
+        let chunks = chunk_by_bytes(&items, 1000, |s| s.len() + 3);
+        assert!(
+            chunks[..chunks.len() - 1].iter().all(|c| c.len() == 9),
+            "9 * 103 <= 1000"
+        );
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 1000);
+        // An item over the budget gets a run of its own; nothing is lost.
+        let big = vec!["x".repeat(5000), "a".into(), "b".into()];
+        let chunks = chunk_by_bytes(&big, 1000, |s| s.len());
+        assert_eq!(chunks.len(), 2);
+        assert!(chunk_by_bytes::<String>(&[], 10, |s| s.len()).is_empty());
+
+        let long = "n".repeat(4000);
+        let short = "web".to_string();
+        let cond = namespace_condition(&[&short, &long]);
+        assert!(cond.len() < 120, "{cond}");
+        let want = format!("{:X}", md5::compute(long.as_bytes()));
+        assert_eq!(
+            cond,
+            format!("(namespace IN ('web') OR hex(MD5(namespace)) IN ('{want}'))")
+        );
+    }
+
+    #[test]
+    fn a_bucket_is_skipped_after_repeated_data_errors_only() {
+        let mut cfg = crate::config::Config::default();
+        cfg.clickhouse.url = Some("http://127.0.0.1:1".into());
+        let ch = ClickHouse::new(&cfg.clickhouse).unwrap();
+        let r = Rollup::new(ch, &cfg.rollup);
+        let e = RollupError::ClickHouse(ClickHouseError::Client(
+            clickhouse::error::Error::BadResponse(
+                "Code: 62, e.displayText() = DB::Exception: Max query size exceeded".into(),
+            ),
+        ));
+        assert!(e.is_data_error());
+        for _ in 1..MAX_BUCKET_FAILURES {
+            assert!(!r.failed(7, "a", &e));
+        }
+        // A success in between starts the count again.
+        r.succeeded(7, &["a".to_string()]);
+        for _ in 1..MAX_BUCKET_FAILURES {
+            assert!(!r.failed(7, "a", &e));
+        }
+        assert!(r.failed(7, "a", &e), "skipped after {MAX_BUCKET_FAILURES}");
+        assert!(!r.failed(7, "a", &e), "and counted afresh afterwards");
+        let down = RollupError::ClickHouse(ClickHouseError::Timeout(Duration::from_secs(1)));
+        assert!(!down.is_data_error());
     }
 
     #[test]

@@ -42,10 +42,18 @@ pub const BATCHES_FAILED: &str = "rwgate_clickhouse_batches_failed_total";
 pub const ROWS_WRITTEN: &str = "rwgate_clickhouse_rows_written_total";
 /// Spool records that could not be decoded (skipped; a bug if ever non-zero).
 pub const RECORDS_UNDECODABLE: &str = "rwgate_tee_records_undecodable_total";
+/// Rows ClickHouse refused for their content, written to the dead-letter file.
+pub const ROWS_DEAD_LETTERED: &str = "rwgate_tee_rows_dead_lettered_total";
+/// Cost samples not teed because of an absurd timestamp, by reason.
+pub const SAMPLES_REJECTED: &str = "rwgate_tee_samples_rejected_total";
+/// Failed spool reads (retried with backoff).
+pub const SPOOL_READ_ERRORS: &str = "rwgate_tee_spool_read_errors_total";
 /// Seconds between now and the rollup watermark after the last pass.
 pub const ROLLUP_LAG: &str = "rwgate_rollup_lag_seconds";
 /// Expense buckets whose value changed (each writes a -1/+1 pair).
 pub const ROLLUP_BUCKETS_CHANGED: &str = "rwgate_rollup_buckets_changed_total";
+/// (account, bucket)s the rollup gave up on after repeated data errors.
+pub const ROLLUP_BUCKETS_SKIPPED: &str = "rwgate_rollup_buckets_skipped_total";
 /// Rollup passes by result (`ok`, `error`).
 pub const ROLLUP_PASSES: &str = "rwgate_rollup_passes_total";
 /// Time of one rollup pass.
@@ -121,6 +129,18 @@ fn describe() {
         RECORDS_UNDECODABLE,
         "Spool records skipped because they could not be decoded."
     );
+    describe_counter!(
+        ROWS_DEAD_LETTERED,
+        "Raw rows ClickHouse refused for their content (not availability), written to dead-letter.jsonl in the spool directory instead of being retried."
+    );
+    describe_counter!(
+        SAMPLES_REJECTED,
+        "Cost samples not teed because their timestamp is older than spool.max_sample_age or further ahead than spool.max_sample_future, by reason (too_old, too_far_in_future)."
+    );
+    describe_counter!(
+        SPOOL_READ_ERRORS,
+        "Spool reads that failed (retried with backoff)."
+    );
     describe_gauge!(
         ROLLUP_LAG,
         Unit::Seconds,
@@ -129,6 +149,10 @@ fn describe() {
     describe_counter!(
         ROLLUP_BUCKETS_CHANGED,
         "Expense buckets rewritten by the rollup."
+    );
+    describe_counter!(
+        ROLLUP_BUCKETS_SKIPPED,
+        "Expense buckets (account, bucket) skipped after failing several passes in a row because of their data; re-derive them with rwgate reconcile."
     );
     describe_counter!(ROLLUP_PASSES, "Rollup passes, by result.");
     describe_histogram!(

@@ -49,10 +49,14 @@ async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
             })
             .collect()
     };
+    /// Rows as inserted, without FINAL: a re-sent sample would show here
+    /// (FINAL would collapse it). Each request below reaches the spool once
+    /// (204 at the first try) and ClickHouse is killed while the writer is
+    /// idle, so nothing may be re-sent.
     async fn raw_count(ch: &ClickHouseServer, account: &str) -> i64 {
         let r = ch
             .rows(&format!(
-                "SELECT count() AS n FROM kubecost_samples FINAL WHERE account = '{account}'"
+                "SELECT count() AS n FROM kubecost_samples WHERE account = '{account}'"
             ))
             .await;
         int(&r[0]["n"])

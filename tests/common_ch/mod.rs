@@ -406,6 +406,8 @@ pub fn tee_config(upstream: &str, clickhouse: &str, spool: PathBuf) -> rwgate::c
     c.clickhouse.url = Some(clickhouse.to_string());
     c.spool.dir = spool;
     c.spool.batch_max_age = Duration::from_millis(100);
+    // The tests replay 2024 on fixed timestamps.
+    c.spool.max_sample_age = Duration::from_secs(20 * 365 * 86_400);
     c.spool.retry_backoff = Duration::from_millis(100);
     c.spool.retry_max_backoff = Duration::from_millis(500);
     c.rollup.interval = Duration::from_millis(200);
