@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The test command: what README.md tells you to run and what CI (.ci/run)
-# runs, so the two cannot drift apart. Needs scripts/install-deps.sh first
-# (real Prometheus, vmagent, ClickHouse on the PATH).
+# runs, so the two cannot drift apart. Installs what the tests need first
+# (real Prometheus, vmagent, ClickHouse; idempotent, fast when present).
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"   # clickhouse-server lives in /usr/sbin
 cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
 
 cargo fmt --all --check
 cargo clippy --locked --all-targets -- -D warnings
