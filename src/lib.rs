@@ -16,13 +16,15 @@
 //! - [`error`]: every way a request can fail and its HTTP status, in one place.
 //!
 //! Around them: [`config`] (the one documented settings tree), [`cli`] (flags
-//! and environment over it), [`telemetry`] (metric names and logging).
+//! and environment over it), [`telemetry`] (metric names and logging), and
+//! [`loadgen`] (realistic payloads shared by `benches/` and `rwgate-loadgen`).
 
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod filter;
+pub mod loadgen;
 pub mod pipeline;
 pub mod server;
 pub mod tee;
