@@ -141,12 +141,8 @@ fn stages(c: &mut Criterion) {
     g.bench_function("tenancy_encode", |b| {
         b.iter(|| {
             out.clear();
-            let inject = Injected::new(
-                f.labels
-                    .iter()
-                    .map(|n| (n.as_bytes(), f.tenant.as_bytes()))
-                    .collect(),
-            );
+            let inject =
+                Injected::new(f.labels.iter().map(|n| (n.as_bytes(), f.tenant.as_bytes())));
             for s in &kept {
                 wire::encode_series(&mut out, &f.raw, &d, s, &inject);
             }
