@@ -14,6 +14,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
+use criterion::measurement::Measurement;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use prost::Message;
 use rwgate::auth::Authenticator;
@@ -76,7 +77,7 @@ fn params<'a>(f: &'a Fixture) -> Params<'a> {
 
 /// Snappy-decompress the request and snappy-compress the same bytes: the work
 /// no implementation of the gateway can skip.
-fn floor(c: &mut Criterion) {
+fn floor<M: Measurement>(c: &mut Criterion<M>) {
     let f = fixture();
     let mut g = c.benchmark_group("floor");
     g.throughput(Throughput::Elements(f.samples));
@@ -110,7 +111,7 @@ fn floor(c: &mut Criterion) {
 }
 
 /// The stages of `pipeline::process`, each on its own.
-fn stages(c: &mut Criterion) {
+fn stages<M: Measurement>(c: &mut Criterion<M>) {
     let f = fixture();
     let limits = params(&f).limits;
     let mut g = c.benchmark_group("stages");
@@ -141,8 +142,12 @@ fn stages(c: &mut Criterion) {
     g.bench_function("tenancy_encode", |b| {
         b.iter(|| {
             out.clear();
-            let inject =
-                Injected::new(f.labels.iter().map(|n| (n.as_bytes(), f.tenant.as_bytes())));
+            let inject = Injected::new(
+                f.labels
+                    .iter()
+                    .map(|n| (n.as_bytes(), f.tenant.as_bytes()))
+                    .collect::<Vec<_>>(),
+            );
             for s in &kept {
                 wire::encode_series(&mut out, &f.raw, &d, s, &inject);
             }
@@ -154,7 +159,7 @@ fn stages(c: &mut Criterion) {
 
 /// The whole request: snappy, decode, filter, tenancy, encode, snappy; with
 /// and without the auth cache hit in front.
-fn whole(c: &mut Criterion) {
+fn whole<M: Measurement>(c: &mut Criterion<M>) {
     let f = fixture();
     let p = params(&f);
     let mut g = c.benchmark_group("pipeline");

@@ -52,13 +52,12 @@ impl Literal {
         let mut undecided = false;
         for p in &self.prefixes {
             if let Some(rest) = name.strip_prefix(&**p) {
-                // `.` matches any character but a newline.
-                if rest.is_ascii() {
-                    if !rest.contains(&b'\n') {
-                        return Some(true);
-                    }
-                } else {
-                    undecided = true;
+                // `.` matches any character but a newline. One pass: stop
+                // at the first byte that is a newline or not ASCII.
+                match rest.iter().find(|&&b| b == b'\n' || b >= 0x80) {
+                    None => return Some(true),
+                    Some(b'\n') => {}
+                    Some(_) => undecided = true,
                 }
             }
         }

@@ -289,6 +289,9 @@ fn decode_series(
     let mut samples = 0u32;
     let mut name = None;
     let mut sorted = true;
+    // The previous label's name, kept in a register rather than re-read
+    // from `out.labels` (that reload showed in the profile).
+    let mut prev: &[u8] = &[];
     // The non-label fields, while they stay one contiguous range.
     let mut other: Option<(usize, usize)> = None;
     let mut other_contiguous = true;
@@ -311,13 +314,11 @@ fn decode_series(
                 };
                 let label = decode_label(buf, ls, le, field, limits)?;
                 let label_name = label.name.get(buf);
-                if n > 0 {
-                    let prev = out.labels[out.labels.len() - 1].name.get(buf);
-                    if cmp_names(prev, label_name) == Ordering::Greater {
-                        sorted = false;
-                    }
+                if n > 0 && cmp_names(prev, label_name) == Ordering::Greater {
+                    sorted = false;
                 }
-                if label_name == b"__name__" {
+                prev = label_name;
+                if label_name.len() == 8 && label_name == b"__name__" {
                     name = Some(label.value);
                 }
                 out.labels.push(label);
@@ -371,14 +372,17 @@ fn decode_series(
     Ok(())
 }
 
-/// Orders label names as byte strings, deciding on the first byte inline
-/// (label names almost always differ there) before calling `memcmp`.
+/// Orders label names as byte strings. A byte loop rather than `a.cmp(b)`:
+/// names are short and usually differ in their first bytes, and the
+/// `memcmp` call behind the slice comparison cost more than the compare.
 #[inline(always)]
 fn cmp_names(a: &[u8], b: &[u8]) -> Ordering {
-    match (a.first(), b.first()) {
-        (Some(x), Some(y)) if x != y => x.cmp(y),
-        _ => a.cmp(b),
+    for (x, y) in a.iter().zip(b) {
+        if x != y {
+            return x.cmp(y);
+        }
     }
+    a.len().cmp(&b.len())
 }
 
 fn count_labels(buf: &[u8], start: usize, end: usize) -> usize {
@@ -1127,6 +1131,16 @@ mod tests {
                 at: 10
             })
         );
+    }
+
+    #[test]
+    fn name_order_is_byte_order() {
+        let names: [&[u8]; 7] = [b"", b"a", b"ab", b"b", b"__name__", b"job", b"jo\xff"];
+        for a in names {
+            for b in names {
+                assert_eq!(cmp_names(a, b), a.cmp(b), "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]
