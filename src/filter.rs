@@ -4,16 +4,76 @@ use regex::bytes::Regex;
 
 /// A fully anchored regex on the metric name, as Prometheus relabel regexes are:
 /// `kube_.*` keeps `kube_pod_info` but not `x_kube_pod_info`.
+///
+/// Allowlists are usually alternations of literal names and `prefix_.*`
+/// (the default is); those are matched without the regex engine, which
+/// profiling showed at a tenth of the pipeline's time. The regex stays the
+/// authority: anything else, and any name the literal form cannot decide
+/// (non-ASCII after a prefix), goes to it.
 #[derive(Debug, Clone)]
 pub struct Allowlist {
     re: Regex,
+    literal: Option<Literal>,
     source: String,
+}
+
+/// `a|b_.*|c`: exact names and prefixes followed by `.*`.
+#[derive(Debug, Clone, Default)]
+struct Literal {
+    exact: Vec<Box<[u8]>>,
+    prefixes: Vec<Box<[u8]>>,
+}
+
+impl Literal {
+    /// Recognises alternations of `[A-Za-z0-9_:]+` with an optional `.*`.
+    fn parse(pattern: &str) -> Option<Literal> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+        };
+        let mut lit = Literal::default();
+        for alt in pattern.split('|') {
+            match alt.strip_suffix(".*") {
+                Some(prefix) if plain(prefix) => lit.prefixes.push(prefix.as_bytes().into()),
+                None if plain(alt) => lit.exact.push(alt.as_bytes().into()),
+                _ => return None,
+            }
+        }
+        Some(lit)
+    }
+
+    /// `Some(keep)`, or `None` when only the regex can tell.
+    #[inline]
+    fn keeps(&self, name: &[u8]) -> Option<bool> {
+        if self.exact.iter().any(|e| **e == *name) {
+            return Some(true);
+        }
+        let mut undecided = false;
+        for p in &self.prefixes {
+            if let Some(rest) = name.strip_prefix(&**p) {
+                // `.` matches any character but a newline. One pass: stop
+                // at the first byte that is a newline or not ASCII.
+                match rest.iter().find(|&&b| b == b'\n' || b >= 0x80) {
+                    None => return Some(true),
+                    Some(b'\n') => {}
+                    Some(_) => undecided = true,
+                }
+            }
+        }
+        if undecided {
+            None
+        } else {
+            Some(false)
+        }
+    }
 }
 
 impl Allowlist {
     pub fn new(pattern: &str) -> Result<Self, regex::Error> {
         Ok(Allowlist {
             re: Regex::new(&format!("^(?:{pattern})$"))?,
+            literal: Literal::parse(pattern),
             source: pattern.to_string(),
         })
     }
@@ -22,7 +82,11 @@ impl Allowlist {
     /// name is never kept.
     #[inline]
     pub fn keeps(&self, name: Option<&[u8]>) -> bool {
-        name.is_some_and(|n| self.re.is_match(n))
+        let Some(name) = name else { return false };
+        match self.literal.as_ref().and_then(|l| l.keeps(name)) {
+            Some(keep) => keep,
+            None => self.re.is_match(name),
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -68,5 +132,39 @@ mod tests {
         let a = Allowlist::new("a|b").unwrap();
         assert!(a.keeps(Some(b"a")) && a.keeps(Some(b"b")));
         assert!(!a.keeps(Some(b"ax")) && !a.keeps(Some(b"xb")));
+    }
+
+    #[test]
+    fn literal_fast_path_agrees_with_the_regex() {
+        let names: &[&[u8]] = &[
+            b"up",
+            b"upx",
+            b"u",
+            b"",
+            b"kube_",
+            b"kube_pod_info",
+            b"kube_pod\ninfo",
+            b"kube_pod_\xc3\xa9",
+            b"kube_pod_\xff",
+            b"xkube_pod",
+            b"node_cpu_seconds_total",
+            b"container:rate5m",
+            b"pod_pvc_allocation",
+            b"go_goroutines",
+        ];
+        for pattern in [DEFAULT_ALLOWLIST, "up", "a_.*|b", "job:.*|up|node_.*"] {
+            let a = Allowlist::new(pattern).unwrap();
+            assert!(a.literal.is_some(), "{pattern} takes the literal path");
+            let re = Regex::new(&format!("^(?:{pattern})$")).unwrap();
+            for n in names {
+                assert_eq!(a.keeps(Some(n)), re.is_match(n), "{pattern} on {n:?}");
+            }
+        }
+        for pattern in ["kube_.+", "(a|b)", "a|", "up.*x", "[a-z]+_total"] {
+            assert!(
+                Literal::parse(pattern).is_none(),
+                "{pattern} needs the regex"
+            );
+        }
     }
 }

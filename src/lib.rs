@@ -21,7 +21,8 @@
 //! - [`error`]: every way a request can fail and its HTTP status, in one place.
 //!
 //! Around them: [`config`] (the one documented settings tree), [`cli`] (flags
-//! and environment over it), [`telemetry`] (metric names and logging).
+//! and environment over it), [`telemetry`] (metric names and logging), and
+//! [`loadgen`] (realistic payloads shared by `benches/` and `rwgate-loadgen`).
 
 pub mod auth;
 pub mod cli;
@@ -29,6 +30,7 @@ pub mod clickhouse;
 pub mod config;
 pub mod error;
 pub mod filter;
+pub mod loadgen;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod rollup;

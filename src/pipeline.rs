@@ -14,6 +14,7 @@ pub struct Scratch {
     decoded: Decoded,
     encoded: Vec<u8>,
     compressed: Vec<u8>,
+    inject: Injected,
 }
 
 /// What to do with a request.
@@ -87,11 +88,11 @@ pub fn process(
     let decoded = &mut scratch.decoded;
     wire::decode(buf, &p.limits, decoded)?;
 
-    let inject = Injected::new(
+    let inject = &mut scratch.inject;
+    inject.set(
         p.tenant_labels
             .iter()
-            .map(|n| (n.as_bytes(), p.account.as_bytes()))
-            .collect(),
+            .map(|n| (n.as_bytes(), p.account.as_bytes())),
     );
     let mut out = Outcome {
         metadata_dropped: u64::from(decoded.metadata),
@@ -110,7 +111,7 @@ pub fn process(
         }
         out.series_kept += 1;
         out.samples_kept += u64::from(s.samples);
-        wire::encode_series(encoded, buf, decoded, s, &inject);
+        wire::encode_series(encoded, buf, decoded, s, inject);
         if p.tee && name.is_some_and(|n| n.starts_with(TEE_PREFIX)) {
             collect_tee(buf, decoded, s, p, &mut out.tee)?;
         }

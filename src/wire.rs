@@ -12,6 +12,7 @@
 //! Protobuf wire rules used here: a field is a varint key `(number << 3) | type`,
 //! type 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32.
 
+use std::cmp::Ordering;
 use std::fmt;
 
 /// Wire types.
@@ -42,11 +43,14 @@ impl Span {
     }
 }
 
-/// One label, as offsets of its name and value.
+/// One label, as offsets of its name and value, and of the whole
+/// `TimeSeries.labels` field (key, length and message) so that an unchanged
+/// label is copied to the output as it came.
 #[derive(Debug, Clone, Copy)]
 pub struct LabelRef {
     pub name: Span,
     pub value: Span,
+    pub field: Span,
 }
 
 /// One series: its labels (a range of [`Decoded::labels`], sorted by name),
@@ -59,6 +63,10 @@ pub struct SeriesRef {
     pub body: Span,
     /// Bytes of the fields other than labels (copied verbatim when encoding).
     pub other_bytes: u32,
+    /// Where those fields are, when they sit in one contiguous range (the
+    /// usual case: labels first, then samples); `None` if they are spread
+    /// between labels, and the encoder then picks them out one by one.
+    pub other: Option<Span>,
     /// Value of `__name__`, if present.
     pub name: Option<Span>,
     /// Number of samples plus histogram samples.
@@ -150,8 +158,20 @@ impl<'a> Reader<'a> {
         self.pos >= self.buf.len()
     }
 
-    #[inline]
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, DecodeError> {
+        // Keys and most lengths fit in one byte: take that path first.
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(u64::from(b));
+            }
+        }
+        self.varint_slow()
+    }
+
+    #[inline(never)]
+    fn varint_slow(&mut self) -> Result<u64, DecodeError> {
         let mut v: u64 = 0;
         for i in 0..10 {
             let Some(&b) = self.buf.get(self.pos) else {
@@ -269,13 +289,18 @@ fn decode_series(
     let mut samples = 0u32;
     let mut name = None;
     let mut sorted = true;
+    // The previous label's name, kept in a register rather than re-read
+    // from `out.labels` (that reload showed in the profile).
+    let mut prev: &[u8] = &[];
+    // The non-label fields, while they stay one contiguous range.
+    let mut other: Option<(usize, usize)> = None;
+    let mut other_contiguous = true;
     while !r.done() {
         let field_start = r.pos;
         let (field, wt) = r.key()?;
         match (field, wt) {
             (1, LEN) => {
                 let (ls, le) = r.len_delimited()?;
-                let label = decode_label(buf, ls, le, limits)?;
                 let n = out.labels.len() - labels_start;
                 if n >= limits.max_labels_per_series {
                     return Err(DecodeError::TooManyLabels {
@@ -283,31 +308,55 @@ fn decode_series(
                         limit: limits.max_labels_per_series,
                     });
                 }
-                if let Some(prev) = out.labels.last().filter(|_| n > 0) {
-                    if prev.name.get(buf) > label.name.get(buf) {
-                        sorted = false;
-                    }
+                let field = Span {
+                    start: (start + field_start) as u32,
+                    end: le as u32,
+                };
+                let label = decode_label(buf, ls, le, field, limits)?;
+                let label_name = label.name.get(buf);
+                if n > 0 && cmp_names(prev, label_name) == Ordering::Greater {
+                    sorted = false;
                 }
-                if label.name.get(buf) == b"__name__" {
+                prev = label_name;
+                if label_name.len() == 8 && label_name == b"__name__" {
                     name = Some(label.value);
                 }
                 out.labels.push(label);
                 label_bytes += r.pos - field_start;
             }
-            (2 | 4, LEN) => {
-                r.len_delimited()?;
-                samples += 1;
+            (1..=4, _) if wt != LEN => {
+                return Err(malformed("wrong wire type for TimeSeries field", r.at()))
             }
-            (3, LEN) => {
-                r.len_delimited()?;
+            (_, wt) => {
+                if (field, wt) == (2, LEN) || (field, wt) == (4, LEN) {
+                    r.len_delimited()?;
+                    samples += 1;
+                } else {
+                    r.skip(wt)?;
+                }
+                let (fs, fe) = (start + field_start, start + r.pos);
+                other = match other {
+                    None => Some((fs, fe)),
+                    Some((os, oe)) if oe == fs => Some((os, fe)),
+                    Some(o) => {
+                        other_contiguous = false;
+                        Some(o)
+                    }
+                };
             }
-            (1..=4, _) => return Err(malformed("wrong wire type for TimeSeries field", r.at())),
-            (_, wt) => r.skip(wt)?,
         }
     }
     if !sorted {
         out.labels[labels_start..].sort_unstable_by(|a, b| a.name.get(buf).cmp(b.name.get(buf)));
     }
+    let other = match other {
+        None => Some(Span::default()),
+        Some((s, e)) if other_contiguous => Some(Span {
+            start: s as u32,
+            end: e as u32,
+        }),
+        Some(_) => None,
+    };
     out.series.push(SeriesRef {
         labels_start: labels_start as u32,
         labels_end: out.labels.len() as u32,
@@ -316,10 +365,24 @@ fn decode_series(
             end: end as u32,
         },
         other_bytes: ((end - start) - label_bytes) as u32,
+        other,
         name,
         samples,
     });
     Ok(())
+}
+
+/// Orders label names as byte strings. A byte loop rather than `a.cmp(b)`:
+/// names are short and usually differ in their first bytes, and the
+/// `memcmp` call behind the slice comparison cost more than the compare.
+#[inline(always)]
+fn cmp_names(a: &[u8], b: &[u8]) -> Ordering {
+    for (x, y) in a.iter().zip(b) {
+        if x != y {
+            return x.cmp(y);
+        }
+    }
+    a.len().cmp(&b.len())
 }
 
 fn count_labels(buf: &[u8], start: usize, end: usize) -> usize {
@@ -338,12 +401,69 @@ fn count_labels(buf: &[u8], start: usize, end: usize) -> usize {
     n
 }
 
+#[inline]
 fn decode_label(
     buf: &[u8],
     start: usize,
     end: usize,
+    field: Span,
     limits: &ShapeLimits,
 ) -> Result<LabelRef, DecodeError> {
+    let msg = &buf[start..end];
+    let span = |s: usize, e: usize| Span {
+        start: (start + s) as u32,
+        end: (start + e) as u32,
+    };
+    // Fast path: `0x0a <n> name 0x12 <m> value` with one-byte lengths, the
+    // shape every sender produces for labels shorter than 128 bytes.
+    let (name, value) = match msg {
+        [0x0a, n, rest @ ..]
+            if *n < 0x80
+                && rest.len() >= *n as usize + 2
+                && rest[*n as usize] == 0x12
+                && rest[*n as usize + 1] < 0x80
+                && usize::from(rest[*n as usize + 1]) == rest.len() - *n as usize - 2 =>
+        {
+            let n = *n as usize;
+            (span(2, 2 + n), span(4 + n, msg.len()))
+        }
+        _ => decode_label_slow(buf, start, end)?,
+    };
+    if name.len() > limits.max_label_name_bytes {
+        return Err(DecodeError::LabelNameTooLong {
+            len: name.len(),
+            limit: limits.max_label_name_bytes,
+        });
+    }
+    if value.len() > limits.max_label_value_bytes {
+        return Err(DecodeError::LabelValueTooLong {
+            len: value.len(),
+            limit: limits.max_label_value_bytes,
+        });
+    }
+    // All-ASCII (keys and one-byte lengths are ASCII too) is valid UTF-8:
+    // one cheap word-at-a-time scan instead of two `from_utf8` calls.
+    if !msg.is_ascii() {
+        if std::str::from_utf8(name.get(buf)).is_err() {
+            return Err(DecodeError::InvalidUtf8 {
+                which: "name",
+                at: name.start as usize,
+            });
+        }
+        if std::str::from_utf8(value.get(buf)).is_err() {
+            return Err(DecodeError::InvalidUtf8 {
+                which: "value",
+                at: value.start as usize,
+            });
+        }
+    }
+    Ok(LabelRef { name, value, field })
+}
+
+/// Any valid encoding of a `Label`: fields in any order, repeated (last
+/// wins), multi-byte lengths, unknown fields skipped.
+#[inline(never)]
+fn decode_label_slow(buf: &[u8], start: usize, end: usize) -> Result<(Span, Span), DecodeError> {
     let mut r = Reader::new(&buf[start..end], start);
     let mut name = Span::default();
     let mut value = Span::default();
@@ -368,31 +488,7 @@ fn decode_label(
             (_, wt) => r.skip(wt)?,
         }
     }
-    if name.len() > limits.max_label_name_bytes {
-        return Err(DecodeError::LabelNameTooLong {
-            len: name.len(),
-            limit: limits.max_label_name_bytes,
-        });
-    }
-    if value.len() > limits.max_label_value_bytes {
-        return Err(DecodeError::LabelValueTooLong {
-            len: value.len(),
-            limit: limits.max_label_value_bytes,
-        });
-    }
-    if std::str::from_utf8(name.get(buf)).is_err() {
-        return Err(DecodeError::InvalidUtf8 {
-            which: "name",
-            at: name.start as usize,
-        });
-    }
-    if std::str::from_utf8(value.get(buf)).is_err() {
-        return Err(DecodeError::InvalidUtf8 {
-            which: "value",
-            at: value.start as usize,
-        });
-    }
-    Ok(LabelRef { name, value })
+    Ok((name, value))
 }
 
 /// One float sample of a series.
@@ -469,69 +565,173 @@ fn put_label(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Labels to set on every series, replacing any the client sent with these
-/// names. Sorted by name so they can be merged into sorted series labels.
-#[derive(Debug, Clone)]
-pub struct Injected<'a> {
-    pairs: Vec<(&'a [u8], &'a [u8])>,
+/// names. Kept sorted by name, each already encoded as a `TimeSeries.labels`
+/// field, so that the encoder merges them into the sorted series labels with
+/// one copy each. Reusable: [`Injected::set`] refills it without allocating.
+#[derive(Debug, Clone, Default)]
+pub struct Injected {
+    /// The encoded fields, concatenated.
+    bytes: Vec<u8>,
+    /// Per label, sorted by name: its name and its whole field in `bytes`.
+    labels: Vec<(Span, Span)>,
 }
 
-impl<'a> Injected<'a> {
-    pub fn new(mut pairs: Vec<(&'a [u8], &'a [u8])>) -> Self {
-        pairs.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        pairs.dedup_by(|a, b| a.0 == b.0);
-        Injected { pairs }
+impl Injected {
+    pub fn new<'a>(pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Self {
+        let mut inject = Injected::default();
+        inject.set(pairs);
+        inject
+    }
+
+    /// Replaces the labels. On equal names the first pair wins.
+    pub fn set<'a>(&mut self, pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) {
+        self.bytes.clear();
+        self.labels.clear();
+        for (name, value) in pairs {
+            let start = self.bytes.len();
+            put_label(&mut self.bytes, name, value);
+            let name_end = start + 2 + varint_len(label_msg_len(name.len(), value.len()) as u64);
+            let name_end = name_end + varint_len(name.len() as u64) + name.len();
+            let span = |s: usize, e: usize| Span {
+                start: s as u32,
+                end: e as u32,
+            };
+            self.labels.push((
+                span(name_end - name.len(), name_end),
+                span(start, self.bytes.len()),
+            ));
+        }
+        let bytes = &self.bytes;
+        // Stable, so that `dedup` keeps the first of equal names.
+        self.labels
+            .sort_by(|a, b| a.0.get(bytes).cmp(b.0.get(bytes)));
+        self.labels
+            .dedup_by(|a, b| a.0.get(bytes) == b.0.get(bytes));
     }
 
     #[inline]
-    fn contains(&self, name: &[u8]) -> bool {
-        self.pairs.iter().any(|(n, _)| *n == name)
+    fn name(&self, i: usize) -> &[u8] {
+        self.labels[i].0.get(&self.bytes)
+    }
+
+    #[inline]
+    fn field(&self, i: usize) -> &[u8] {
+        self.labels[i].1.get(&self.bytes)
+    }
+}
+
+/// Bytes of `buf` waiting to be appended: adjacent ranges are merged so that
+/// unchanged labels and the fields after them go out in one copy.
+struct Run {
+    start: usize,
+    end: usize,
+}
+
+impl Run {
+    #[inline(always)]
+    fn add(&mut self, out: &mut Vec<u8>, buf: &[u8], span: Span) {
+        let (s, e) = (span.start as usize, span.end as usize);
+        if s != self.end {
+            self.flush(out, buf);
+            self.start = s;
+        }
+        self.end = e;
+    }
+
+    #[inline(always)]
+    fn flush(&mut self, out: &mut Vec<u8>, buf: &[u8]) {
+        out.extend_from_slice(&buf[self.start..self.end]);
+        self.start = self.end;
     }
 }
 
 /// Appends one `TimeSeries` (as `WriteRequest.timeseries`, field 1) to `out`:
 /// the series' labels merged with `inject` (which wins on equal names), in
 /// name order, then its other fields copied verbatim.
+///
+/// Unchanged labels are copied as they came, whole fields at a time, and
+/// runs of adjacent ones in one `memcpy`. The length prefix is written after
+/// the body: room is left for the largest possible length and, in the rare
+/// case the real length needs fewer varint bytes, the body is moved back.
 pub fn encode_series(
     out: &mut Vec<u8>,
     buf: &[u8],
     decoded: &Decoded,
     series: &SeriesRef,
-    inject: &Injected<'_>,
+    inject: &Injected,
 ) {
     let labels = decoded.labels_of(series);
-    // Size first: protobuf length prefixes come before the bytes.
-    let mut len = series.other_bytes as usize;
-    for l in labels {
-        if !inject.contains(l.name.get(buf)) {
-            let m = label_msg_len(l.name.len(), l.value.len());
-            len += 1 + varint_len(m as u64) + m;
-        }
-    }
-    for (n, v) in &inject.pairs {
-        let m = label_msg_len(n.len(), v.len());
-        len += 1 + varint_len(m as u64) + m;
-    }
-    out.reserve(len + 6);
+    let upper = series.body.len() + inject.bytes.len();
+    let hdr = varint_len(upper as u64);
+    out.reserve(1 + hdr + upper);
     out.push((1 << 3) | LEN);
-    put_varint(out, len as u64);
+    let len_at = out.len();
+    out.resize(len_at + hdr, 0);
+    let body_at = out.len();
 
-    // Merge two sorted lists.
-    let mut inj = inject.pairs.iter().peekable();
+    // Merge two sorted lists; an injected label replaces equal names.
+    let mut run = Run { start: 0, end: 0 };
+    let mut next = 0;
     for l in labels {
         let name = l.name.get(buf);
-        if inject.contains(name) {
-            continue;
+        let mut replaced = false;
+        while next < inject.labels.len() {
+            match cmp_names(inject.name(next), name) {
+                Ordering::Less => {
+                    run.flush(out, buf);
+                    out.extend_from_slice(inject.field(next));
+                    next += 1;
+                }
+                Ordering::Equal => {
+                    replaced = true;
+                    break;
+                }
+                Ordering::Greater => break,
+            }
         }
-        while let Some((n, v)) = inj.next_if(|(n, _)| *n < name) {
-            put_label(out, n, v);
+        if !replaced {
+            run.add(out, buf, l.field);
         }
-        put_label(out, name, l.value.get(buf));
     }
-    for (n, v) in inj {
-        put_label(out, n, v);
+    if next < inject.labels.len() {
+        run.flush(out, buf);
+        for i in next..inject.labels.len() {
+            out.extend_from_slice(inject.field(i));
+        }
     }
 
-    // Copy the remaining fields as they came.
+    // The remaining fields, as they came.
+    match series.other {
+        Some(span) => {
+            if !span.is_empty() {
+                run.add(out, buf, span);
+            }
+            run.flush(out, buf);
+        }
+        None => {
+            run.flush(out, buf);
+            copy_other_fields(out, buf, series);
+        }
+    }
+
+    let len = out.len() - body_at;
+    let n = varint_len(len as u64);
+    if n < hdr {
+        out.copy_within(body_at.., len_at + n);
+        out.truncate(len_at + n + len);
+    }
+    let mut v = len as u64;
+    for b in &mut out[len_at..len_at + n] {
+        *b = (v as u8 & 0x7f) | 0x80;
+        v >>= 7;
+    }
+    out[len_at + n - 1] &= 0x7f;
+}
+
+/// Copies the non-label fields of a series one by one (when they are not
+/// one contiguous range).
+#[cold]
+fn copy_other_fields(out: &mut Vec<u8>, buf: &[u8], series: &SeriesRef) {
     let (s, e) = (series.body.start as usize, series.body.end as usize);
     let mut r = Reader::new(&buf[s..e], s);
     while !r.done() {
@@ -596,12 +796,7 @@ mod tests {
         let buf = req.encode_to_vec();
         let mut d = Decoded::default();
         decode(&buf, &ShapeLimits::UNLIMITED, &mut d).unwrap();
-        let inj = Injected::new(
-            inject
-                .iter()
-                .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
-                .collect(),
-        );
+        let inj = Injected::new(inject.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
         let mut out = Vec::new();
         for s in &d.series {
             encode_series(&mut out, &buf, &d, s, &inj);
@@ -776,6 +971,176 @@ mod tests {
         }
         .encode_to_vec();
         assert!(decode(&bad_utf8, &ShapeLimits::UNLIMITED, &mut d).is_ok());
+    }
+
+    /// What re-encoding must produce, computed the obvious way on prost types.
+    fn reference(req: &prompb::WriteRequest, inject: &[(&str, &str)]) -> prompb::WriteRequest {
+        let mut want = req.clone();
+        for ts in &mut want.timeseries {
+            ts.labels
+                .retain(|l| !inject.iter().any(|(n, _)| *n == l.name));
+            for (n, v) in inject {
+                if !ts.labels.iter().any(|l| l.name == *n) {
+                    ts.labels.push(prompb::Label {
+                        name: n.to_string(),
+                        value: v.to_string(),
+                    });
+                }
+            }
+            ts.labels.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        want.metadata.clear();
+        want
+    }
+
+    #[test]
+    fn generated_requests_match_the_prost_reference() {
+        let inject = [("cloud_account_id", "me"), ("tenant_id", "me")];
+        for (seed, labels) in [(1, 10), (2, 4), (3, 14)] {
+            let p = crate::loadgen::Profile {
+                series: 200,
+                labels,
+                samples: 2,
+                ..Default::default()
+            };
+            let req = crate::loadgen::write_request(&p, "spoofed", seed);
+            assert_eq!(reencode(&req, &inject), reference(&req, &inject));
+        }
+    }
+
+    #[test]
+    fn long_values_and_multibyte_lengths() {
+        let long = "v".repeat(300);
+        let utf8 = "Zürich–東京";
+        let req = prompb::WriteRequest {
+            timeseries: vec![
+                ts(
+                    &[("__name__", "up"), ("a", &long), ("b", utf8), ("c", "")],
+                    &[(1.0, 1)],
+                ),
+                ts(&[("__name__", &long), ("tenant_id", &long)], &[(2.0, 2)]),
+            ],
+            metadata: vec![],
+        };
+        let inject = [("tenant_id", "t"), ("cloud_account_id", "t")];
+        assert_eq!(reencode(&req, &inject), reference(&req, &inject));
+    }
+
+    #[test]
+    fn length_prefix_shrinks_when_spoofed_labels_are_removed() {
+        // Body under 128 bytes once the spoofed 60-byte value is gone, over
+        // 128 if it had stayed: the one-byte prefix path with the body moved.
+        let spoof = "x".repeat(60);
+        let req = prompb::WriteRequest {
+            timeseries: vec![prompb::TimeSeries {
+                labels: [
+                    ("__name__", "up"),
+                    ("job", "node"),
+                    ("tenant_id", spoof.as_str()),
+                ]
+                .iter()
+                .map(|(n, v)| prompb::Label {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+                samples: vec![prompb::Sample {
+                    value: 1.0,
+                    timestamp: 1,
+                }],
+                ..Default::default()
+            }],
+            metadata: vec![],
+        };
+        let inject = [("tenant_id", "me")];
+        let buf = req.encode_to_vec();
+        let mut d = Decoded::default();
+        decode(&buf, &ShapeLimits::UNLIMITED, &mut d).unwrap();
+        let inj = Injected::new(inject.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        assert!(d.series[0].body.len() + inj.bytes.len() >= 128);
+        let mut out = Vec::new();
+        encode_series(&mut out, &buf, &d, &d.series[0], &inj);
+        assert!(out[1] < 0x80, "one-byte length prefix");
+        let got = prompb::WriteRequest::decode(out.as_slice()).unwrap();
+        assert_eq!(got, reference(&req, &inject));
+    }
+
+    /// A `TimeSeries` written by hand with its fields in an unusual order:
+    /// a sample between labels, a label with value before name, an unknown
+    /// field. The encoder must still produce the reference.
+    #[test]
+    fn interleaved_and_reordered_fields() {
+        fn field(out: &mut Vec<u8>, key: u8, body: &[u8]) {
+            out.push(key);
+            put_varint(out, body.len() as u64);
+            out.extend_from_slice(body);
+        }
+        let label = |n: &str, v: &str, reversed: bool| {
+            let mut m = Vec::new();
+            if reversed {
+                field(&mut m, 0x12, v.as_bytes());
+                field(&mut m, 0x0a, n.as_bytes());
+            } else {
+                field(&mut m, 0x0a, n.as_bytes());
+                field(&mut m, 0x12, v.as_bytes());
+            }
+            m
+        };
+        let sample = prompb::Sample {
+            value: 3.5,
+            timestamp: 9,
+        }
+        .encode_to_vec();
+        let mut series = Vec::new();
+        field(&mut series, 0x0a, &label("zone", "z", false));
+        field(&mut series, 0x12, &sample);
+        field(&mut series, 0x0a, &label("__name__", "up", true));
+        series.extend_from_slice(&[0x78, 0x05]); // field 15, varint 5 (unknown)
+        field(&mut series, 0x0a, &label("tenant_id", "evil", false));
+        field(&mut series, 0x12, &sample);
+        let mut buf = Vec::new();
+        field(&mut buf, 0x0a, &series);
+
+        let req = prompb::WriteRequest::decode(buf.as_slice()).unwrap();
+        let inject = [("tenant_id", "me"), ("cloud_account_id", "me")];
+        let mut d = Decoded::default();
+        decode(&buf, &ShapeLimits::UNLIMITED, &mut d).unwrap();
+        assert!(d.series[0].other.is_none(), "non-label fields are split");
+        let inj = Injected::new(inject.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        let mut out = Vec::new();
+        encode_series(&mut out, &buf, &d, &d.series[0], &inj);
+        let got = prompb::WriteRequest::decode(out.as_slice()).unwrap();
+        assert_eq!(got, reference(&req, &inject));
+        // The unknown field survives, byte for byte.
+        assert!(out.windows(2).any(|w| w == [0x78, 0x05]));
+    }
+
+    #[test]
+    fn invalid_utf8_is_caught_on_the_fast_path() {
+        // 0x0a 0x02 "ab" 0x12 0x02 0xc3 0x28: one-byte lengths, bad value.
+        let label = [0x0a, 0x02, b'a', b'b', 0x12, 0x02, 0xc3, 0x28];
+        let mut series = vec![0x0a, label.len() as u8];
+        series.extend_from_slice(&label);
+        let mut buf = vec![0x0a, series.len() as u8];
+        buf.extend_from_slice(&series);
+        let mut d = Decoded::default();
+        assert_eq!(
+            decode(&buf, &ShapeLimits::UNLIMITED, &mut d),
+            Err(DecodeError::InvalidUtf8 {
+                which: "value",
+                at: 10
+            })
+        );
+    }
+
+    #[test]
+    fn name_order_is_byte_order() {
+        let names: [&[u8]; 7] = [b"", b"a", b"ab", b"b", b"__name__", b"job", b"jo\xff"];
+        for a in names {
+            for b in names {
+                assert_eq!(cmp_names(a, b), a.cmp(b), "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]

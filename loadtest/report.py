@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Helpers for compare.sh: free ports, bounded HTTP waits, metric scrapes,
+and the results table (medians over runs). Standard library only."""
+
+import json
+import socket
+import statistics
+import sys
+import time
+import urllib.request
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    print(port)
+
+
+def wait_http(url, timeout):
+    deadline = time.time() + float(timeout)
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status < 500:
+                    return 0
+        except Exception:
+            time.sleep(0.1)
+    print(f"timed out after {timeout}s waiting for {url}", file=sys.stderr)
+    return 1
+
+
+def metric(url, name):
+    """Sum of all series of a metric in a Prometheus text exposition."""
+    total = 0.0
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name) and line[len(name)] in " {":
+                total += float(line.rsplit(" ", 1)[1])
+    print(int(total))
+
+
+def row(summary, target, phase, offered_rps, series, cpu_ticks, clk_tck, hwm_kib, run):
+    """One results line: k6 summary + process CPU and peak RSS."""
+    with open(summary) as f:
+        s = json.load(f)
+    samples = s["samples_accepted"]
+    cpu_s = int(cpu_ticks) / int(clk_tck)
+    out = {
+        "run": int(run),
+        "phase": phase,
+        "target": target,
+        "offered_sps": int(offered_rps) * int(series),
+        "achieved_sps": samples / s["duration_s"] if s["duration_s"] else 0,
+        "cpu_s": cpu_s,
+        "cpu_s_per_m": cpu_s / samples * 1e6 if samples else None,
+        "p50_ms": s["p50_ms"],
+        "p99_ms": s["p99_ms"],
+        "rss_mib": int(hwm_kib) / 1024 if hwm_kib else None,
+        "failed_rate": s["failed_rate"],
+        "dropped": s["dropped_iterations"],
+        "responses_503": s["responses_503"],
+        "thresholds_ok": s["thresholds_ok"],
+        "requests": s["requests"],
+    }
+    print(json.dumps(out))
+
+
+def passed(summary, offered_rps, duration_s):
+    """Sustained: thresholds held, under 1% of iterations dropped."""
+    with open(summary) as f:
+        s = json.load(f)
+    want = int(offered_rps) * float(duration_s)
+    ok = s["thresholds_ok"] and s["dropped_iterations"] <= 0.01 * want
+    return 0 if ok else 1
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(results):
+    rows = [json.loads(l) for l in open(results) if l.strip()]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["phase"], r["offered_sps"], r["target"]), []).append(r)
+
+    def med(rs, k):
+        vals = [r[k] for r in rs if r[k] is not None]
+        return statistics.median(vals) if vals else None
+
+    print()
+    print(
+        f"{'phase':<10} {'target':<8} {'offered/s':>10} {'samples/s':>10} "
+        f"{'CPU s/M':>8} {'p50 ms':>7} {'p99 ms':>7} {'RSS MiB':>8} {'err %':>6} {'503s':>6} {'runs':>4}"
+    )
+    for (phase, offered, target), rs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2])):
+        print(
+            f"{phase:<10} {target:<8} {offered:>10} {fmt(med(rs, 'achieved_sps'), '10.0f')} "
+            f"{fmt(med(rs, 'cpu_s_per_m'), '8.3f')} {fmt(med(rs, 'p50_ms'), '7.2f')} "
+            f"{fmt(med(rs, 'p99_ms'), '7.2f')} {fmt(med(rs, 'rss_mib'), '8.1f')} "
+            f"{fmt(100 * med(rs, 'failed_rate'), '6.2f')} {fmt(med(rs, 'responses_503'), '6.0f')} {len(rs):>4}"
+        )
+    # The ratio, per run and its median, at each fixed load.
+    print()
+    ratios = {}
+    for r in rows:
+        if r["phase"] != "load" or r["target"] != "rwgate" or r["cpu_s_per_m"] is None:
+            continue
+        peer = [
+            v for v in rows
+            if v["phase"] == "load" and v["target"] == "vmagent" and v["run"] == r["run"]
+            and v["offered_sps"] == r["offered_sps"] and v["cpu_s_per_m"]
+        ]
+        if peer:
+            ratios.setdefault(r["offered_sps"], []).append(r["cpu_s_per_m"] / peer[0]["cpu_s_per_m"])
+    for offered, rs in sorted(ratios.items()):
+        print(
+            f"CPU per sample rwgate/vmagent at {offered} samples/s: "
+            f"median {statistics.median(rs):.2f} (runs: {', '.join(f'{x:.2f}' for x in rs)}); target <= 0.50"
+        )
+    for target in ("rwgate", "vmagent"):
+        mx = [r for r in rows if r["phase"] == "max" and r["target"] == target and r["thresholds_ok"]]
+        if mx:
+            best = max(mx, key=lambda r: r["offered_sps"])
+            print(f"max sustained {target}: {best['offered_sps']} samples/s offered, {best['achieved_sps']:.0f} achieved, p99 {best['p99_ms']:.2f} ms")
+    half = {r["target"]: r for r in rows if r["phase"] == "half-max"}
+    if "rwgate" in half and "sink" in half:
+        print(
+            f"added p99 at half of max: rwgate {half['rwgate']['p99_ms'] - half['sink']['p99_ms']:.2f} ms "
+            f"(rwgate {half['rwgate']['p99_ms']:.2f} - sink alone {half['sink']['p99_ms']:.2f}); target <= 2 ms"
+        )
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "free-port":
+        free_port()
+    elif cmd == "wait-http":
+        sys.exit(wait_http(*args))
+    elif cmd == "metric":
+        metric(*args)
+    elif cmd == "row":
+        row(*args)
+    elif cmd == "passed":
+        sys.exit(passed(*args))
+    elif cmd == "table":
+        table(*args)
+    else:
+        sys.exit(f"unknown command {cmd}")
