@@ -16,4 +16,7 @@ cargo nextest run --locked --workspace --no-fail-fast
 # nextest does not run doctests.
 cargo test --locked --workspace --doc
 
-# Load-test smoke (20 s) goes here.
+# Load-test smoke: rwgate alone behind k6 against an nginx sink for ~15 s;
+# fails if any request fails, nothing is forwarded, or p99 passes 1 s. The
+# full rwgate-vs-vmagent comparison is loadtest/compare.sh (docs/PERFORMANCE.md).
+bash loadtest/compare.sh --smoke
