@@ -58,6 +58,12 @@ pub struct Settings {
     /// TOML config file; flags and environment override it.
     #[arg(long, short, env = "RWGATE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Any setting by its path in the config file, e.g.
+    /// `--set limits.max_series_per_request=5000` (repeatable). Every setting
+    /// can also be given as `RWGATE_<PATH>`, dots as underscores, upper case:
+    /// `RWGATE_LIMITS_MAX_SERIES_PER_REQUEST=5000`.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    pub set: Vec<String>,
     /// Address to listen on [default: 0.0.0.0:8935].
     #[arg(long, env = "RWGATE_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -151,12 +157,34 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The effective, validated config: file (or defaults), then overrides.
+    /// The effective, validated config: the file (or defaults), then
+    /// `RWGATE_<SETTING_PATH>` variables, then `--set`, then the named flags
+    /// (and their variables).
     pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut c = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
+        let (text, origin) = match &self.config {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?,
+                path.display().to_string(),
+            ),
+            None => (String::new(), "defaults".to_string()),
         };
+        let mut overrides: Vec<(String, String)> = Config::setting_paths()
+            .into_iter()
+            .filter_map(|p| std::env::var(env_name(&p)).ok().map(|v| (p, v)))
+            .collect();
+        for kv in &self.set {
+            let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::Parse {
+                path: "--set".into(),
+                message: format!(
+                    "{kv:?} is not PATH=VALUE, e.g. limits.max_series_per_request=5000"
+                ),
+            })?;
+            overrides.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let mut c = Config::from_toml_with(&text, &origin, &overrides)?;
         self.apply(&mut c);
         c.validate()?;
         Ok(c)
@@ -213,6 +241,12 @@ impl Settings {
         set(&mut c.rollup.grain, &self.expense_grain);
         set(&mut c.rollup.charge, &self.charge);
     }
+}
+
+/// The environment variable of a setting path: `limits.max_body_bytes` ->
+/// `RWGATE_LIMITS_MAX_BODY_BYTES`.
+pub fn env_name(path: &str) -> String {
+    format!("RWGATE_{}", path.replace('.', "_").to_ascii_uppercase())
 }
 
 #[cfg(test)]
@@ -287,6 +321,65 @@ mod tests {
         .unwrap();
         assert!(matches!(cli.command, Command::Reconcile(r) if r.to == "2024-01-31"));
         assert!(Cli::try_parse_from(["rwgate", "migrate"]).is_ok());
+    }
+
+    #[test]
+    fn every_setting_can_be_set_by_path() {
+        let cli = Cli::try_parse_from([
+            "rwgate",
+            "serve",
+            "--auth",
+            "none",
+            "--set",
+            "limits.max_series_per_request=5000",
+            "--set",
+            "auth.negative_cache_ttl=30s",
+            "--set",
+            "tenancy.labels=[\"a\", \"b\"]",
+            "--set",
+            "filter.allowlist=kube_.*|up",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!()
+        };
+        let c = s.load().unwrap();
+        assert_eq!(c.limits.max_series_per_request, 5000);
+        assert_eq!(c.auth.negative_cache_ttl, Duration::from_secs(30));
+        assert_eq!(c.tenancy.labels, ["a", "b"]);
+        assert_eq!(c.filter.allowlist, "kube_.*|up");
+
+        let bad = Cli::try_parse_from([
+            "rwgate",
+            "serve",
+            "--auth",
+            "none",
+            "--set",
+            "limits.max_sries=1",
+        ])
+        .unwrap();
+        let Command::Serve(s) = bad.command else {
+            panic!()
+        };
+        let err = s.load().unwrap_err().to_string();
+        assert!(err.contains("max_sries"), "{err}");
+    }
+
+    #[test]
+    fn setting_paths_cover_the_tree() {
+        let paths = Config::setting_paths();
+        for p in [
+            "listen",
+            "limits.max_series_per_request",
+            "spool.batch_max_rows",
+            "rollup.max_gap",
+        ] {
+            assert!(paths.iter().any(|x| x == p), "{p} missing from {paths:?}");
+        }
+        assert_eq!(
+            env_name("limits.max_body_bytes"),
+            "RWGATE_LIMITS_MAX_BODY_BYTES"
+        );
     }
 
     #[test]

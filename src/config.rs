@@ -611,6 +611,9 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+    /// A `--set` or `RWGATE_<PATH>` override that does not fit the tree.
+    #[error("invalid setting {setting}: {message}")]
+    Override { setting: String, message: String },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -630,6 +633,73 @@ impl Config {
                     .map(|s| format!(" (at byte {})", s.start))
                     .unwrap_or_default(),
         })
+    }
+
+    /// Parses a TOML document, then sets each `(dotted.path, value)` of
+    /// `overrides` in it before the tree becomes a `Config`, so that every
+    /// setting can be overridden without a flag of its own. A value is a TOML
+    /// literal (`5000`, `true`, `["a", "b"]`) or else a plain string (`30s`,
+    /// `16MiB`, `kube_.*|up`).
+    pub fn from_toml_with(
+        text: &str,
+        origin: &str,
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })?;
+        let base = tree.clone();
+        for (path, raw) in overrides {
+            set_path(&mut tree, path, raw)?;
+        }
+        toml::Value::Table(tree)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                // The deserializer does not know paths: name the override at
+                // fault, if one is, by trying each alone.
+                let culprit = overrides.iter().find(|(path, raw)| {
+                    let mut t = base.clone();
+                    set_path(&mut t, path, raw).is_err()
+                        || toml::Value::Table(t).try_into::<Config>().is_err()
+                });
+                match culprit {
+                    Some((path, raw)) => ConfigError::Override {
+                        setting: format!("{path} = {raw:?}"),
+                        message: e.message().to_string(),
+                    },
+                    None => ConfigError::Parse {
+                        path: origin.to_string(),
+                        message: e.message().to_string(),
+                    },
+                }
+            })
+    }
+
+    /// The dotted path of every setting that has a value by default (for
+    /// `RWGATE_<PATH>` environment overrides).
+    pub fn setting_paths() -> Vec<String> {
+        fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+            for (k, v) in t {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(inner) => walk(&path, inner, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if let Ok(toml::Value::Table(t)) = toml::Value::try_from(Config::default()) {
+            walk("", &t, &mut out);
+        }
+        out
     }
 
     /// Reads and parses a TOML config file.
@@ -810,6 +880,35 @@ impl Config {
         c.clickhouse.url = c.clickhouse.url.as_deref().map(redact_url);
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// Sets `dotted.path = raw` in a TOML tree (`raw` as a TOML literal, or else
+/// as a string).
+fn set_path(tree: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigError> {
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let bad = |message: String| ConfigError::Override {
+        setting: path.to_string(),
+        message,
+    };
+    let mut keys: Vec<&str> = path.split('.').collect();
+    let last = keys
+        .pop()
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| bad("not a setting path like limits.max_body_bytes".into()))?;
+    let mut table = tree;
+    for key in keys {
+        let entry = table
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| bad(format!("{key} is a setting, not a section")))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
 }
 
 fn check_http_url(field: &'static str, url: &str) -> Result<(), ConfigError> {

@@ -207,3 +207,25 @@ fn serve_fails_fast_on_unusable_files_and_ports() {
     assert_ne!(code, 0);
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
 }
+
+#[test]
+fn every_setting_has_an_environment_variable() {
+    let (code, out, err) = run_rwgate(
+        &["check-config", "--auth", "none"],
+        &[
+            ("RWGATE_LIMITS_MAX_SERIES_PER_REQUEST", "777"),
+            ("RWGATE_ROLLUP_MAX_GAP", "2m"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let c = Config::from_toml(&out, "check-config output").expect("output parses");
+    assert_eq!(c.limits.max_series_per_request, 777);
+    assert_eq!(c.rollup.max_gap, std::time::Duration::from_secs(120));
+
+    let (code, _, err) = run_rwgate(
+        &["check-config", "--auth", "none"],
+        &[("RWGATE_LIMITS_MAX_SERIES_PER_REQUEST", "many")],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("max_series_per_request"), "{err}");
+}
