@@ -10,13 +10,19 @@ bash scripts/install-deps.sh
 
 cargo fmt --all --check
 cargo clippy --locked --all-targets -- -D warnings
-# Unit and integration tests; each test is its own process (distinct ports
-# and temp dirs), and every test runs even after one fails.
-cargo nextest run --locked --workspace --no-fail-fast
 # nextest does not run doctests.
 cargo test --locked --workspace --doc
+# Unit and integration tests; each test is its own process (distinct ports
+# and temp dirs), and every test runs even after one fails.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo nextest run --locked --workspace --no-fail-fast 2>&1 | tee "$log"
 
 # Load-test smoke: rwgate alone behind k6 against an nginx sink for ~15 s;
 # fails if any request fails, nothing is forwarded, or p99 passes 1 s. The
 # full rwgate-vs-vmagent comparison is loadtest/compare.sh (docs/PERFORMANCE.md).
 bash loadtest/compare.sh --smoke
+
+# The suite's counts as the last line (any failure has already stopped us).
+passed=$(grep -E '^ *Summary ' "$log" | tail -n 1 | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || true)
+echo "tests: ${passed:-0} passed, 0 failed"
