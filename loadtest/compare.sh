@@ -29,7 +29,9 @@
 # the max search, 50), PROFILE (release; the smoke uses debug unless set),
 # OUT (loadtest/out), CONCURRENCY_LIMIT (overload run, 8), SOAK_DURATION
 # (600s), TEE_RATES (req/s of the tee fixed-load phase, "100 250"),
-# TEE_MAX_RATES (the tee step-up ladder, "200 400 600 800 1000 1200 1400 1600").
+# TEE_MAX_RATES (the tee step-up ladder, "200 400 600 800 1000 1200 1400 1600"),
+# TEE_P99_MS (the ladder's p99 threshold, 1000: the tee ladder is about
+# throughput; the table also gives the max with p99 < 50 ms).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,6 +57,7 @@ CONCURRENCY_LIMIT=${CONCURRENCY_LIMIT:-8}
 SOAK_DURATION=${SOAK_DURATION:-600s}
 TEE_RATES=${TEE_RATES:-"100 250"}
 TEE_MAX_RATES=${TEE_MAX_RATES:-"200 400 600 800 1000 1200 1400 1600"}
+TEE_P99_MS=${TEE_P99_MS:-1000}
 SERIES=1000
 OUT=${OUT:-$HERE/out}
 CLK_TCK=$(getconf CLK_TCK)
@@ -298,13 +301,14 @@ EOF
         done
     done
 
-    # Max: the same ladder for both, alternating at each step, until each fails.
+    # Max: the same ladder for both, alternating at each step, until each fails
+    # (errors, dropped load, or p99 over TEE_P99_MS).
     declare -A ALIVE=([tee-off]=1 [tee-on]=1)
     for rate in $TEE_MAX_RATES; do
         for target in tee-off tee-on; do
             [ "${ALIVE[$target]}" = 1 ] || continue
-            log "tee max search: $target at $rate requests/s, p99 < $P99_MS ms"
-            measure_tee 1 tee-max "$target" "$rate" 15s VUS=64 || ALIVE[$target]=0
+            log "tee max search: $target at $rate requests/s, p99 < $TEE_P99_MS ms"
+            measure_tee 1 tee-max "$target" "$rate" 15s VUS=64 P99_MS="$TEE_P99_MS" || ALIVE[$target]=0
         done
         if [ "${ALIVE[tee-off]}${ALIVE[tee-on]}" = 00 ]; then break; fi
     done
