@@ -233,34 +233,7 @@ fi
 if [ "$MODE" = tee ]; then
     CH_HTTP=$(py free-port) CH_TCP=$(py free-port) CH_INTER=$(py free-port)
     CH="$WORK/ch"
-    mkdir -p "$CH"
-    cat >"$CH/config.xml" <<EOF
-<?xml version="1.0"?>
-<yandex>
-  <logger><level>warning</level><console>1</console></logger>
-  <listen_host>127.0.0.1</listen_host>
-  <http_port>$CH_HTTP</http_port>
-  <tcp_port>$CH_TCP</tcp_port>
-  <interserver_http_port>$CH_INTER</interserver_http_port>
-  <path>$CH/data/</path>
-  <tmp_path>$CH/tmp/</tmp_path>
-  <user_files_path>$CH/user_files/</user_files_path>
-  <format_schema_path>$CH/format_schemas/</format_schema_path>
-  <users_config>$CH/users.xml</users_config>
-  <default_profile>default</default_profile>
-  <default_database>default</default_database>
-  <mark_cache_size>5368709</mark_cache_size>
-  <max_concurrent_queries>100</max_concurrent_queries>
-</yandex>
-EOF
-    cat >"$CH/users.xml" <<EOF
-<?xml version="1.0"?>
-<yandex>
-  <profiles><default></default></profiles>
-  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
-  <quotas><default></default></quotas>
-</yandex>
-EOF
+    bash "$ROOT/scripts/clickhouse-config.sh" "$CH" "$CH_HTTP" "$CH_TCP" "$CH_INTER"
     (cd "$CH" && exec clickhouse-server --config-file="$CH/config.xml" >>"$WORK/clickhouse.log" 2>&1) &
     PIDS+=($!)
     CH_PID=$!

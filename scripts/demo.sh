@@ -43,34 +43,7 @@ prom_port=$(port); rw_port=$(port); vm_port=$(port); exp_port=$(port)
 ch_http=$(port); ch_tcp=$(port); ch_inter=$(port)
 
 echo "== starting ClickHouse on :$ch_http"
-mkdir -p "$work/ch"
-cat > "$work/ch/config.xml" <<XML
-<?xml version="1.0"?>
-<yandex>
-  <logger><level>warning</level><console>1</console></logger>
-  <listen_host>127.0.0.1</listen_host>
-  <http_port>$ch_http</http_port>
-  <tcp_port>$ch_tcp</tcp_port>
-  <interserver_http_port>$ch_inter</interserver_http_port>
-  <path>$work/ch/data/</path>
-  <tmp_path>$work/ch/tmp/</tmp_path>
-  <user_files_path>$work/ch/user_files/</user_files_path>
-  <format_schema_path>$work/ch/format_schemas/</format_schema_path>
-  <users_config>$work/ch/users.xml</users_config>
-  <default_profile>default</default_profile>
-  <default_database>default</default_database>
-  <mark_cache_size>5368709</mark_cache_size>
-  <max_concurrent_queries>100</max_concurrent_queries>
-</yandex>
-XML
-cat > "$work/ch/users.xml" <<XML
-<?xml version="1.0"?>
-<yandex>
-  <profiles><default></default></profiles>
-  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
-  <quotas><default></default></quotas>
-</yandex>
-XML
+bash scripts/clickhouse-config.sh "$work/ch" "$ch_http" "$ch_tcp" "$ch_inter"
 (cd "$work/ch" && exec clickhouse-server --config-file="$work/ch/config.xml" >"$work/clickhouse.log" 2>&1) &
 pids+=($!)
 wait_http "http://127.0.0.1:$ch_http/ping" "ClickHouse"
