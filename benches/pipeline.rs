@@ -7,6 +7,10 @@
 //! kubecost / cAdvisor / kube-state-metrics names of which the default
 //! allowlist keeps two thirds. Throughput is reported in samples received.
 //!
+//! The `tee` group is the ClickHouse tee's share: the same request with
+//! the tee on (its `cloudtuner_kubecost_*` tenth written to a spool record),
+//! and the writer's side of that record (decode, cut into row parts).
+//!
 //! Run: `cargo bench --bench pipeline` (add `-- floor` etc. to pick groups).
 
 use std::future::Future;
@@ -23,6 +27,7 @@ use rwgate::filter::Allowlist;
 use rwgate::loadgen::{self, Profile};
 use rwgate::pipeline::{self, Params, Scratch};
 use rwgate::prompb;
+use rwgate::tee::{self, Accepted};
 use rwgate::wire::{self, Decoded, Injected, ShapeLimits};
 
 /// A waker for futures that never wait (`Waker::noop` needs Rust 1.85).
@@ -71,7 +76,7 @@ fn params<'a>(f: &'a Fixture) -> Params<'a> {
             max_label_value_bytes: 4096,
         },
         max_decoded_bytes: 64 << 20,
-        tee: false,
+        tee: None,
     }
 }
 
@@ -237,5 +242,52 @@ fn whole<M: Measurement>(c: &mut Criterion<M>) {
     g.finish();
 }
 
-criterion_group!(benches, floor, stages, whole);
+/// The tee's CPU work per request: the pipeline with the tee on, and the
+/// writer turning the request's spool record into insert rows.
+fn tee<M: Measurement>(c: &mut Criterion<M>) {
+    let f = fixture();
+    let mut g = c.benchmark_group("tee");
+    g.throughput(Throughput::Elements(f.samples));
+    let mut scratch = Scratch::default();
+    let off = params(&f);
+    g.bench_function("process_tee_off", |b| {
+        b.iter(|| {
+            pipeline::process(black_box(&f.compressed), &off, &mut scratch)
+                .expect("valid")
+                .body
+                .len()
+        })
+    });
+    let on = Params {
+        tee: Some(Accepted::ANY),
+        ..params(&f)
+    };
+    g.bench_function("process_tee_on", |b| {
+        b.iter(|| {
+            pipeline::process(black_box(&f.compressed), &on, &mut scratch)
+                .expect("valid")
+                .tee
+                .kept
+        })
+    });
+    let record = pipeline::process(&f.compressed, &on, &mut scratch)
+        .expect("valid")
+        .tee;
+    assert!(record.kept > 0, "the payload has kubecost series");
+    g.bench_function("writer_rows", |b| {
+        b.iter(|| {
+            let mut blocks = Vec::new();
+            tee::decode_record(black_box(&record.bytes), &mut blocks).expect("decodes");
+            let mut parts = tee::Parts::new(&blocks, 200_000, 64 << 20);
+            let mut rows = 0;
+            while let Some(p) = parts.next_part() {
+                rows += black_box(p).len();
+            }
+            rows
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, floor, stages, whole, tee);
 criterion_main!(benches);

@@ -21,34 +21,31 @@ use std::time::{Duration, Instant};
 use rwgate::clickhouse::{ClickHouse, RawRow, TouchedRow};
 use rwgate::config::Config;
 use rwgate::rollup::{Rollup, NAMESPACE_METRIC};
-use rwgate::tee::{Tee, TeeSeries};
+use rwgate::tee::{Accepted, RecordBuilder, Tee, TeeRecord};
 
 /// One request's worth of cost samples: 40 series of one sample (a cluster
-/// scrape of namespace and component gauges).
-fn request_samples(k: i64) -> Vec<TeeSeries> {
-    (0..40)
-        .map(|i| TeeSeries {
-            account: "0e000000-0000-4000-8000-000000000001".into(),
-            // A component gauge: raw only, so the rollup timing below sees
-            // only its own day.
-            metric: "cloudtuner_kubecost_namespace_cpu_cost".into(),
-            labels: vec![
-                (
-                    "cloud_account_id".into(),
-                    "0e000000-0000-4000-8000-000000000001".into(),
-                ),
-                ("cluster".into(), "prod".into()),
-                ("currency".into(), "USD".into()),
-                ("instance".into(), "exporter:9100".into()),
-                ("namespace".into(), format!("ns-{i}")),
-                (
-                    "tenant_id".into(),
-                    "0e000000-0000-4000-8000-000000000001".into(),
-                ),
-            ],
-            samples: vec![(1_709_251_200_000 + k * 60_000, 0.5 + i as f64)],
-        })
-        .collect()
+/// scrape of namespace and component gauges), as the request path writes
+/// them.
+fn request_samples(k: i64) -> TeeRecord {
+    const ACCOUNT: &str = "0e000000-0000-4000-8000-000000000001";
+    let mut b = RecordBuilder::new(Accepted::ANY);
+    for i in 0..40 {
+        let ns = format!("ns-{i}");
+        let labels: [(&[u8], &[u8]); 6] = [
+            (b"cloud_account_id", ACCOUNT.as_bytes()),
+            (b"cluster", b"prod"),
+            (b"currency", b"USD"),
+            (b"instance", b"exporter:9100"),
+            (b"namespace", ns.as_bytes()),
+            (b"tenant_id", ACCOUNT.as_bytes()),
+        ];
+        // A component gauge: raw only, so the rollup timing below sees
+        // only its own day.
+        b.begin_series(ACCOUNT, b"cloudtuner_kubecost_namespace_cpu_cost", &labels);
+        b.sample(1_709_251_200_000 + k * 60_000, 0.5 + i as f64);
+        b.end_series();
+    }
+    b.finish()
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -117,17 +114,19 @@ async fn main() -> anyhow::Result<()> {
     let ch = ClickHouse::new(&cfg.clickhouse)?;
     let account = "0e000000-0000-4000-8000-000000000002";
     let day_ms = 1_709_337_600_000i64;
+    let namespaces: Vec<String> = (0..1000).map(|ns| format!("ns-{ns}")).collect();
+    let labels = [("instance", "exporter:9100")];
     let mut rows = Vec::with_capacity(1_440_000);
-    for ns in 0..1000 {
+    for (ns, namespace) in namespaces.iter().enumerate() {
         for k in 0..1440 {
             rows.push(RawRow {
-                account: account.into(),
-                metric: NAMESPACE_METRIC.into(),
-                cluster: "prod".into(),
-                namespace: format!("ns-{ns}"),
-                pod: String::new(),
-                label_names: vec!["instance".into()],
-                label_values: vec!["exporter:9100".into()],
+                account,
+                metric: NAMESPACE_METRIC,
+                cluster: "prod",
+                namespace,
+                pod: "",
+                label_names: &labels,
+                label_values: &labels,
                 series_id: ns as u64,
                 ts: day_ms + k * 60_000,
                 value: 0.01 * (ns % 17) as f64 + 0.001 * (k % 13) as f64,
@@ -137,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let t = Instant::now();
     for chunk in rows.chunks(200_000) {
-        ch.insert(&ch.raw_table, chunk).await?;
+        ch.insert::<RawRow>(&ch.raw_table, chunk).await?;
     }
     println!(
         "raw insert: 1.44 M rows in {:.2}s = {:.0} rows/s (ClickHouse::insert, 200k batches)",
@@ -153,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
             hour: (day_ms / 1000 + h * 3600) as u32,
         })
         .collect();
-    ch.insert(&ch.touched_table, &touched).await?;
+    ch.insert::<TouchedRow>(&ch.touched_table, &touched).await?;
     let rollup = Rollup::new(ch.clone(), &cfg.rollup);
     let t = Instant::now();
     let r = rollup.pass().await?;

@@ -12,8 +12,9 @@
 
 use std::time::Duration;
 
-use clickhouse::{Client, Compression, Row};
-use serde::{Deserialize, Serialize};
+use clickhouse::{Client, Compression, Row, RowWrite};
+use serde::ser::SerializeSeq;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::config::ClickHouseConfig;
 
@@ -166,11 +167,13 @@ impl ClickHouse {
             .await
     }
 
-    /// Inserts rows in one INSERT statement.
-    pub async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<(), ClickHouseError>
-    where
-        T: Row + Serialize + for<'a> Row<Value<'a> = T>,
-    {
+    /// Inserts rows in one INSERT statement (`T` names the row type; rows
+    /// may borrow, as [`RawRow`] does).
+    pub async fn insert<T: Row + RowWrite>(
+        &self,
+        table: &str,
+        rows: &[T::Value<'_>],
+    ) -> Result<(), ClickHouseError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -333,16 +336,22 @@ pub struct TouchedRow {
     pub hour: u32,
 }
 
-/// One row of the raw table (field order and types = [`raw_table_ddl`]).
-#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
-pub struct RawRow {
-    pub account: String,
-    pub metric: String,
-    pub cluster: String,
-    pub namespace: String,
-    pub pod: String,
-    pub label_names: Vec<String>,
-    pub label_values: Vec<String>,
+/// One row of the raw table (field order and types = [`raw_table_ddl`]),
+/// borrowed from a decoded spool record: a row copies nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Row, Serialize)]
+pub struct RawRow<'a> {
+    pub account: &'a str,
+    pub metric: &'a str,
+    pub cluster: &'a str,
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    /// The other labels, sorted by name: the `label_names` column is their
+    /// names. Set it and `label_values` to the same slice.
+    #[serde(serialize_with = "label_names")]
+    pub label_names: &'a [(&'a str, &'a str)],
+    /// The `label_values` column: the values of the same slice.
+    #[serde(serialize_with = "label_values")]
+    pub label_values: &'a [(&'a str, &'a str)],
     pub series_id: u64,
     pub ts: i64,
     pub value: f64,
@@ -372,19 +381,20 @@ pub struct StateRow {
     pub version: u64,
 }
 
-/// The stable id of a series: the first 8 bytes (little endian) of the MD5
-/// of its metric name and sorted labels, `name=value` joined by `0xff`.
-pub fn series_id(metric: &str, labels: &[(String, String)]) -> u64 {
-    let mut ctx = md5::Context::new();
-    ctx.consume(metric.as_bytes());
-    for (n, v) in labels {
-        ctx.consume([0xffu8]);
-        ctx.consume(n.as_bytes());
-        ctx.consume(b"=");
-        ctx.consume(v.as_bytes());
+fn label_names<S: Serializer>(labels: &[(&str, &str)], s: S) -> Result<S::Ok, S::Error> {
+    let mut seq = s.serialize_seq(Some(labels.len()))?;
+    for (name, _) in labels {
+        seq.serialize_element(name)?;
     }
-    let d = ctx.compute().0;
-    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    seq.end()
+}
+
+fn label_values<S: Serializer>(labels: &[(&str, &str)], s: S) -> Result<S::Ok, S::Error> {
+    let mut seq = s.serialize_seq(Some(labels.len()))?;
+    for (_, value) in labels {
+        seq.serialize_element(value)?;
+    }
+    seq.end()
 }
 
 #[cfg(test)]
@@ -408,14 +418,5 @@ mod tests {
         assert!(!ClickHouseError::Timeout(Duration::from_secs(1)).is_data_error());
         assert!(ClickHouseError::Timeout(Duration::from_secs(1)).is_timeout());
         assert!(bad("Code: 159. DB::Exception: Timeout exceeded").is_timeout());
-    }
-
-    #[test]
-    fn series_id_depends_on_every_label() {
-        let a = vec![("namespace".to_string(), "a".to_string())];
-        let b = vec![("namespace".to_string(), "b".to_string())];
-        assert_ne!(series_id("m", &a), series_id("m", &b));
-        assert_ne!(series_id("m", &a), series_id("n", &a));
-        assert_eq!(series_id("m", &a), series_id("m", &a.clone()));
     }
 }

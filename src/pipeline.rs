@@ -4,7 +4,7 @@
 //! and benchmarked directly.
 
 use crate::filter::Allowlist;
-use crate::tee::{TeeSeries, TEE_PREFIX};
+use crate::tee::{Accepted, RecordBuilder, TeeRecord, TEE_PREFIX};
 use crate::wire::{self, DecodeError, Decoded, Injected, ShapeLimits};
 
 /// Buffers reused from one request to the next (see [`ScratchPool`]).
@@ -25,8 +25,9 @@ pub struct Params<'a> {
     pub allowlist: &'a Allowlist,
     pub limits: ShapeLimits,
     pub max_decoded_bytes: u64,
-    /// Collect `cloudtuner_kubecost_*` samples for the tee.
-    pub tee: bool,
+    /// Collect `cloudtuner_kubecost_*` samples with timestamps in this
+    /// window for the tee (`None`: no tee).
+    pub tee: Option<Accepted>,
 }
 
 /// The result of [`process`].
@@ -42,7 +43,8 @@ pub struct Outcome {
     pub samples_dropped: u64,
     /// Metadata entries dropped (they carry no tenant).
     pub metadata_dropped: u64,
-    pub tee: Vec<TeeSeries>,
+    /// The tee's spool record (empty when there is no tee or nothing to tee).
+    pub tee: TeeRecord,
 }
 
 /// Why a body could not be processed.
@@ -100,6 +102,8 @@ pub fn process(
     };
     let encoded = &mut scratch.encoded;
     encoded.clear();
+    let mut tee = p.tee.map(RecordBuilder::new);
+    let mut tee_labels = Vec::new();
     for s in &decoded.series {
         out.series_received += 1;
         out.samples_received += u64::from(s.samples);
@@ -112,9 +116,14 @@ pub fn process(
         out.series_kept += 1;
         out.samples_kept += u64::from(s.samples);
         wire::encode_series(encoded, buf, decoded, s, inject);
-        if p.tee && name.is_some_and(|n| n.starts_with(TEE_PREFIX)) {
-            collect_tee(buf, decoded, s, p, &mut out.tee)?;
+        if let (Some(tee), Some(name)) = (&mut tee, name) {
+            if name.starts_with(TEE_PREFIX) {
+                collect_tee(buf, decoded, s, name, p, &mut tee_labels, tee)?;
+            }
         }
+    }
+    if let Some(tee) = tee {
+        out.tee = tee.finish();
     }
     if out.series_kept > 0 {
         let c = &mut scratch.compressed;
@@ -127,42 +136,38 @@ pub fn process(
     Ok(out)
 }
 
-fn collect_tee(
-    buf: &[u8],
+/// Appends one series to the tee record: its labels after tenancy
+/// enforcement, sorted, without `__name__`, borrowed from the body.
+fn collect_tee<'b>(
+    buf: &'b [u8],
     decoded: &Decoded,
     s: &wire::SeriesRef,
-    p: &Params<'_>,
-    tee: &mut Vec<TeeSeries>,
+    name: &'b [u8],
+    p: &'b Params<'_>,
+    labels: &mut Vec<(&'b [u8], &'b [u8])>,
+    tee: &mut RecordBuilder,
 ) -> Result<(), PipelineError> {
-    // Labels after tenancy enforcement, sorted, without `__name__`.
-    let text = |span: wire::Span| String::from_utf8_lossy(span.get(buf)).into_owned();
-    let mut labels: Vec<(String, String)> = decoded
-        .labels_of(s)
-        .iter()
-        .filter(|l| {
-            let n = l.name.get(buf);
-            n != b"__name__" && !p.tenant_labels.iter().any(|t| t.as_bytes() == n)
-        })
-        .map(|l| (text(l.name), text(l.value)))
-        .collect();
+    labels.clear();
+    labels.extend(
+        decoded
+            .labels_of(s)
+            .iter()
+            .map(|l| (l.name.get(buf), l.value.get(buf)))
+            .filter(|(n, _)| {
+                *n != b"__name__" && !p.tenant_labels.iter().any(|t| t.as_bytes() == *n)
+            }),
+    );
     labels.extend(
         p.tenant_labels
             .iter()
-            .map(|t| (t.clone(), p.account.to_string())),
+            .map(|t| (t.as_bytes(), p.account.as_bytes())),
     );
     labels.sort_unstable();
-    let metric = s.name.map(text).unwrap_or_default();
-    // The labels once per series, never per sample.
-    let mut samples = Vec::with_capacity(s.samples as usize);
+    tee.begin_series(p.account, name, labels);
     wire::for_each_sample(buf, s, |sample| {
-        samples.push((sample.timestamp_ms, sample.value))
+        tee.sample(sample.timestamp_ms, sample.value)
     })?;
-    tee.push(TeeSeries {
-        account: p.account.to_string(),
-        metric,
-        labels,
-        samples,
-    });
+    tee.end_series();
     Ok(())
 }
 
@@ -241,7 +246,7 @@ mod tests {
             allowlist: allow,
             limits: ShapeLimits::UNLIMITED,
             max_decoded_bytes: 1 << 20,
-            tee: true,
+            tee: Some(Accepted::ANY),
         }
     }
 
@@ -287,19 +292,20 @@ mod tests {
             assert_eq!(get("cloud_account_id"), ["acc"]);
             assert_eq!(get("tenant_id"), ["acc"]);
         }
+        assert_eq!((out.tee.kept, out.tee.too_old, out.tee.too_new), (1, 0, 0));
+        let mut teed = Vec::new();
+        crate::tee::decode_record(&out.tee.bytes, &mut teed).unwrap();
+        assert_eq!(teed.len(), 1);
+        let t = &teed[0];
         assert_eq!(
-            out.tee,
-            vec![TeeSeries {
-                account: "acc".into(),
-                metric: "cloudtuner_kubecost_namespace_total_cost".into(),
-                labels: vec![
-                    ("cloud_account_id".into(), "acc".into()),
-                    ("namespace".into(), "ns1".into()),
-                    ("tenant_id".into(), "acc".into()),
-                ],
-                samples: vec![(1_700_000_000_000, 0.25)],
-            }]
+            (t.account, t.metric, t.namespace),
+            ("acc", "cloudtuner_kubecost_namespace_total_cost", "ns1")
         );
+        assert_eq!(
+            t.labels,
+            [("cloud_account_id", "acc"), ("tenant_id", "acc")]
+        );
+        assert_eq!(t.samples().collect::<Vec<_>>(), [(1_700_000_000_000, 0.25)]);
     }
 
     #[test]

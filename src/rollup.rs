@@ -556,7 +556,11 @@ impl Rollup {
         if rows.is_empty() {
             return Ok(());
         }
-        match self.ch.insert(&self.ch.expenses_table, rows).await {
+        match self
+            .ch
+            .insert::<ExpenseRow>(&self.ch.expenses_table, rows)
+            .await
+        {
             Ok(()) => {
                 metrics::counter!(t::BATCHES_WRITTEN, "table" => "expenses").increment(1);
                 metrics::counter!(t::ROWS_WRITTEN, "table" => "expenses")
@@ -728,7 +732,9 @@ impl Rollup {
             watermark,
             version,
         };
-        self.ch.insert(&self.ch.state_table, &[row]).await?;
+        self.ch
+            .insert::<StateRow>(&self.ch.state_table, &[row])
+            .await?;
         Ok(())
     }
 }

@@ -333,7 +333,7 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
             max_label_value_bytes: cfg.limits.max_label_value_bytes,
         },
         max_decoded_bytes: cfg.limits.max_decoded_bytes.bytes(),
-        tee: state.tee.is_some(),
+        tee: state.tee.as_ref().map(|t| t.accepted_now()),
     };
     let declared = pipeline::declared_len(&body).unwrap_or(0);
     let units = kib(declared.min(cfg.limits.max_decoded_bytes.bytes()));

@@ -9,6 +9,12 @@
 //! releases spool entries only after ClickHouse acknowledged their insert, so
 //! a crash between the two re-sends rows, which the raw table's
 //! ReplacingMergeTree key collapses.
+//!
+//! Nothing is copied per label or per sample on the way: the request path
+//! writes the spool record straight from the decoded request
+//! ([`RecordBuilder`]), and the writer reads rows as views into the spool
+//! record ([`SeriesBlock`], [`RawRow`]) that serialise straight to
+//! ClickHouse's RowBinary.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,29 +22,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::clickhouse::{series_id, ClickHouse, RawRow, TouchedRow};
+use crate::clickhouse::{ClickHouse, RawRow, TouchedRow};
 use crate::config::Config;
 use crate::spool::{Pos, Spool, SpoolOptions, SpoolReader};
 use crate::telemetry as t;
 
 /// The metric-name prefix of the cost exporter's gauges, the only series teed.
 pub const TEE_PREFIX: &[u8] = b"cloudtuner_kubecost_";
-
-/// The teed samples of one series, after tenancy enforcement. The labels
-/// are held once per series, never per sample, so memory stays proportional
-/// to the request (one series of 60 labels of 4 KiB and 4,000 samples is
-/// 240 KiB here, not 1 GB).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TeeSeries {
-    /// The authenticated account id.
-    pub account: String,
-    /// `__name__`.
-    pub metric: String,
-    /// Every label but `__name__`, sorted by name (tenant labels included).
-    pub labels: Vec<(String, String)>,
-    /// `(timestamp_ms, value)`.
-    pub samples: Vec<(i64, f64)>,
-}
 
 /// Timestamps the tee accepts, relative to now; samples outside are not
 /// teed (counted in `rwgate_tee_samples_rejected_total`).
@@ -49,10 +39,27 @@ pub struct TimeWindow {
 }
 
 impl TimeWindow {
+    /// The accepted timestamps at `now_ms`.
+    pub fn at(self, now_ms: i64) -> Accepted {
+        Accepted {
+            oldest_ms: now_ms.saturating_sub(self.max_age_ms),
+            newest_ms: now_ms.saturating_add(self.max_future_ms),
+        }
+    }
+}
+
+/// The sample timestamps the tee accepts (milliseconds, both ends included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub oldest_ms: i64,
+    pub newest_ms: i64,
+}
+
+impl Accepted {
     /// Accepts everything.
-    pub const ANY: TimeWindow = TimeWindow {
-        max_age_ms: i64::MAX / 4,
-        max_future_ms: i64::MAX / 4,
+    pub const ANY: Accepted = Accepted {
+        oldest_ms: i64::MIN,
+        newest_ms: i64::MAX,
     };
 }
 
@@ -65,61 +72,114 @@ pub enum TeeError {
     Io(#[from] std::io::Error),
 }
 
-/// What [`encode`] kept and refused.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Encoded {
+/// One spool record: the teed samples of one request, and what was refused.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TeeRecord {
+    pub bytes: Vec<u8>,
+    /// Samples in the record.
     pub kept: u64,
+    /// Samples refused as older than the accepted window.
     pub too_old: u64,
+    /// Samples refused as further ahead than the accepted window.
     pub too_new: u64,
 }
 
-/// Encodes series as one spool record, one group per series, keeping only
-/// samples whose timestamp lies in `window` around `now_ms`.
+/// Writes one spool record, a series at a time, straight from the decoded
+/// request (no owned copies of labels or samples). Series whose samples all
+/// fall outside the accepted window are left out.
 ///
 /// ```text
 /// record := u32 groups, group*
 /// group  := str account, str metric, u16 labels, (str name, str value)*,
 ///           u32 samples, (i64 ts_ms, f64 value)*
-/// str    := u32 len, bytes
+/// str    := u32 len, bytes (UTF-8)
 /// ```
-pub fn encode(series: &[TeeSeries], window: TimeWindow, now_ms: i64) -> (Vec<u8>, Encoded) {
-    fn put_str(out: &mut Vec<u8>, s: &str) {
-        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        out.extend_from_slice(s.as_bytes());
+pub struct RecordBuilder {
+    rec: TeeRecord,
+    accepted: Accepted,
+    groups: u32,
+    /// Where the open series starts, and where its sample count is.
+    open: Option<(usize, usize)>,
+    open_samples: u32,
+}
+
+impl RecordBuilder {
+    pub fn new(accepted: Accepted) -> RecordBuilder {
+        RecordBuilder {
+            rec: TeeRecord {
+                bytes: 0u32.to_le_bytes().to_vec(),
+                ..TeeRecord::default()
+            },
+            accepted,
+            groups: 0,
+            open: None,
+            open_samples: 0,
+        }
     }
-    let oldest = now_ms.saturating_sub(window.max_age_ms);
-    let newest = now_ms.saturating_add(window.max_future_ms);
-    let mut stats = Encoded::default();
-    let mut out =
-        Vec::with_capacity(64 + series.iter().map(|s| s.samples.len()).sum::<usize>() * 16);
-    out.extend_from_slice(&0u32.to_le_bytes());
-    let mut groups = 0u32;
-    for s in series {
-        let keep = |&&(t, _): &&(i64, f64)| (oldest..=newest).contains(&t);
-        let n = s.samples.iter().filter(keep).count();
-        let too_old = s.samples.iter().filter(|x| x.0 < oldest).count() as u64;
-        stats.too_old += too_old;
-        stats.too_new += (s.samples.len() - n) as u64 - too_old;
-        if n == 0 {
-            continue;
+
+    /// Starts a series. `labels` are every label but `__name__`, sorted by
+    /// name, at most `u16::MAX` of them, names and values valid UTF-8 (the
+    /// wire decoder checked; the writer checks again and skips a record
+    /// that is not).
+    pub fn begin_series(&mut self, account: &str, metric: &[u8], labels: &[(&[u8], &[u8])]) {
+        self.end_series();
+        let out = &mut self.rec.bytes;
+        let start = out.len();
+        put_str(out, account.as_bytes());
+        put_str(out, metric);
+        out.extend_from_slice(&(labels.len() as u16).to_le_bytes());
+        for (n, v) in labels {
+            put_str(out, n);
+            put_str(out, v);
         }
-        stats.kept += n as u64;
-        put_str(&mut out, &s.account);
-        put_str(&mut out, &s.metric);
-        out.extend_from_slice(&(s.labels.len() as u16).to_le_bytes());
-        for (n, v) in &s.labels {
-            put_str(&mut out, n);
-            put_str(&mut out, v);
-        }
-        out.extend_from_slice(&(n as u32).to_le_bytes());
-        for &(t, v) in s.samples.iter().filter(keep) {
-            out.extend_from_slice(&t.to_le_bytes());
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        groups += 1;
+        self.open = Some((start, out.len()));
+        out.extend_from_slice(&0u32.to_le_bytes());
+        self.open_samples = 0;
     }
-    out[0..4].copy_from_slice(&groups.to_le_bytes());
-    (out, stats)
+
+    /// Adds a sample to the open series, if its timestamp is accepted.
+    pub fn sample(&mut self, ts_ms: i64, value: f64) {
+        if ts_ms < self.accepted.oldest_ms {
+            self.rec.too_old += 1;
+        } else if ts_ms > self.accepted.newest_ms {
+            self.rec.too_new += 1;
+        } else {
+            self.rec.bytes.extend_from_slice(&ts_ms.to_le_bytes());
+            self.rec.bytes.extend_from_slice(&value.to_le_bytes());
+            self.open_samples += 1;
+            self.rec.kept += 1;
+        }
+    }
+
+    /// Closes the open series (dropping it if no sample was accepted).
+    pub fn end_series(&mut self) {
+        let Some((start, count_at)) = self.open.take() else {
+            return;
+        };
+        if self.open_samples == 0 {
+            self.rec.bytes.truncate(start);
+        } else {
+            self.rec.bytes[count_at..count_at + 4]
+                .copy_from_slice(&self.open_samples.to_le_bytes());
+            self.groups += 1;
+        }
+    }
+
+    /// The record (empty `bytes` when no sample was kept).
+    pub fn finish(mut self) -> TeeRecord {
+        self.end_series();
+        if self.groups == 0 {
+            self.rec.bytes = Vec::new();
+        } else {
+            self.rec.bytes[0..4].copy_from_slice(&self.groups.to_le_bytes());
+        }
+        self.rec
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s);
 }
 
 /// A spool record that does not decode.
@@ -151,56 +211,79 @@ impl<'a> Cursor<'a> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self) -> Result<u64, DecodeRecordError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn str(&mut self) -> Result<String, DecodeRecordError> {
+    fn str(&mut self) -> Result<&'a str, DecodeRecordError> {
         let n = self.u32()? as usize;
         let at = self.at;
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| DecodeRecordError(at))
+        std::str::from_utf8(b).map_err(|_| DecodeRecordError(at))
     }
 }
 
-/// One series of a spool record, in raw-table form but with its samples
-/// still compact: rows are materialised a bounded part at a time.
+/// One series of a spool record, in raw-table form, borrowed from the
+/// record: rows are materialised a bounded part at a time ([`Parts`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct SeriesBlock {
-    pub account: String,
-    pub metric: String,
-    pub cluster: String,
-    pub namespace: String,
-    pub pod: String,
-    pub label_names: Vec<String>,
-    pub label_values: Vec<String>,
+pub struct SeriesBlock<'a> {
+    pub account: &'a str,
+    pub metric: &'a str,
+    pub cluster: &'a str,
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    /// The other labels, sorted by name.
+    pub labels: Vec<(&'a str, &'a str)>,
+    /// The stable id of the series: XXH3-64 of its metric name and sorted
+    /// labels as the record encodes them (length-prefixed, so unambiguous).
     pub series_id: u64,
-    pub samples: Vec<(i64, f64)>,
+    /// `(i64 ts_ms, f64 value)` pairs, 16 bytes each, little endian.
+    samples: &'a [u8],
 }
 
-impl SeriesBlock {
-    /// Estimated bytes of one of its rows in memory (and on the wire).
+impl SeriesBlock<'_> {
+    /// Samples in the series.
+    pub fn len(&self) -> usize {
+        self.samples.len() / 16
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The `i`th `(timestamp_ms, value)`.
+    pub fn sample(&self, i: usize) -> (i64, f64) {
+        let b = &self.samples[i * 16..i * 16 + 16];
+        let word = |k: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[k..k + 8]);
+            a
+        };
+        (i64::from_le_bytes(word(0)), f64::from_le_bytes(word(8)))
+    }
+
+    /// Every `(timestamp_ms, value)`.
+    pub fn samples(&self) -> impl ExactSizeIterator<Item = (i64, f64)> + '_ {
+        (0..self.len()).map(|i| self.sample(i))
+    }
+
+    /// Estimated bytes of one of its rows on the wire to ClickHouse.
     pub fn row_bytes(&self) -> usize {
-        let strings = self.label_names.iter().chain(&self.label_values);
-        96 + self.account.len()
+        let labels: usize = self.labels.iter().map(|(n, v)| n.len() + v.len() + 2).sum();
+        48 + self.account.len()
             + self.metric.len()
             + self.cluster.len()
             + self.namespace.len()
             + self.pod.len()
-            + strings.map(|s| s.len() + 24).sum::<usize>()
+            + labels
     }
 
-    fn row(&self, ts: i64, value: f64) -> RawRow {
+    fn row(&self, i: usize) -> RawRow<'_> {
+        let (ts, value) = self.sample(i);
         RawRow {
-            account: self.account.clone(),
-            metric: self.metric.clone(),
-            cluster: self.cluster.clone(),
-            namespace: self.namespace.clone(),
-            pod: self.pod.clone(),
-            label_names: self.label_names.clone(),
-            label_values: self.label_values.clone(),
+            account: self.account,
+            metric: self.metric,
+            cluster: self.cluster,
+            namespace: self.namespace,
+            pod: self.pod,
+            label_names: &self.labels,
+            label_values: &self.labels,
             series_id: self.series_id,
             ts,
             value,
@@ -209,67 +292,60 @@ impl SeriesBlock {
     }
 }
 
-/// Decodes one spool record into raw-table rows (`ingest_time` left 0; the
-/// writer stamps it at insert time). On error `out` is left as it was.
-pub fn decode_rows(record: &[u8], out: &mut Vec<RawRow>) -> Result<(), DecodeRecordError> {
-    for b in decode_record(record)? {
-        out.extend(b.samples.iter().map(|&(t, v)| b.row(t, v)));
+/// Decodes one spool record, appending its series to `out`; all or nothing
+/// (on error `out` is left as it was).
+pub fn decode_record<'a>(
+    record: &'a [u8],
+    out: &mut Vec<SeriesBlock<'a>>,
+) -> Result<(), DecodeRecordError> {
+    let len_before = out.len();
+    let result = decode_into(record, out);
+    if result.is_err() {
+        out.truncate(len_before);
     }
-    Ok(())
+    result
 }
 
-/// Decodes one spool record into its series; all or nothing.
-pub fn decode_record(record: &[u8]) -> Result<Vec<SeriesBlock>, DecodeRecordError> {
-    let mut out = Vec::new();
+fn decode_into<'a>(
+    record: &'a [u8],
+    out: &mut Vec<SeriesBlock<'a>>,
+) -> Result<(), DecodeRecordError> {
     let mut c = Cursor { buf: record, at: 0 };
     let groups = c.u32()?;
     for _ in 0..groups {
         let account = c.str()?;
+        let identity_at = c.at;
         let metric = c.str()?;
         let nlabels = c.u16()?;
+        let (mut cluster, mut namespace, mut pod) = ("", "", "");
         let mut labels = Vec::with_capacity(nlabels as usize);
         for _ in 0..nlabels {
-            labels.push((c.str()?, c.str()?));
-        }
-        let id = series_id(&metric, &labels);
-        let (mut cluster, mut namespace, mut pod) = (String::new(), String::new(), String::new());
-        let mut names = Vec::with_capacity(labels.len());
-        let mut values = Vec::with_capacity(labels.len());
-        for (n, v) in labels {
-            match n.as_str() {
+            let (n, v) = (c.str()?, c.str()?);
+            match n {
                 "cluster" => cluster = v,
                 "namespace" => namespace = v,
                 "pod" => pod = v,
-                _ => {
-                    names.push(n);
-                    values.push(v);
-                }
+                _ => labels.push((n, v)),
             }
         }
+        let series_id = xxhash_rust::xxh3::xxh3_64(&record[identity_at..c.at]);
         let n = c.u32()? as usize;
-        // Each sample is 16 bytes: a corrupt count cannot over-allocate.
-        let mut samples = Vec::with_capacity(n.min((record.len() - c.at) / 16));
-        for _ in 0..n {
-            let ts = c.u64()? as i64;
-            let value = f64::from_bits(c.u64()?);
-            samples.push((ts, value));
-        }
+        let samples = c.take(n.checked_mul(16).ok_or(DecodeRecordError(c.at))?)?;
         out.push(SeriesBlock {
             account,
             metric,
             cluster,
             namespace,
             pod,
-            label_names: names,
-            label_values: values,
-            series_id: id,
+            labels,
+            series_id,
             samples,
         });
     }
     if c.at != record.len() {
         return Err(DecodeRecordError(c.at));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The UTC month (`year * 12 + month`) of a millisecond timestamp: the raw
@@ -290,11 +366,11 @@ fn month_of(ts_ms: i64) -> i64 {
 }
 
 /// Cuts series blocks into insert parts of rows: each part holds one month,
-/// at most `max_rows` rows and about `max_bytes` bytes (a single row larger
-/// than that is a part of its own). Rows are made only as parts are taken,
-/// so memory is bounded by one part, however far a record expands.
-pub struct Parts<'a> {
-    blocks: &'a [SeriesBlock],
+/// at most `max_rows` rows and about `max_bytes` bytes on the wire (a single
+/// row larger than that is a part of its own). Rows are views into the
+/// blocks, made only as parts are taken.
+pub struct Parts<'b, 'a> {
+    blocks: &'b [SeriesBlock<'a>],
     months: Vec<i64>,
     max_rows: usize,
     max_bytes: usize,
@@ -302,15 +378,22 @@ pub struct Parts<'a> {
     at: (usize, usize, usize),
 }
 
-impl<'a> Parts<'a> {
-    pub fn new(blocks: &'a [SeriesBlock], max_rows: usize, max_bytes: usize) -> Parts<'a> {
-        let months: std::collections::BTreeSet<i64> = blocks
-            .iter()
-            .flat_map(|b| b.samples.iter().map(|s| month_of(s.0)))
-            .collect();
+impl<'b, 'a> Parts<'b, 'a> {
+    pub fn new(blocks: &'b [SeriesBlock<'a>], max_rows: usize, max_bytes: usize) -> Self {
+        // Nearly always one month, at most a few: a short list beats a set.
+        let mut months: Vec<i64> = Vec::new();
+        for b in blocks {
+            for (t, _) in b.samples() {
+                let m = month_of(t);
+                if months.last() != Some(&m) && !months.contains(&m) {
+                    months.push(m);
+                }
+            }
+        }
+        months.sort_unstable();
         Parts {
             blocks,
-            months: months.into_iter().collect(),
+            months,
             max_rows: max_rows.max(1),
             max_bytes,
             at: (0, 0, 0),
@@ -318,8 +401,9 @@ impl<'a> Parts<'a> {
     }
 
     /// The next part, or `None` when all rows were given out.
-    pub fn next_part(&mut self) -> Option<Vec<RawRow>> {
+    pub fn next_part(&mut self) -> Option<Vec<RawRow<'b>>> {
         let (mut m, mut b, mut i) = self.at;
+        let single_month = self.months.len() == 1;
         while m < self.months.len() {
             let month = self.months[m];
             let mut rows = Vec::new();
@@ -327,16 +411,15 @@ impl<'a> Parts<'a> {
             while b < self.blocks.len() {
                 let block = &self.blocks[b];
                 let size = block.row_bytes();
-                while i < block.samples.len() {
-                    let (t, v) = block.samples[i];
-                    if month_of(t) == month {
+                while i < block.len() {
+                    if single_month || month_of(block.sample(i).0) == month {
                         if !rows.is_empty()
                             && (rows.len() >= self.max_rows || bytes + size > self.max_bytes)
                         {
                             self.at = (m, b, i);
                             return Some(rows);
                         }
-                        rows.push(block.row(t, v));
+                        rows.push(block.row(i));
                         bytes += size;
                     }
                     i += 1;
@@ -411,29 +494,30 @@ impl Tee {
         })
     }
 
-    /// Makes the samples of `series` durable (returns after the shared
-    /// fsync). Samples with absurd timestamps (older than
-    /// `spool.max_sample_age`, or further ahead than
-    /// `spool.max_sample_future`) are not teed, only counted.
-    pub async fn append(&self, series: &[TeeSeries]) -> Result<(), TeeError> {
-        if series.is_empty() {
+    /// The sample timestamps accepted right now: samples older than
+    /// `spool.max_sample_age` or further ahead than `spool.max_sample_future`
+    /// are not teed, only counted.
+    pub fn accepted_now(&self) -> Accepted {
+        self.window.at(unix_now_ms())
+    }
+
+    /// Makes a request's record durable (returns after the shared fsync),
+    /// and counts what it kept and refused.
+    pub async fn append(&self, record: &TeeRecord) -> Result<(), TeeError> {
+        if record.too_old > 0 {
+            metrics::counter!(t::SAMPLES_REJECTED, "reason" => "too_old").increment(record.too_old);
+        }
+        if record.too_new > 0 {
+            metrics::counter!(t::SAMPLES_REJECTED, "reason" => "too_far_in_future")
+                .increment(record.too_new);
+        }
+        if record.kept == 0 {
             return Ok(());
         }
         let started = Instant::now();
-        let (payload, stats) = encode(series, self.window, unix_now_ms());
-        if stats.too_old > 0 {
-            metrics::counter!(t::SAMPLES_REJECTED, "reason" => "too_old").increment(stats.too_old);
-        }
-        if stats.too_new > 0 {
-            metrics::counter!(t::SAMPLES_REJECTED, "reason" => "too_far_in_future")
-                .increment(stats.too_new);
-        }
-        if stats.kept == 0 {
-            return Ok(());
-        }
-        self.spool.append(&payload).await?;
+        self.spool.append(&record.bytes).await?;
         metrics::histogram!(t::SPOOL_APPEND_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::counter!(t::SAMPLES_SPOOLED).increment(stats.kept);
+        metrics::counter!(t::SAMPLES_SPOOLED).increment(record.kept);
         Ok(())
     }
 
@@ -491,9 +575,14 @@ impl Writer {
             self.migrate_until_done(&mut stop).await;
         }
         while !*stop.borrow() {
-            let Some((blocks, end)) = self.next_batch(&mut stop).await else {
+            let Some((records, end)) = self.next_batch(&mut stop).await else {
                 continue;
             };
+            let mut blocks = Vec::new();
+            for r in &records {
+                // Checked by next_batch: every record here decodes.
+                let _ = decode_record(r, &mut blocks);
+            }
             // Insert every part until ClickHouse takes it (or it is
             // dead-lettered); the spool keeps the batch meanwhile.
             let mut parts = Parts::new(&blocks, self.cfg.batch_max_rows, self.max_bytes());
@@ -524,7 +613,7 @@ impl Writer {
     /// because of its data goes to the dead-letter file.
     async fn insert_part(
         &self,
-        rows: Vec<RawRow>,
+        rows: Vec<RawRow<'_>>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Stopped> {
         let mut backoff = self.cfg.retry_backoff;
@@ -538,8 +627,12 @@ impl Writer {
                 // The touched index first: if the raw insert then fails, the
                 // rollup merely re-derives a bucket that did not change.
                 let touched = touched_rows(&part, now);
-                let result = match self.ch.insert(&self.ch.touched_table, &touched).await {
-                    Ok(()) => self.ch.insert(&self.ch.raw_table, &part).await,
+                let result = match self
+                    .ch
+                    .insert::<TouchedRow>(&self.ch.touched_table, &touched)
+                    .await
+                {
+                    Ok(()) => self.ch.insert::<RawRow>(&self.ch.raw_table, &part).await,
                     Err(e) => Err(e),
                 };
                 let e = match result {
@@ -578,7 +671,7 @@ impl Writer {
     /// Appends rows ClickHouse refuses for their content to
     /// `<spool dir>/dead-letter.jsonl` (one JSON object per row, with the
     /// error), counts and logs them. They are not retried.
-    async fn dead_letter(&self, rows: &[RawRow], e: &crate::clickhouse::ClickHouseError) {
+    async fn dead_letter(&self, rows: &[RawRow<'_>], e: &crate::clickhouse::ClickHouseError) {
         metrics::counter!(t::ROWS_DEAD_LETTERED).increment(rows.len() as u64);
         let path = self.cfg.dir.join(DEAD_LETTER_FILE);
         let mut text = String::new();
@@ -632,11 +725,8 @@ impl Writer {
     /// Collects a batch: waits for data, then until `batch_max_rows` rows or
     /// until the first record is `batch_max_age` old. `None` if stopped or
     /// nothing arrived within a second (gauges are refreshed meanwhile).
-    async fn next_batch(
-        &self,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Option<(Vec<SeriesBlock>, Pos)> {
-        let mut blocks = Vec::new();
+    async fn next_batch(&self, stop: &mut watch::Receiver<bool>) -> Option<(Vec<Vec<u8>>, Pos)> {
+        let mut kept = Vec::new();
         let (mut rows, mut bytes) = (0usize, 0usize);
         let mut end = None;
         let mut first_ms: Option<i64> = None;
@@ -668,14 +758,15 @@ impl Writer {
             };
             for rec in records {
                 first_ms.get_or_insert(rec.appended_ms);
-                match decode_record(&rec.payload) {
-                    Ok(bs) => {
-                        for b in &bs {
-                            rows += b.samples.len();
-                            bytes =
-                                bytes.saturating_add(b.row_bytes().saturating_mul(b.samples.len()));
+                let mut blocks = Vec::new();
+                match decode_record(&rec.payload, &mut blocks) {
+                    Ok(()) => {
+                        for b in &blocks {
+                            rows += b.len();
+                            bytes = bytes.saturating_add(b.row_bytes().saturating_mul(b.len()));
                         }
-                        blocks.extend(bs);
+                        drop(blocks);
+                        kept.push(rec.payload);
                     }
                     Err(e) => {
                         metrics::counter!(t::RECORDS_UNDECODABLE).increment(1);
@@ -712,7 +803,7 @@ impl Writer {
                 }
             }
         }
-        end.map(|e| (blocks, e))
+        end.map(|e| (kept, e))
     }
 
     async fn read(&self) -> std::io::Result<Vec<crate::spool::Record>> {
@@ -749,17 +840,20 @@ impl Writer {
 }
 
 /// The distinct (minute, charged metric, account, hour) of a batch.
-fn touched_rows(rows: &[RawRow], now: u32) -> Vec<TouchedRow> {
+fn touched_rows(rows: &[RawRow<'_>], now: u32) -> Vec<TouchedRow> {
     let minute = now - now % 60;
     let mut set = std::collections::BTreeSet::new();
+    let mut last = None;
     for r in rows {
-        if crate::rollup::CHARGED_METRICS.contains(&r.metric.as_str()) {
-            let hour = r.ts.div_euclid(3_600_000) * 3600;
-            set.insert((
-                r.metric.as_str(),
-                r.account.as_str(),
-                hour.clamp(0, u32::MAX as i64) as u32,
-            ));
+        let hour = (r.ts.div_euclid(3_600_000) * 3600).clamp(0, u32::MAX as i64) as u32;
+        let key = (r.metric, r.account, hour);
+        // Rows come in runs of one series: most are the key just seen.
+        if last == Some(key) {
+            continue;
+        }
+        last = Some(key);
+        if crate::rollup::CHARGED_METRICS.contains(&r.metric) {
+            set.insert(key);
         }
     }
     set.into_iter()
@@ -811,46 +905,122 @@ fn unix_now_ms() -> i64 {
 mod tests {
     use super::*;
 
-    fn series(ns: &str, samples: Vec<(i64, f64)>) -> TeeSeries {
-        TeeSeries {
-            account: "acc".into(),
-            metric: "cloudtuner_kubecost_namespace_total_cost".into(),
-            labels: vec![
-                ("cluster".into(), "c1".into()),
-                ("instance".into(), "x:9".into()),
-                ("namespace".into(), ns.into()),
-            ],
-            samples,
+    const METRIC: &[u8] = b"cloudtuner_kubecost_namespace_total_cost";
+
+    /// A record of series `(namespace, samples)` of one metric and account.
+    fn record(accepted: Accepted, series: &[(&str, Vec<(i64, f64)>)]) -> TeeRecord {
+        let mut b = RecordBuilder::new(accepted);
+        for (ns, samples) in series {
+            let labels: [(&[u8], &[u8]); 3] = [
+                (b"cluster", b"c1"),
+                (b"instance", b"x:9"),
+                (b"namespace", ns.as_bytes()),
+            ];
+            b.begin_series("acc", METRIC, &labels);
+            for &(t, v) in samples {
+                b.sample(t, v);
+            }
+            b.end_series();
         }
+        b.finish()
+    }
+
+    fn all_rows<'b>(blocks: &'b [SeriesBlock<'_>]) -> Vec<RawRow<'b>> {
+        let mut parts = Parts::new(blocks, usize::MAX, usize::MAX);
+        let mut rows = Vec::new();
+        while let Some(p) = parts.next_part() {
+            rows.extend(p);
+        }
+        rows
     }
 
     #[test]
     fn records_round_trip_into_rows() {
-        let s = vec![
-            series("a", vec![(1, 0.5), (2, 0.25)]),
-            series("b", vec![(1, f64::NAN)]),
-        ];
-        let (rec, stats) = encode(&s, TimeWindow::ANY, 0);
-        assert_eq!(stats.kept, 3);
-        let mut rows = Vec::new();
-        decode_rows(&rec, &mut rows).unwrap();
+        let rec = record(
+            Accepted::ANY,
+            &[("a", vec![(1, 0.5), (2, 0.25)]), ("b", vec![(1, f64::NAN)])],
+        );
+        assert_eq!(rec.kept, 3);
+        let mut blocks = Vec::new();
+        decode_record(&rec.bytes, &mut blocks).unwrap();
+        let rows = all_rows(&blocks);
         assert_eq!(rows.len(), 3);
-        assert_eq!(rows[0].namespace, "a");
-        assert_eq!(rows[0].cluster, "c1");
-        assert_eq!(rows[0].label_names, ["instance"]);
-        assert_eq!(rows[0].label_values, ["x:9"]);
+        assert_eq!(
+            (
+                rows[0].account,
+                rows[0].metric,
+                rows[0].namespace,
+                rows[0].cluster,
+                rows[0].pod
+            ),
+            (
+                "acc",
+                "cloudtuner_kubecost_namespace_total_cost",
+                "a",
+                "c1",
+                ""
+            )
+        );
+        assert_eq!(rows[0].label_names, [("instance", "x:9")]);
+        assert_eq!(rows[0].label_values, [("instance", "x:9")]);
         assert_eq!((rows[1].ts, rows[1].value), (2, 0.25));
         assert_eq!(rows[0].series_id, rows[1].series_id);
         assert_ne!(rows[0].series_id, rows[2].series_id);
         assert!(rows[2].value.is_nan());
         // Truncated records are refused, not misread, and append nothing
         // (the first group alone decodes fine before the cut).
-        for cut in 0..rec.len() {
-            let mut out = vec![rows[0].clone()];
-            assert!(decode_rows(&rec[..cut], &mut out).is_err());
+        for cut in 0..rec.bytes.len() {
+            let mut out = vec![blocks[0].clone()];
+            assert!(decode_record(&rec.bytes[..cut], &mut out).is_err());
             assert_eq!(out.len(), 1, "cut at {cut}: nothing appended");
         }
+        // A label that is not UTF-8 makes the record undecodable.
+        let mut b = RecordBuilder::new(Accepted::ANY);
+        b.begin_series("acc", METRIC, &[(b"namespace", b"\xff")]);
+        b.sample(1, 1.0);
+        assert!(decode_record(&b.finish().bytes, &mut Vec::new()).is_err());
     }
+
+    /// The series id is part of the raw table's key: a sample re-sent after
+    /// an upgrade collapses with its first copy only if the id is the same.
+    /// It depends on the metric and every label, and never changes: the
+    /// value below was computed when XXH3 of the record encoding became the
+    /// id; a different value means re-sent rows would no longer collapse.
+    #[test]
+    fn series_ids_are_stable_and_depend_on_every_label() {
+        let id = |metric: &[u8], labels: &[(&[u8], &[u8])]| {
+            let mut b = RecordBuilder::new(Accepted::ANY);
+            b.begin_series("acc", metric, labels);
+            b.sample(1, 1.0);
+            let rec = b.finish();
+            let mut blocks = Vec::new();
+            decode_record(&rec.bytes, &mut blocks).unwrap();
+            blocks[0].series_id
+        };
+        let base = id(METRIC, &[(b"namespace", b"a"), (b"pod", b"p")]);
+        assert_eq!(base, SERIES_ID_PINNED);
+        // By definition: XXH3-64 of the metric and labels as encoded.
+        let mut identity = Vec::new();
+        put_str(&mut identity, METRIC);
+        identity.extend_from_slice(&2u16.to_le_bytes());
+        for s in [&b"namespace"[..], b"a", b"pod", b"p"] {
+            put_str(&mut identity, s);
+        }
+        assert_eq!(base, xxhash_rust::xxh3::xxh3_64(&identity));
+        assert_ne!(base, id(METRIC, &[(b"namespace", b"b"), (b"pod", b"p")]));
+        assert_ne!(base, id(METRIC, &[(b"namespace", b"a"), (b"pod", b"q")]));
+        assert_ne!(
+            base,
+            id(
+                b"cloudtuner_kubecost_pod_total_cost",
+                &[(b"namespace", b"a"), (b"pod", b"p")]
+            )
+        );
+        // Length prefixes keep `a=bc` and `ab=c` apart.
+        assert_ne!(id(METRIC, &[(b"a", b"bc")]), id(METRIC, &[(b"ab", b"c")]));
+    }
+
+    const SERIES_ID_PINNED: u64 = 17_957_660_498_502_101_637;
 
     #[test]
     fn absurd_timestamps_are_not_teed() {
@@ -860,25 +1030,27 @@ mod tests {
             max_age_ms: 365 * day,
             max_future_ms: day,
         };
-        let s = vec![
-            series(
-                "a",
-                vec![(now - 366 * day, 1.0), (now - 364 * day, 2.0), (now, 3.0)],
-            ),
-            series("b", vec![(now + 2 * day, 4.0), (0, 5.0)]),
-        ];
-        let (rec, stats) = encode(&s, w, now);
-        assert_eq!(
-            stats,
-            Encoded {
-                kept: 2,
-                too_old: 2,
-                too_new: 1
-            }
+        let rec = record(
+            w.at(now),
+            &[
+                (
+                    "a",
+                    vec![(now - 366 * day, 1.0), (now - 364 * day, 2.0), (now, 3.0)],
+                ),
+                ("b", vec![(now + 2 * day, 4.0), (0, 5.0)]),
+            ],
         );
-        let blocks = decode_record(&rec).unwrap();
+        assert_eq!((rec.kept, rec.too_old, rec.too_new), (2, 2, 1));
+        let mut blocks = Vec::new();
+        decode_record(&rec.bytes, &mut blocks).unwrap();
         assert_eq!(blocks.len(), 1, "a series with nothing left is not written");
-        assert_eq!(blocks[0].samples, [(now - 364 * day, 2.0), (now, 3.0)]);
+        assert_eq!(
+            blocks[0].samples().collect::<Vec<_>>(),
+            [(now - 364 * day, 2.0), (now, 3.0)]
+        );
+        // Nothing kept at all: an empty record, which append skips.
+        let rec = record(w.at(now), &[("b", vec![(0, 5.0)])]);
+        assert_eq!((rec.kept, rec.too_old, rec.bytes.len()), (0, 1, 0));
     }
 
     #[test]
@@ -891,23 +1063,26 @@ mod tests {
     }
 
     /// One 32 KB request (one series, 60 labels of 4 KiB, 4,000 samples)
-    /// used to expand to ~1 GB of rows in the writer at once; parts are now
-    /// one month each and bounded in bytes, made one at a time.
+    /// used to expand to ~1 GB of rows in the writer at once; parts are
+    /// one month each and bounded in (wire) bytes.
     #[test]
     fn parts_bound_rows_by_bytes_and_split_by_month() {
-        let labels: Vec<(String, String)> = (0..60)
-            .map(|i| (format!("l{i:02}"), "a".repeat(4096)))
+        let names: Vec<String> = (0..60).map(|i| format!("l{i:02}")).collect();
+        let value = "a".repeat(4096);
+        let labels: Vec<(&[u8], &[u8])> = names
+            .iter()
+            .map(|n| (n.as_bytes(), value.as_bytes()))
             .collect();
         let feb_end = 1_709_251_200_000 - 2_000;
-        let s = TeeSeries {
-            account: "acc".into(),
-            metric: "cloudtuner_kubecost_namespace_total_cost".into(),
-            labels,
-            samples: (0..4000).map(|i| (feb_end + i, 1.0)).collect(),
-        };
-        let (rec, _) = encode(&[s], TimeWindow::ANY, 0);
-        assert!(rec.len() < 400_000, "{}", rec.len());
-        let blocks = decode_record(&rec).unwrap();
+        let mut b = RecordBuilder::new(Accepted::ANY);
+        b.begin_series("acc", METRIC, &labels);
+        for i in 0..4000 {
+            b.sample(feb_end + i, 1.0);
+        }
+        let rec = b.finish();
+        assert!(rec.bytes.len() < 400_000, "{}", rec.bytes.len());
+        let mut blocks = Vec::new();
+        decode_record(&rec.bytes, &mut blocks).unwrap();
         let row = blocks[0].row_bytes();
         assert!(row > 60 * 4096, "{row}");
         let max_bytes = 8 << 20;
@@ -936,5 +1111,37 @@ mod tests {
         while let Some(p) = parts.next_part() {
             assert!(p.len() <= 7);
         }
+    }
+
+    #[test]
+    fn touched_rows_are_distinct_per_charged_metric_account_and_hour() {
+        let row = |metric, account, ts| RawRow {
+            account,
+            metric,
+            cluster: "",
+            namespace: "",
+            pod: "",
+            label_names: &[],
+            label_values: &[],
+            series_id: 0,
+            ts,
+            value: 1.0,
+            ingest_time: 0,
+        };
+        let ns = crate::rollup::NAMESPACE_METRIC;
+        let rows = [
+            row(ns, "a", 0),
+            row(ns, "a", 1),
+            row(ns, "b", 2),
+            row(ns, "a", 3),
+            row(ns, "a", 3_600_000),
+            row("cloudtuner_kubecost_namespace_cpu_cost", "a", 0),
+        ];
+        let t = touched_rows(&rows, 125);
+        let keys: Vec<_> = t
+            .iter()
+            .map(|r| (r.ingest_minute, r.account.as_str(), r.hour))
+            .collect();
+        assert_eq!(keys, [(120, "a", 0), (120, "a", 3600), (120, "b", 0)]);
     }
 }

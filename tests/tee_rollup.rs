@@ -23,15 +23,15 @@ fn config(ch: &ClickHouseServer) -> Config {
     c
 }
 
-fn raw(ts_s: i64, value: f64) -> RawRow {
+fn raw(ts_s: i64, value: f64) -> RawRow<'static> {
     RawRow {
-        account: ACCOUNT.into(),
-        metric: NS_METRIC.into(),
-        cluster: "c".into(),
-        namespace: "web".into(),
-        pod: String::new(),
-        label_names: vec![],
-        label_values: vec![],
+        account: ACCOUNT,
+        metric: NS_METRIC,
+        cluster: "c",
+        namespace: "web",
+        pod: "",
+        label_names: &[],
+        label_values: &[],
         series_id: 1,
         ts: ts_s * 1000,
         value,
@@ -70,7 +70,7 @@ async fn a_late_sample_rederives_the_next_bucket_and_passes_stay_small() {
         .filter(|&k| k != 59)
         .map(|k| raw(T10 + k * 60, 1.0))
         .collect();
-    ch.insert(&ch.raw_table, &rows).await.unwrap();
+    ch.insert::<RawRow>(&ch.raw_table, &rows).await.unwrap();
     let old_minute = now() - 3600;
     let touched = |minute: u32, hour: i64| TouchedRow {
         ingest_minute: minute - minute % 60,
@@ -78,7 +78,7 @@ async fn a_late_sample_rederives_the_next_bucket_and_passes_stay_small() {
         account: ACCOUNT.into(),
         hour: hour as u32,
     };
-    ch.insert(
+    ch.insert::<TouchedRow>(
         &ch.touched_table,
         &[touched(old_minute, T10), touched(old_minute, T10 + 3600)],
     )
@@ -101,8 +101,8 @@ async fn a_late_sample_rederives_the_next_bucket_and_passes_stay_small() {
     // too (its 11:00 sample now has dt = 60 s), and the pass examines only
     // hours 10 and 11 of this one resource.
     rows = vec![raw(T10 + 59 * 60, 1.0)];
-    ch.insert(&ch.raw_table, &rows).await.unwrap();
-    ch.insert(&ch.touched_table, &[touched(now() + 60, T10)])
+    ch.insert::<RawRow>(&ch.raw_table, &rows).await.unwrap();
+    ch.insert::<TouchedRow>(&ch.touched_table, &[touched(now() + 60, T10)])
         .await
         .unwrap();
     let r = rollup.pass().await.unwrap();
