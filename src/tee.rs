@@ -562,6 +562,10 @@ pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
 /// Most payload bytes read from the spool in one go.
 const READ_CHUNK_BYTES: usize = 16 << 20;
 
+/// How often the writer looks whether a read's worth of records is waiting
+/// while a batch fills.
+const FILL_POLL: Duration = Duration::from_millis(50);
+
 /// Spool read failures in a row after which the writer logs only every
 /// so often (it keeps retrying with backoff).
 const READ_ERRORS_LOGGED: u32 = 5;
@@ -574,14 +578,17 @@ impl Writer {
         if self.migrate {
             self.migrate_until_done(&mut stop).await;
         }
+        let mut read_errors = 0;
         while !*stop.borrow() {
-            let Some((records, end)) = self.next_batch(&mut stop).await else {
+            let Some((records, end)) = self.next_batch(&mut stop, &mut read_errors).await else {
                 continue;
             };
             let mut blocks = Vec::new();
             for r in &records {
-                // Checked by next_batch: every record here decodes.
-                let _ = decode_record(r, &mut blocks);
+                if let Err(e) = decode_record(r, &mut blocks) {
+                    metrics::counter!(t::RECORDS_UNDECODABLE).increment(1);
+                    tracing::error!(error = %e, "skipping an undecodable spool record");
+                }
             }
             // Insert every part until ClickHouse takes it (or it is
             // dead-lettered); the spool keeps the batch meanwhile.
@@ -722,92 +729,66 @@ impl Writer {
         }
     }
 
-    /// Collects a batch: waits for data, then until `batch_max_rows` rows or
-    /// until the first record is `batch_max_age` old. `None` if stopped or
-    /// nothing arrived within a second (gauges are refreshed meanwhile).
-    async fn next_batch(&self, stop: &mut watch::Receiver<bool>) -> Option<(Vec<Vec<u8>>, Pos)> {
-        let mut kept = Vec::new();
-        let (mut rows, mut bytes) = (0usize, 0usize);
-        let mut end = None;
-        let mut first_ms: Option<i64> = None;
-        let mut read_errors = 0u32;
-        let mut backoff = self.cfg.retry_backoff;
-        loop {
-            let records = match self.read().await {
-                Ok(r) => {
-                    read_errors = 0;
-                    backoff = self.cfg.retry_backoff;
-                    r
+    /// Collects a batch: waits for data, lets it accumulate on disk for
+    /// `batch_max_age` (or until a read's worth is waiting), then reads it
+    /// in one go, up to [`READ_CHUNK_BYTES`]. Between reads the writer only
+    /// naps and looks at a counter: it does not wake for every request.
+    /// `None` if stopped, or if nothing arrived within a second (gauges are
+    /// refreshed meanwhile) or the read failed (after a backoff).
+    async fn next_batch(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        read_errors: &mut u32,
+    ) -> Option<(Vec<Vec<u8>>, Pos)> {
+        while !self.reader.lock().map(|r| r.has_unread()).unwrap_or(false) {
+            tokio::select! {
+                () = self.spool.committed() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    self.publish_gauges();
+                    return None;
                 }
-                Err(e) => {
-                    // Do not spin: back off, and log the first few and then
-                    // one in a hundred.
-                    read_errors = read_errors.saturating_add(1);
-                    metrics::counter!(t::SPOOL_READ_ERRORS).increment(1);
-                    if read_errors <= READ_ERRORS_LOGGED || read_errors % 100 == 0 {
-                        tracing::error!(error = %e, failures = read_errors, retry_in = ?backoff, "spool read failed");
-                    }
-                    if sleep_or_stop(jitter(backoff), stop).await {
-                        return None;
-                    }
-                    backoff = (backoff * 2).min(self.cfg.retry_max_backoff);
-                    // Nothing collected yet: let the caller loop (and see stop).
-                    first_ms?;
-                    Vec::new()
-                }
-            };
-            for rec in records {
-                first_ms.get_or_insert(rec.appended_ms);
-                let mut blocks = Vec::new();
-                match decode_record(&rec.payload, &mut blocks) {
-                    Ok(()) => {
-                        for b in &blocks {
-                            rows += b.len();
-                            bytes = bytes.saturating_add(b.row_bytes().saturating_mul(b.len()));
-                        }
-                        drop(blocks);
-                        kept.push(rec.payload);
-                    }
-                    Err(e) => {
-                        metrics::counter!(t::RECORDS_UNDECODABLE).increment(1);
-                        tracing::error!(error = %e, "skipping an undecodable spool record");
-                    }
-                }
-                end = Some(rec.end);
-            }
-            if rows >= self.cfg.batch_max_rows || bytes >= self.max_bytes() {
-                break;
-            }
-            let wait = match first_ms {
-                Some(ms) => {
-                    let age = Duration::from_millis((unix_now_ms() - ms).max(0) as u64);
-                    match self.cfg.batch_max_age.checked_sub(age) {
-                        Some(left) if !left.is_zero() => left,
-                        _ => break,
-                    }
-                }
-                None => Duration::from_secs(1),
-            };
-            let has_unread = self.reader.lock().map(|r| r.has_unread()).unwrap_or(false);
-            if !has_unread {
-                let waiter = self.spool.committed();
-                tokio::select! {
-                    () = waiter => {}
-                    () = tokio::time::sleep(wait) => {
-                        if first_ms.is_none() {
-                            self.publish_gauges();
-                            return None;
-                        }
-                    }
-                    _ = stop.changed() => return None,
-                }
+                _ = stop.changed() => return None,
             }
         }
-        end.map(|e| (kept, e))
+        let deadline = Instant::now() + self.cfg.batch_max_age;
+        let enough = READ_CHUNK_BYTES.min(self.max_bytes()) as u64;
+        while self.spool.pending_bytes() < enough {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if sleep_or_stop(left.min(FILL_POLL), stop).await {
+                return None;
+            }
+        }
+        match self.read().await {
+            Ok(records) => {
+                *read_errors = 0;
+                let end = records.last()?.end;
+                Some((records.into_iter().map(|r| r.payload).collect(), end))
+            }
+            Err(e) => {
+                // Do not spin: back off, and log the first few and then
+                // one in a hundred.
+                *read_errors = read_errors.saturating_add(1);
+                metrics::counter!(t::SPOOL_READ_ERRORS).increment(1);
+                let backoff = self
+                    .cfg
+                    .retry_backoff
+                    .saturating_mul(1 << (*read_errors - 1).min(16))
+                    .min(self.cfg.retry_max_backoff);
+                if *read_errors <= READ_ERRORS_LOGGED || *read_errors % 100 == 0 {
+                    tracing::error!(error = %e, failures = *read_errors, retry_in = ?backoff, "spool read failed");
+                }
+                sleep_or_stop(jitter(backoff), stop).await;
+                None
+            }
+        }
     }
 
     async fn read(&self) -> std::io::Result<Vec<crate::spool::Record>> {
         let reader = self.reader.clone();
+        // Every record holds at least one row.
         let max_rows = self.cfg.batch_max_rows;
         let result = tokio::task::spawn_blocking(move || {
             let mut r = reader
