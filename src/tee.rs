@@ -348,11 +348,13 @@ fn decode_into<'a>(
     Ok(())
 }
 
+const DAY_MS: i64 = 86_400_000;
+
 /// The UTC month (`year * 12 + month`) of a millisecond timestamp: the raw
 /// table is partitioned by month, and an INSERT may touch only so many
 /// partitions (100 by default on modern servers).
 fn month_of(ts_ms: i64) -> i64 {
-    let days = ts_ms.div_euclid(86_400_000);
+    let days = ts_ms.div_euclid(DAY_MS);
     // Civil from days (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -380,12 +382,19 @@ pub struct Parts<'b, 'a> {
 
 impl<'b, 'a> Parts<'b, 'a> {
     pub fn new(blocks: &'b [SeriesBlock<'a>], max_rows: usize, max_bytes: usize) -> Self {
-        // Nearly always one month, at most a few: a short list beats a set.
+        // Nearly always one month, at most a few: a short list beats a set,
+        // and consecutive samples mostly share a day.
         let mut months: Vec<i64> = Vec::new();
+        let mut last_day = None;
         for b in blocks {
             for (t, _) in b.samples() {
+                let day = t.div_euclid(DAY_MS);
+                if last_day == Some(day) {
+                    continue;
+                }
+                last_day = Some(day);
                 let m = month_of(t);
-                if months.last() != Some(&m) && !months.contains(&m) {
+                if !months.contains(&m) {
                     months.push(m);
                 }
             }
