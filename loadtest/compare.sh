@@ -31,7 +31,9 @@
 # (600s), TEE_RATES (req/s of the tee fixed-load phase, "100 250"),
 # TEE_MAX_RATES (the tee step-up ladder, "200 400 600 800 1000 1200 1400 1600"),
 # TEE_P99_MS (the ladder's p99 threshold, 1000: the tee ladder is about
-# throughput; the table also gives the max with p99 < 50 ms).
+# throughput; the table also gives the max with p99 < 50 ms), BIN (a directory
+# holding rwgate and rwgate-loadgen to use instead of building, e.g. a build
+# with frame pointers for perf).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -111,11 +113,14 @@ hwm() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
 
 # --- build and payloads ------------------------------------------------------
-log "building rwgate ($PROFILE)"
-if [ "$PROFILE" = release ]; then
+if [ -n "${BIN:-}" ]; then
+    log "using the binaries in $BIN (not building)"
+elif [ "$PROFILE" = release ]; then
+    log "building rwgate ($PROFILE)"
     (cd "$ROOT" && cargo build --release --bins --quiet)
     BIN="$ROOT/target/release"
 else
+    log "building rwgate ($PROFILE)"
     (cd "$ROOT" && cargo build --bins --quiet)
     BIN="$ROOT/target/debug"
 fi

@@ -345,6 +345,8 @@ pub const DEFAULT_BATCH_MAX_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MAX_SAMPLE_AGE: Duration = Duration::from_secs(365 * 86_400);
 /// Default furthest-ahead sample timestamp the tee accepts.
 pub const DEFAULT_MAX_SAMPLE_FUTURE: Duration = Duration::from_secs(86_400);
+/// Default wait for more appends before a group commit.
+pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_millis(1);
 /// Default longest a sample waits in the spool for its batch to fill.
 pub const DEFAULT_BATCH_MAX_AGE: Duration = Duration::from_secs(1);
 /// Default first backoff after a failed insert (doubles, with jitter).
@@ -423,6 +425,13 @@ pub struct SpoolConfig {
     pub max_bytes: Size,
     /// Size at which a new segment file is started.
     pub segment_bytes: Size,
+    /// How long the spool writer waits for more appends after the first
+    /// one of a group before it writes and fsyncs the group: each teed
+    /// request waits up to this much longer, and concurrent requests share
+    /// fewer fsyncs (an fsync costs ~100-200 µs of CPU on a VM disk). `0s`
+    /// commits at once (still grouping whatever queued meanwhile).
+    #[serde(with = "humantime_serde")]
+    pub commit_delay: Duration,
     /// Most samples in one ClickHouse insert.
     pub batch_max_rows: usize,
     /// Most estimated bytes of rows in one ClickHouse insert (default 64 MiB):
@@ -453,6 +462,7 @@ impl Default for SpoolConfig {
             dir: PathBuf::from(DEFAULT_SPOOL_DIR),
             max_bytes: Size(DEFAULT_SPOOL_MAX_BYTES),
             segment_bytes: Size(DEFAULT_SPOOL_SEGMENT_BYTES),
+            commit_delay: DEFAULT_COMMIT_DELAY,
             batch_max_rows: DEFAULT_BATCH_MAX_ROWS,
             batch_max_bytes: Size(DEFAULT_BATCH_MAX_BYTES),
             max_sample_age: DEFAULT_MAX_SAMPLE_AGE,
@@ -836,6 +846,9 @@ impl Config {
             return Err(invalid("clickhouse.timeout", "must be greater than 0"));
         }
         let sp = &self.spool;
+        if sp.commit_delay > Duration::from_secs(1) {
+            return Err(invalid("spool.commit_delay", "must be at most 1s"));
+        }
         if sp.segment_bytes.0 < 4096 {
             return Err(invalid("spool.segment_bytes", "must be at least 4096"));
         }

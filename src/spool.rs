@@ -61,7 +61,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, Notify};
 
@@ -91,6 +91,8 @@ pub struct SpoolOptions {
     pub max_bytes: u64,
     /// Segment size at which a new segment is started.
     pub segment_bytes: u64,
+    /// How long a group stays open for more appends after its first.
+    pub commit_delay: Duration,
 }
 
 /// One record read back.
@@ -328,6 +330,7 @@ impl Spool {
             seg: active,
             off: 0,
             segment_bytes: opts.segment_bytes,
+            commit_delay: opts.commit_delay,
         };
         let thread = std::thread::Builder::new()
             .name("rwgate-spool".into())
@@ -436,6 +439,7 @@ struct Writer {
     seg: u64,
     off: u64,
     segment_bytes: u64,
+    commit_delay: Duration,
 }
 
 impl Writer {
@@ -447,14 +451,21 @@ impl Writer {
             buf.clear();
             buf.extend_from_slice(&first.frame);
             waiters.push(first.done);
+            let open_until = Instant::now() + self.commit_delay;
             while buf.len() < MAX_GROUP_BYTES {
-                match rx.try_recv() {
-                    Ok(job) => {
-                        buf.extend_from_slice(&job.frame);
-                        waiters.push(job.done);
+                let next = match rx.try_recv() {
+                    Ok(job) => Ok(job),
+                    Err(mpsc::TryRecvError::Empty) => {
+                        match open_until.checked_duration_since(Instant::now()) {
+                            Some(left) if !left.is_zero() => rx.recv_timeout(left).map_err(|_| ()),
+                            _ => Err(()),
+                        }
                     }
-                    Err(_) => break,
-                }
+                    Err(mpsc::TryRecvError::Disconnected) => Err(()),
+                };
+                let Ok(job) = next else { break };
+                buf.extend_from_slice(&job.frame);
+                waiters.push(job.done);
             }
             let result = self.commit(&buf);
             if let Err(e) = &result {
@@ -693,6 +704,7 @@ mod tests {
             dir: dir.to_path_buf(),
             max_bytes: 1 << 20,
             segment_bytes: 4096,
+            commit_delay: Duration::ZERO,
         }
     }
 
@@ -758,6 +770,32 @@ mod tests {
         assert_eq!(spool.pending_bytes(), 0);
         assert_eq!(reader.oldest_unacked_ms(), None);
         assert!(list_segments(dir.path()).unwrap().len() <= 1);
+    }
+
+    /// Appends arriving a millisecond apart would each get their own
+    /// fsync; with a commit delay they share one group (the window is 50
+    /// times their spread, so a slow machine still groups them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_commit_delay_groups_appends_spread_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.commit_delay = Duration::from_millis(400);
+        let (spool, mut reader) = Spool::open(&o).unwrap();
+        let spool = Arc::new(spool);
+        let tasks: Vec<_> = (0..8u64)
+            .map(|i| {
+                let spool = spool.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(i)).await;
+                    spool.append(&i.to_le_bytes()).await.unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(spool.syncs() <= 2, "{} syncs for 8 appends", spool.syncs());
+        assert_eq!(read_all(&mut reader).len(), 8);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

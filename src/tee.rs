@@ -466,6 +466,7 @@ impl Tee {
             dir: cfg.spool.dir.clone(),
             max_bytes: cfg.spool.max_bytes.bytes(),
             segment_bytes: cfg.spool.segment_bytes.bytes(),
+            commit_delay: cfg.spool.commit_delay,
         };
         let dir = opts.dir.display().to_string();
         let (spool, reader) = tokio::task::spawn_blocking(move || Spool::open(&opts))
