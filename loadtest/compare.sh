@@ -6,6 +6,8 @@
 #                                  rwgate errors or forwards nothing
 #   loadtest/compare.sh --soak     adds a 10-minute run at half of max,
 #                                  checking that rwgate's RSS does not grow
+#                                  (with --tee: the tee-on rwgate at half of
+#                                  its max)
 #   loadtest/compare.sh --tee      tee on vs tee off: rwgate alone, then a
 #                                  second rwgate teeing into a real ClickHouse
 #                                  (clickhouse-server), same loads alternating,
@@ -64,6 +66,7 @@ SERIES=1000
 OUT=${OUT:-$HERE/out}
 CLK_TCK=$(getconf CLK_TCK)
 PASSWORD=loadtest-password
+K6_PREFIX=(env) # what k6 runs under (taskset for the pinned latency phase)
 if [ "$MODE" = smoke ]; then
     PROFILE=${PROFILE:-debug}
 else
@@ -195,7 +198,7 @@ measure() { # run phase target pid url rate duration [VAR=value...]
     [ -n "$pid" ] && reset_hwm "$pid" && t0=$(ticks "$pid")
     env TARGET="$url" PAYLOADS="$PAYLOADS" RATE="$rate" DURATION="$duration" \
         PASSWORD="$PASSWORD" P99_MS="$P99_MS" SUMMARY="$summary" "$@" \
-        k6 run --quiet --no-usage-report "$HERE/k6/write.js" >&2 2>>"$WORK/k6.log" || true
+        "${K6_PREFIX[@]}" k6 run --quiet --no-usage-report "$HERE/k6/write.js" >&2 2>>"$WORK/k6.log" || true
     sleep 2 # let vmagent flush its queues into the sink: that CPU counts too
     if [ -n "$pid" ]; then
         t1=$(ticks "$pid")
@@ -207,6 +210,35 @@ measure() { # run phase target pid url rate duration [VAR=value...]
     py row "$summary" "$target" "$phase" "$rate" "$SERIES" $((t1 - t0)) "$CLK_TCK" "$h" "$run" >>"$RESULTS"
     local secs=${duration%s}
     py passed "$summary" "$rate" "$secs"
+}
+
+# RSS of a process sampled every 30 s while k6 holds a rate for SOAK_DURATION;
+# prints the first and second halves' medians and every sample.
+soak() { # phase target pid url rate
+    local phase=$1 target=$2 pid=$3 url=$4 rate=$5 secs=${SOAK_DURATION%s} sampler
+    local rss="$OUT/soak-rss-$target.txt"
+    log "soak: $target, $secs s at $rate requests/s"
+    reset_hwm "$pid"
+    (
+        for i in $(seq $((secs / 30 + 1))); do
+            echo "$((i * 30 - 30)) $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")"
+            sleep 30
+        done
+    ) >"$rss" &
+    sampler=$!
+    PIDS+=($sampler)
+    measure 1 "$phase" "$target" "$pid" "$url" "$rate" "${secs}s" P99_MS=1000 || true
+    kill "$sampler" 2>/dev/null || true
+    python3 - "$rss" "$target" <<'EOF'
+import sys
+pts = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 2]
+if len(pts) >= 4:
+    first = sorted(r for _, r in pts[1:len(pts)//2])
+    last = sorted(r for _, r in pts[len(pts)//2:])
+    a, b = first[len(first)//2] / 1024, last[len(last)//2] / 1024
+    print(f"soak RSS {sys.argv[2]}: median first half {a:.1f} MiB, second half {b:.1f} MiB, growth {b - a:+.1f} MiB ({len(pts)} samples)")
+    print(f"soak RSS {sys.argv[2]} every 30 s (MiB): {' '.join(f'{r / 1024:.1f}' for _, r in pts)}")
+EOF
 }
 
 # --- smoke: rwgate alone, ~20 s -------------------------------------------------
@@ -291,6 +323,14 @@ if [ "$MODE" = tee ]; then
         if [ "${ALIVE[tee-off]}${ALIVE[tee-on]}" = 00 ]; then break; fi
     done
 
+    if [ "$SOAK" = 1 ]; then
+        tee_max=$(python3 -c 'import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+ok = [r["offered_sps"] for r in rows if r["phase"] == "tee-max" and r["target"] == "tee-on" and r["thresholds_ok"]]
+print(max(ok) // 1000 if ok else 200)' "$RESULTS")
+        soak tee-soak tee-on "$TEE_PID" "$TEE_URL" $((tee_max / 2))
+    fi
+
     # The spool must drain: what is left right after the load, and 30 s later.
     spool_now=$(py metric "$TEE_METRICS" rwgate_tee_spool_bytes)
     for _ in $(seq 30); do
@@ -370,6 +410,16 @@ log "half of rwgate's max: $HALF requests/s"
 measure 1 half-max sink "" "$SINK_URL" "$HALF" "$DURATION" P99_MS=1000 || true
 measure 1 half-max rwgate "$RW_PID" "$RW_URL" "$HALF" "$DURATION" P99_MS=1000 || true
 measure 1 half-max vmagent "$VM_PID" "$VM_URL" "$HALF" "$DURATION" P99_MS=1000 || true
+# Again with k6 confined to the last CPU, so that the load generator's bursts
+# do not run on every core the gateway (or the sink) uses.
+if [ "$(nproc)" -ge 2 ]; then
+    K6_PREFIX=(taskset -c "$(($(nproc) - 1))")
+    log "half of max again, k6 pinned to CPU $(($(nproc) - 1))"
+    measure 1 half-max-k6-pinned sink "" "$SINK_URL" "$HALF" "$DURATION" P99_MS=1000 || true
+    measure 1 half-max-k6-pinned rwgate "$RW_PID" "$RW_URL" "$HALF" "$DURATION" P99_MS=1000 || true
+    measure 1 half-max-k6-pinned vmagent "$VM_PID" "$VM_URL" "$HALF" "$DURATION" P99_MS=1000 || true
+    K6_PREFIX=(env)
+fi
 
 # --- overload: 4x the concurrency limit, no think time ----------------------------
 OV_PORT=$(py free-port)
@@ -381,29 +431,7 @@ measure 1 overload rwgate "$OV_PID" "http://127.0.0.1:$OV_PORT/api/v1/write" 0 "
 
 # --- soak (optional): 10 minutes at half of max, RSS sampled -----------------------
 if [ "$SOAK" = 1 ]; then
-    SOAK_SECS=${SOAK_DURATION%s}
-    log "soak: $SOAK_SECS s at $HALF requests/s"
-    reset_hwm "$RW_PID"
-    (
-        for i in $(seq $((SOAK_SECS / 30 + 1))); do
-            echo "$((i * 30 - 30)) $(awk '/^VmRSS/ {print $2}' "/proc/$RW_PID/status")"
-            sleep 30
-        done
-    ) >"$OUT/soak-rss.txt" &
-    SAMPLER=$!
-    PIDS+=($SAMPLER)
-    measure 1 soak rwgate "$RW_PID" "$RW_URL" "$HALF" "${SOAK_SECS}s" P99_MS=1000 || true
-    kill "$SAMPLER" 2>/dev/null || true
-    python3 - "$OUT/soak-rss.txt" <<'EOF'
-import sys
-pts = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 2]
-if len(pts) >= 4:
-    first = sorted(r for _, r in pts[1:len(pts)//2])
-    last = sorted(r for _, r in pts[len(pts)//2:])
-    a, b = first[len(first)//2] / 1024, last[len(last)//2] / 1024
-    print(f"soak RSS: median first half {a:.1f} MiB, second half {b:.1f} MiB, growth {b - a:+.1f} MiB ({len(pts)} samples)")
-    print(f"soak RSS: {pts[1][1] / 1024:.1f} MiB at {pts[1][0]} s, {pts[-1][1] / 1024:.1f} MiB at {pts[-1][0]} s")
-EOF
+    soak soak rwgate "$RW_PID" "$RW_URL" "$HALF"
 fi
 
 echo
