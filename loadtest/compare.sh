@@ -8,6 +8,10 @@
 #                                  checking that rwgate's RSS does not grow
 #                                  (with --tee: the tee-on rwgate at half of
 #                                  its max)
+#   loadtest/compare.sh --latency  added latency only: the sink alone and
+#                                  rwgate at HALF_RATE requests/s, RUNS times,
+#                                  with k6 free and pinned to one CPU (with
+#                                  --soak, then the soak at that rate)
 #   loadtest/compare.sh --tee      tee on vs tee off: rwgate alone, then a
 #                                  second rwgate teeing into a real ClickHouse
 #                                  (clickhouse-server), same loads alternating,
@@ -35,7 +39,8 @@
 # TEE_P99_MS (the ladder's p99 threshold, 1000: the tee ladder is about
 # throughput; the table also gives the max with p99 < 50 ms), BIN (a directory
 # holding rwgate and rwgate-loadgen to use instead of building, e.g. a build
-# with frame pointers for perf).
+# with frame pointers for perf), HALF_RATE (--latency: requests/s, 600, half
+# of the max measured by the full comparison).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,6 +52,7 @@ for arg in "$@"; do
         --smoke) MODE=smoke ;;
         --soak) SOAK=1 ;;
         --tee) MODE=tee ;;
+        --latency) MODE=latency ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
@@ -346,6 +352,34 @@ print(max(ok) // 1000 if ok else 200)' "$RESULTS")
         echo "tee: $m $(py metric "$TEE_METRICS" "$m")"
     done
     echo "tee: ClickHouse kubecost_samples rows $(ch_query 'SELECT count() FROM kubecost_samples'), expenses rows $(ch_query 'SELECT count() FROM expenses')"
+    echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+    py table "$RESULTS"
+    echo "rows: $RESULTS"
+    exit 0
+fi
+
+# --- latency only: the sink alone, then rwgate, at one rate, RUNS times ------------
+if [ "$MODE" = latency ]; then
+    rate=${HALF_RATE:-600}
+    log "warm-up"
+    measure 0 warmup rwgate "$RW_PID" "$RW_URL" 50 5s >/dev/null || true
+    for run in $(seq "$RUNS"); do
+        for phase in half-max half-max-k6-pinned; do
+            K6_PREFIX=(env)
+            if [ "$phase" = half-max-k6-pinned ]; then
+                [ "$(nproc)" -ge 2 ] || continue
+                K6_PREFIX=(taskset -c "$(($(nproc) - 1))")
+            fi
+            log "run $run: $phase, the sink alone then rwgate, at $rate requests/s"
+            measure "$run" "$phase" sink "" "$SINK_URL" "$rate" "$DURATION" P99_MS=1000 || true
+            measure "$run" "$phase" rwgate "$RW_PID" "$RW_URL" "$rate" "$DURATION" P99_MS=1000 || true
+        done
+    done
+    K6_PREFIX=(env)
+    if [ "$SOAK" = 1 ]; then
+        soak soak rwgate "$RW_PID" "$RW_URL" "$rate"
+    fi
+    echo
     echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
     py table "$RESULTS"
     echo "rows: $RESULTS"

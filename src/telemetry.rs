@@ -162,6 +162,9 @@ fn describe() {
     );
 }
 
+/// How often buffered histogram observations are folded into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Installs the process-wide Prometheus recorder once and returns its handle
 /// (tests start several servers in one process; they share it).
 pub fn metrics_handle() -> PrometheusHandle {
@@ -181,6 +184,19 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_ok() {
                 describe();
+            }
+            // Histogram observations are buffered until drained; without
+            // upkeep they would only be drained by a scrape, and an
+            // unscraped rwgate would grow by every request's durations.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the metrics upkeep thread; histograms are drained only by scrapes");
             }
             handle
         })
