@@ -330,11 +330,7 @@ if [ "$MODE" = tee ]; then
     done
 
     if [ "$SOAK" = 1 ]; then
-        tee_max=$(python3 -c 'import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-ok = [r["offered_sps"] for r in rows if r["phase"] == "tee-max" and r["target"] == "tee-on" and r["thresholds_ok"]]
-print(max(ok) // 1000 if ok else 200)' "$RESULTS")
-        soak tee-soak tee-on "$TEE_PID" "$TEE_URL" $((tee_max / 2))
+        soak tee-soak tee-on "$TEE_PID" "$TEE_URL" $(($(py tee-max-rps "$RESULTS") / 2))
     fi
 
     # The spool must drain: what is left right after the load, and 30 s later.

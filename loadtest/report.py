@@ -111,6 +111,20 @@ def fmt(v, spec):
     return format(v, spec)
 
 
+def sustained(rows, phase, target):
+    """The ladder rows of a target that held: thresholds, under 1% dropped."""
+    return [r for r in rows if r["phase"] == phase and r["target"] == target
+            and r["thresholds_ok"] and r["dropped"] <= 0.01 * r["requests"]]
+
+
+def tee_max_rps(path):
+    """Requests/s of tee-on's highest sustained ladder step (200 if none)."""
+    with open(path) as f:
+        rows = [json.loads(l) for l in f if l.strip()]
+    ok = sustained(rows, "tee-max", "tee-on")
+    print(max(r["offered_sps"] for r in ok) // 1000 if ok else 200)
+
+
 def tee_lines(rows):
     """Tee on vs tee off: CPU per sample per run, and the max of each."""
     def find(phase, target, run, offered):
@@ -139,7 +153,7 @@ def tee_lines(rows):
                         key=lambda r: r["offered_sps"])
         if not ladder:
             continue
-        ok = [r for r in ladder if r["thresholds_ok"] and r["dropped"] <= 0.01 * r["requests"]]
+        ok = sustained(rows, "tee-max", target)
         top = ladder[-1]["thresholds_ok"] and ladder[-1] in ok
         if not ok:
             print(f"max sustained {target}: none of the ladder (lowest {ladder[0]['offered_sps']} samples/s, "
@@ -238,6 +252,8 @@ if __name__ == "__main__":
         cpu_row(*args)
     elif cmd == "passed":
         sys.exit(passed(*args))
+    elif cmd == "tee-max-rps":
+        tee_max_rps(*args)
     elif cmd == "table":
         table(*args)
     else:
