@@ -845,6 +845,12 @@ impl Config {
         if ch.timeout.is_zero() {
             return Err(invalid("clickhouse.timeout", "must be greater than 0"));
         }
+        if self.limits.max_labels_per_series > usize::from(u16::MAX) {
+            return Err(invalid(
+                "limits.max_labels_per_series",
+                "must be at most 65535 (the tee's spool record counts labels in 16 bits)",
+            ));
+        }
         let sp = &self.spool;
         if sp.commit_delay > Duration::from_secs(1) {
             return Err(invalid("spool.commit_delay", "must be at most 1s"));
@@ -1030,6 +1036,17 @@ mod tests {
         c.clickhouse.raw_table = "x; DROP".into();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.starts_with("invalid clickhouse.raw_table"), "{err}");
+        c.clickhouse.raw_table = DEFAULT_RAW_TABLE.into();
+        c.spool.commit_delay = Duration::from_secs(2);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid spool.commit_delay"), "{err}");
+        c.spool.commit_delay = DEFAULT_COMMIT_DELAY;
+        c.limits.max_labels_per_series = 70_000;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid limits.max_labels_per_series"),
+            "{err}"
+        );
     }
 
     #[test]

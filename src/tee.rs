@@ -137,8 +137,13 @@ impl RecordBuilder {
         self.open_samples = 0;
     }
 
-    /// Adds a sample to the open series, if its timestamp is accepted.
+    /// Adds a sample to the series opened by [`begin_series`](Self::begin_series),
+    /// if its timestamp is accepted.
     pub fn sample(&mut self, ts_ms: i64, value: f64) {
+        debug_assert!(
+            self.open.is_some(),
+            "sample() outside begin_series/end_series"
+        );
         if ts_ms < self.accepted.oldest_ms {
             self.rec.too_old += 1;
         } else if ts_ms > self.accepted.newest_ms {
