@@ -13,7 +13,6 @@
 use std::time::Duration;
 
 use clickhouse::{Client, Compression, Row, RowWrite};
-use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::config::ClickHouseConfig;
@@ -382,19 +381,11 @@ pub struct StateRow {
 }
 
 fn label_names<S: Serializer>(labels: &[(&str, &str)], s: S) -> Result<S::Ok, S::Error> {
-    let mut seq = s.serialize_seq(Some(labels.len()))?;
-    for (name, _) in labels {
-        seq.serialize_element(name)?;
-    }
-    seq.end()
+    s.collect_seq(labels.iter().map(|(name, _)| name))
 }
 
 fn label_values<S: Serializer>(labels: &[(&str, &str)], s: S) -> Result<S::Ok, S::Error> {
-    let mut seq = s.serialize_seq(Some(labels.len()))?;
-    for (_, value) in labels {
-        seq.serialize_element(value)?;
-    }
-    seq.end()
+    s.collect_seq(labels.iter().map(|(_, value)| value))
 }
 
 #[cfg(test)]
