@@ -41,13 +41,13 @@ def metric(url, name):
     print(int(total))
 
 
-def row(summary, target, phase, offered_rps, series, cpu_ticks, clk_tck, hwm_kib, run):
-    """One results line: k6 summary + process CPU and peak RSS."""
+def measured(summary, target, phase, offered_rps, series, cpu_ticks, clk_tck, hwm_kib, run):
+    """One results line as a dict: k6 summary + process CPU and peak RSS."""
     with open(summary) as f:
         s = json.load(f)
     samples = s["samples_accepted"]
     cpu_s = int(cpu_ticks) / int(clk_tck)
-    out = {
+    return {
         "run": int(run),
         "phase": phase,
         "target": target,
@@ -64,34 +64,20 @@ def row(summary, target, phase, offered_rps, series, cpu_ticks, clk_tck, hwm_kib
         "thresholds_ok": s["thresholds_ok"],
         "requests": s["requests"],
     }
-    print(json.dumps(out))
 
 
-def cpu_row(summary, target, phase, offered_rps, series, cpu_ticks, clk_tck, hwm_kib, run):
+def row(*args):
+    """One results line for the measured target."""
+    print(json.dumps(measured(*args)))
+
+
+def cpu_row(*args):
     """A row for a process next to the one measured (ClickHouse behind the
     tee): its CPU per sample sent in that window and its peak RSS; the
-    latencies are the measured target's, so they are left out."""
-    with open(summary) as f:
-        s = json.load(f)
-    samples = s["samples_accepted"]
-    cpu_s = int(cpu_ticks) / int(clk_tck)
-    out = {
-        "run": int(run),
-        "phase": phase,
-        "target": target,
-        "offered_sps": int(offered_rps) * int(series),
-        "achieved_sps": None,
-        "cpu_s": cpu_s,
-        "cpu_s_per_m": cpu_s / samples * 1e6 if samples else None,
-        "p50_ms": None,
-        "p99_ms": None,
-        "rss_mib": int(hwm_kib) / 1024 if hwm_kib else None,
-        "failed_rate": 0.0,
-        "dropped": 0,
-        "responses_503": None,
-        "thresholds_ok": True,
-        "requests": s["requests"],
-    }
+    latencies and outcomes are the measured target's, so they are left out."""
+    out = measured(*args)
+    out.update(achieved_sps=None, p50_ms=None, p99_ms=None, failed_rate=0.0,
+               dropped=0, responses_503=None, thresholds_ok=True)
     print(json.dumps(out))
 
 
