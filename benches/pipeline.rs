@@ -281,7 +281,7 @@ fn tee<M: Measurement>(c: &mut Criterion<M>) {
             let mut parts = tee::Parts::new(&blocks, 200_000, 64 << 20);
             let mut rows = 0;
             while let Some(p) = parts.next_part() {
-                rows += black_box(p).len();
+                rows += black_box(p).rows.len();
             }
             rows
         })

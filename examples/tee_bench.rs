@@ -115,7 +115,6 @@ async fn main() -> anyhow::Result<()> {
     let account = "0e000000-0000-4000-8000-000000000002";
     let day_ms = 1_709_337_600_000i64;
     let namespaces: Vec<String> = (0..1000).map(|ns| format!("ns-{ns}")).collect();
-    let labels = [("instance", "exporter:9100")];
     let mut rows = Vec::with_capacity(1_440_000);
     for (ns, namespace) in namespaces.iter().enumerate() {
         for k in 0..1440 {
@@ -125,8 +124,6 @@ async fn main() -> anyhow::Result<()> {
                 cluster: "prod",
                 namespace,
                 pod: "",
-                label_names: &labels,
-                label_values: &labels,
                 series_id: ns as u64,
                 ts: day_ms + k * 60_000,
                 value: 0.01 * (ns % 17) as f64 + 0.001 * (k % 13) as f64,

@@ -108,6 +108,7 @@ const DATA_ERROR_CODES: &[u32] = &[
 pub struct ClickHouse {
     pub client: Client,
     pub raw_table: String,
+    pub series_table: String,
     pub expenses_table: String,
     pub state_table: String,
     pub touched_table: String,
@@ -142,6 +143,7 @@ impl ClickHouse {
         Ok(ClickHouse {
             client,
             raw_table: cfg.raw_table.clone(),
+            series_table: cfg.series_table.clone(),
             expenses_table: cfg.expenses_table.clone(),
             state_table: cfg.state_table.clone(),
             touched_table: cfg.touched_table.clone(),
@@ -207,6 +209,7 @@ impl ClickHouse {
             .await?;
         for (name, ddl) in [
             (&self.raw_table, raw_table_ddl(&self.raw_table)),
+            (&self.series_table, series_table_ddl(&self.series_table)),
             (
                 &self.expenses_table,
                 expenses_table_ddl(&self.expenses_table),
@@ -258,7 +261,10 @@ pub const EXPENSE_K8S_COLUMNS: [&str; 3] = ["k8s_namespace", "k8s_node", "k8s_se
 
 /// Raw samples. ReplacingMergeTree on (account, metric, series_id, ts): a
 /// re-sent sample collapses with its first copy (read with `FINAL` for exact
-/// counts; the rollup deduplicates timestamps itself).
+/// counts; the rollup deduplicates timestamps itself). The labels the rollup
+/// groups by are columns; the others are in the series table, once per
+/// series (tables created before it have `label_names`/`label_values`
+/// columns here too, left empty by inserts since).
 pub fn raw_table_ddl(table: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (
@@ -267,8 +273,6 @@ pub fn raw_table_ddl(table: &str) -> String {
             cluster String,
             namespace String,
             pod String,
-            label_names Array(String),
-            label_values Array(String),
             series_id UInt64,
             ts Int64,
             value Float64,
@@ -276,6 +280,28 @@ pub fn raw_table_ddl(table: &str) -> String {
         ) ENGINE = ReplacingMergeTree(ingest_time)
         PARTITION BY toYYYYMM(toDateTime(intDiv(ts, 1000)))
         ORDER BY (account, metric, series_id, ts)"
+    )
+}
+
+/// The labels of each teed series, written once per series and month of
+/// ingestion (so that dropping a month's partitions of both tables leaves
+/// no orphans): join with the raw table on (account, metric, series_id).
+/// ReplacingMergeTree: a series written again (after a restart) collapses.
+pub fn series_table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            account String,
+            metric String,
+            series_id UInt64,
+            cluster String,
+            namespace String,
+            pod String,
+            label_names Array(String),
+            label_values Array(String),
+            ingest_time DateTime
+        ) ENGINE = ReplacingMergeTree(ingest_time)
+        PARTITION BY toYYYYMM(ingest_time)
+        ORDER BY (account, metric, series_id)"
     )
 }
 
@@ -344,6 +370,23 @@ pub struct RawRow<'a> {
     pub cluster: &'a str,
     pub namespace: &'a str,
     pub pod: &'a str,
+    pub series_id: u64,
+    pub ts: i64,
+    pub value: f64,
+    /// `DateTime`: seconds since the epoch, UTC.
+    pub ingest_time: u32,
+}
+
+/// One row of the series table (field order and types =
+/// [`series_table_ddl`]), borrowed like [`RawRow`].
+#[derive(Debug, Clone, Copy, PartialEq, Row, Serialize)]
+pub struct SeriesRow<'a> {
+    pub account: &'a str,
+    pub metric: &'a str,
+    pub series_id: u64,
+    pub cluster: &'a str,
+    pub namespace: &'a str,
+    pub pod: &'a str,
     /// The other labels, sorted by name: the `label_names` column is their
     /// names. Set it and `label_values` to the same slice.
     #[serde(serialize_with = "label_names")]
@@ -351,9 +394,6 @@ pub struct RawRow<'a> {
     /// The `label_values` column: the values of the same slice.
     #[serde(serialize_with = "label_values")]
     pub label_values: &'a [(&'a str, &'a str)],
-    pub series_id: u64,
-    pub ts: i64,
-    pub value: f64,
     /// `DateTime`: seconds since the epoch, UTC.
     pub ingest_time: u32,
 }

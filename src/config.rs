@@ -323,6 +323,8 @@ pub enum LogFormat {
 pub const DEFAULT_CLICKHOUSE_DATABASE: &str = "default";
 /// Default table of raw teed samples.
 pub const DEFAULT_RAW_TABLE: &str = "kubecost_samples";
+/// Default table of teed series' labels.
+pub const DEFAULT_SERIES_TABLE: &str = "kubecost_series";
 /// Default table of expense rows (the platform's).
 pub const DEFAULT_EXPENSES_TABLE: &str = "expenses";
 /// Default table holding the rollup watermark.
@@ -377,6 +379,9 @@ pub struct ClickHouseConfig {
     pub password_file: Option<PathBuf>,
     /// Table of raw samples (ReplacingMergeTree).
     pub raw_table: String,
+    /// Table of the teed series' labels, one row per series and month
+    /// (ReplacingMergeTree); raw samples refer to it by `series_id`.
+    pub series_table: String,
     /// Table of expense rows the platform REST API reads (CollapsingMergeTree).
     pub expenses_table: String,
     /// Small table holding the rollup watermark.
@@ -402,6 +407,7 @@ impl Default for ClickHouseConfig {
             user: None,
             password_file: None,
             raw_table: DEFAULT_RAW_TABLE.to_string(),
+            series_table: DEFAULT_SERIES_TABLE.to_string(),
             expenses_table: DEFAULT_EXPENSES_TABLE.to_string(),
             state_table: DEFAULT_STATE_TABLE.to_string(),
             touched_table: DEFAULT_TOUCHED_TABLE.to_string(),
@@ -828,6 +834,7 @@ impl Config {
         for (field, name) in [
             ("clickhouse.database", &ch.database),
             ("clickhouse.raw_table", &ch.raw_table),
+            ("clickhouse.series_table", &ch.series_table),
             ("clickhouse.expenses_table", &ch.expenses_table),
             ("clickhouse.state_table", &ch.state_table),
             ("clickhouse.touched_table", &ch.touched_table),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::clickhouse::{ClickHouse, RawRow, TouchedRow};
+use crate::clickhouse::{ClickHouse, RawRow, SeriesRow, TouchedRow};
 use crate::config::Config;
 use crate::spool::{Pos, Spool, SpoolOptions, SpoolReader};
 use crate::telemetry as t;
@@ -238,6 +238,9 @@ pub struct SeriesBlock<'a> {
     /// The stable id of the series: XXH3-64 of its metric name and sorted
     /// labels as the record encodes them (length-prefixed, so unambiguous).
     pub series_id: u64,
+    /// XXH3-64 of the account, metric name and labels: which series row
+    /// this is, for the writer's memory of series rows written.
+    pub key: u64,
     /// `(i64 ts_ms, f64 value)` pairs, 16 bytes each, little endian.
     samples: &'a [u8],
 }
@@ -268,15 +271,28 @@ impl SeriesBlock<'_> {
         (0..self.len()).map(|i| self.sample(i))
     }
 
-    /// Estimated bytes of one of its rows on the wire to ClickHouse.
+    /// Estimated bytes of one of its sample rows on the wire to ClickHouse.
     pub fn row_bytes(&self) -> usize {
-        let labels: usize = self.labels.iter().map(|(n, v)| n.len() + v.len() + 2).sum();
-        48 + self.account.len()
+        40 + self.account.len()
             + self.metric.len()
             + self.cluster.len()
             + self.namespace.len()
             + self.pod.len()
-            + labels
+    }
+
+    /// Its row in the series table.
+    pub fn series_row(&self, ingest_time: u32) -> SeriesRow<'_> {
+        SeriesRow {
+            account: self.account,
+            metric: self.metric,
+            series_id: self.series_id,
+            cluster: self.cluster,
+            namespace: self.namespace,
+            pod: self.pod,
+            label_names: &self.labels,
+            label_values: &self.labels,
+            ingest_time,
+        }
     }
 
     fn row(&self, i: usize) -> RawRow<'_> {
@@ -287,8 +303,6 @@ impl SeriesBlock<'_> {
             cluster: self.cluster,
             namespace: self.namespace,
             pod: self.pod,
-            label_names: &self.labels,
-            label_values: &self.labels,
             series_id: self.series_id,
             ts,
             value,
@@ -318,6 +332,7 @@ fn decode_into<'a>(
     let mut c = Cursor { buf: record, at: 0 };
     let groups = c.u32()?;
     for _ in 0..groups {
+        let group_at = c.at;
         let account = c.str()?;
         let identity_at = c.at;
         let metric = c.str()?;
@@ -334,6 +349,7 @@ fn decode_into<'a>(
             }
         }
         let series_id = xxhash_rust::xxh3::xxh3_64(&record[identity_at..c.at]);
+        let key = xxhash_rust::xxh3::xxh3_64(&record[group_at..c.at]);
         let n = c.u32()? as usize;
         let samples = c.take(n.checked_mul(16).ok_or(DecodeRecordError(c.at))?)?;
         out.push(SeriesBlock {
@@ -344,6 +360,7 @@ fn decode_into<'a>(
             pod,
             labels,
             series_id,
+            key,
             samples,
         });
     }
@@ -376,6 +393,9 @@ fn month_of(ts_ms: i64) -> i64 {
 /// at most `max_rows` rows and about `max_bytes` bytes on the wire (a single
 /// row larger than that is a part of its own). Rows are views into the
 /// blocks, made only as parts are taken.
+///
+/// A part also names the blocks its rows come from (a run of them; with
+/// samples of several months, some of the run may have no row in it).
 pub struct Parts<'b, 'a> {
     blocks: &'b [SeriesBlock<'a>],
     months: Vec<i64>,
@@ -415,13 +435,15 @@ impl<'b, 'a> Parts<'b, 'a> {
     }
 
     /// The next part, or `None` when all rows were given out.
-    pub fn next_part(&mut self) -> Option<Vec<RawRow<'b>>> {
+    pub fn next_part(&mut self) -> Option<Part<'b, 'a>> {
         let (mut m, mut b, mut i) = self.at;
         let single_month = self.months.len() == 1;
         while m < self.months.len() {
             let month = self.months[m];
             let mut rows = Vec::new();
             let mut bytes = 0;
+            // The first and last block with a row in `rows`.
+            let (mut first, mut last) = (b, b);
             while b < self.blocks.len() {
                 let block = &self.blocks[b];
                 let size = block.row_bytes();
@@ -431,8 +453,15 @@ impl<'b, 'a> Parts<'b, 'a> {
                             && (rows.len() >= self.max_rows || bytes + size > self.max_bytes)
                         {
                             self.at = (m, b, i);
-                            return Some(rows);
+                            return Some(Part {
+                                rows,
+                                blocks: &self.blocks[first..=last],
+                            });
                         }
+                        if rows.is_empty() {
+                            first = b;
+                        }
+                        last = b;
                         rows.push(block.row(i));
                         bytes += size;
                     }
@@ -445,12 +474,21 @@ impl<'b, 'a> Parts<'b, 'a> {
             b = 0;
             self.at = (m, 0, 0);
             if !rows.is_empty() {
-                return Some(rows);
+                return Some(Part {
+                    rows,
+                    blocks: &self.blocks[first..=last],
+                });
             }
         }
         self.at = (m, b, i);
         None
     }
+}
+
+/// One insert's worth of sample rows, and the series blocks they come from.
+pub struct Part<'b, 'a> {
+    pub rows: Vec<RawRow<'b>>,
+    pub blocks: &'b [SeriesBlock<'a>],
 }
 
 /// The running tee: spool, ClickHouse writer task, and (if enabled) the rollup.
@@ -594,6 +632,7 @@ impl Writer {
             self.migrate_until_done(&mut stop).await;
         }
         let mut read_errors = 0;
+        let mut seen = SeenSeries::default();
         while !*stop.borrow() {
             let Some((records, end)) = self.next_batch(&mut stop, &mut read_errors).await else {
                 continue;
@@ -610,7 +649,7 @@ impl Writer {
             let mut parts = Parts::new(&blocks, self.cfg.batch_max_rows, self.max_bytes());
             let mut stopped = false;
             while let Some(part) = parts.next_part() {
-                if self.insert_part(part, &mut stop).await.is_err() {
+                if self.insert_part(part, &mut seen, &mut stop).await.is_err() {
                     stopped = true;
                     break;
                 }
@@ -629,57 +668,83 @@ impl Writer {
         usize::try_from(self.cfg.batch_max_bytes.bytes()).unwrap_or(usize::MAX)
     }
 
-    /// Inserts `rows` (and their touched index), retrying availability errors
-    /// with backoff. A part that fails because of its data, or times out, is
-    /// split in halves and the halves are retried; a single row that fails
-    /// because of its data goes to the dead-letter file.
+    /// Inserts a part's rows, with their touched index and the rows of
+    /// series this writer has not written this month, retrying availability
+    /// errors with backoff. A part that fails because of its data, or times
+    /// out, is split in halves and the halves are retried; a single row that
+    /// fails because of its data goes to the dead-letter file.
     async fn insert_part(
         &self,
-        rows: Vec<RawRow<'_>>,
+        part: Part<'_, '_>,
+        seen: &mut SeenSeries,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Stopped> {
         let mut backoff = self.cfg.retry_backoff;
-        let mut todo = vec![rows];
-        while let Some(mut part) = todo.pop() {
+        let month = month_of(unix_now_ms());
+        // A series is in many records of a batch: one row for it.
+        let mut fresh = std::collections::HashSet::new();
+        let series: Vec<&SeriesBlock> = part
+            .blocks
+            .iter()
+            .filter(|b| seen.needs_row(b.key, month) && fresh.insert(b.key))
+            .collect();
+        let mut todo = vec![(part.rows, series)];
+        while let Some((mut rows, mut series)) = todo.pop() {
             loop {
                 let now = unix_now() as u32;
-                for r in &mut part {
+                for r in &mut rows {
                     r.ingest_time = now;
                 }
+                let series_rows: Vec<SeriesRow> =
+                    series.iter().map(|b| b.series_row(now)).collect();
                 // The touched index first: if the raw insert then fails, the
-                // rollup merely re-derives a bucket that did not change.
-                let touched = touched_rows(&part, now);
-                let result = match self
-                    .ch
-                    .insert::<TouchedRow>(&self.ch.touched_table, &touched)
-                    .await
-                {
-                    Ok(()) => self.ch.insert::<RawRow>(&self.ch.raw_table, &part).await,
-                    Err(e) => Err(e),
-                };
+                // rollup merely re-derives a bucket that did not change. The
+                // series before their samples: a sample's labels are always
+                // there to join.
+                let touched = touched_rows(&rows, now);
+                let result = async {
+                    self.ch
+                        .insert::<TouchedRow>(&self.ch.touched_table, &touched)
+                        .await?;
+                    if !series_rows.is_empty() {
+                        self.ch
+                            .insert::<SeriesRow>(&self.ch.series_table, &series_rows)
+                            .await?;
+                    }
+                    self.ch.insert::<RawRow>(&self.ch.raw_table, &rows).await
+                }
+                .await;
                 let e = match result {
                     Ok(()) => {
+                        let month = month_of(i64::from(now) * 1000);
+                        for b in &series {
+                            seen.wrote_row(b.key, month);
+                        }
                         metrics::counter!(t::BATCHES_WRITTEN, "table" => "samples").increment(1);
                         metrics::counter!(t::ROWS_WRITTEN, "table" => "samples")
-                            .increment(part.len() as u64);
+                            .increment(rows.len() as u64);
+                        metrics::counter!(t::ROWS_WRITTEN, "table" => "series")
+                            .increment(series_rows.len() as u64);
                         break;
                     }
                     Err(e) => e,
                 };
                 metrics::counter!(t::BATCHES_FAILED, "table" => "samples").increment(1);
                 let splittable = e.is_data_error() || e.is_timeout();
-                if splittable && part.len() > 1 {
-                    tracing::warn!(error = %e, rows = part.len(), "clickhouse insert failed; retrying in two halves");
-                    let second = part.split_off(part.len() / 2);
-                    todo.push(second);
-                    todo.push(part);
+                if splittable && rows.len() > 1 {
+                    tracing::warn!(error = %e, rows = rows.len(), "clickhouse insert failed; retrying in two halves");
+                    let second = rows.split_off(rows.len() / 2);
+                    let second_series = series_of(&series, &second);
+                    series = series_of(&series, &rows);
+                    todo.push((second, second_series));
+                    todo.push((rows, series));
                     break;
                 }
                 if e.is_data_error() {
-                    self.dead_letter(&part, &e).await;
+                    self.dead_letter(&rows, &series_rows, &e).await;
                     break;
                 }
-                tracing::warn!(error = %e, rows = part.len(), retry_in = ?backoff, "clickhouse insert failed; retrying");
+                tracing::warn!(error = %e, rows = rows.len(), retry_in = ?backoff, "clickhouse insert failed; retrying");
                 self.publish_gauges();
                 if sleep_or_stop(jitter(backoff), stop).await {
                     return Err(Stopped);
@@ -691,14 +756,27 @@ impl Writer {
     }
 
     /// Appends rows ClickHouse refuses for their content to
-    /// `<spool dir>/dead-letter.jsonl` (one JSON object per row, with the
-    /// error), counts and logs them. They are not retried.
-    async fn dead_letter(&self, rows: &[RawRow<'_>], e: &crate::clickhouse::ClickHouseError) {
+    /// `<spool dir>/dead-letter.jsonl` (one JSON object per sample row, with
+    /// the error, and its series row if that was in the failed insert),
+    /// counts and logs them. They are not retried.
+    async fn dead_letter(
+        &self,
+        rows: &[RawRow<'_>],
+        series: &[SeriesRow<'_>],
+        e: &crate::clickhouse::ClickHouseError,
+    ) {
         metrics::counter!(t::ROWS_DEAD_LETTERED).increment(rows.len() as u64);
         let path = self.cfg.dir.join(DEAD_LETTER_FILE);
         let mut text = String::new();
+        let error = e.to_string();
         for r in rows {
-            let line = serde_json::json!({ "error": e.to_string(), "row": r });
+            let s = series
+                .iter()
+                .find(|s| (s.series_id, s.account, s.metric) == (r.series_id, r.account, r.metric));
+            let line = match s {
+                Some(s) => serde_json::json!({ "error": error, "row": r, "series": s }),
+                None => serde_json::json!({ "error": error, "row": r }),
+            };
             text.push_str(&line.to_string());
             text.push('\n');
         }
@@ -835,6 +913,45 @@ impl Writer {
     }
 }
 
+/// The series rows a writer has written, with the month (of ingest time)
+/// each went into: a series needs a row once per month, so that a month's
+/// partitions of the series table hold every series of the same month's
+/// samples. Bounded: when full it starts over (a series then gets a second
+/// row in the month, which the table's ReplacingMergeTree collapses).
+#[derive(Default)]
+struct SeenSeries {
+    months: std::collections::HashMap<u64, i64>,
+}
+
+/// Series rows a writer remembers (about 24 MiB when full).
+const SEEN_SERIES_MAX: usize = 1 << 20;
+
+impl SeenSeries {
+    fn needs_row(&self, key: u64, month: i64) -> bool {
+        self.months.get(&key) != Some(&month)
+    }
+
+    fn wrote_row(&mut self, key: u64, month: i64) {
+        if self.months.len() >= SEEN_SERIES_MAX && !self.months.contains_key(&key) {
+            self.months.clear();
+        }
+        self.months.insert(key, month);
+    }
+}
+
+/// The series of `series` that `rows` hold samples of.
+fn series_of<'b, 'a>(
+    series: &[&'b SeriesBlock<'a>],
+    rows: &[RawRow<'_>],
+) -> Vec<&'b SeriesBlock<'a>> {
+    let ids: std::collections::HashSet<u64> = rows.iter().map(|r| r.series_id).collect();
+    series
+        .iter()
+        .copied()
+        .filter(|b| ids.contains(&b.series_id))
+        .collect()
+}
+
 /// The distinct (minute, charged metric, account, hour) of a batch.
 fn touched_rows(rows: &[RawRow<'_>], now: u32) -> Vec<TouchedRow> {
     let minute = now - now % 60;
@@ -925,7 +1042,11 @@ mod tests {
         let mut parts = Parts::new(blocks, usize::MAX, usize::MAX);
         let mut rows = Vec::new();
         while let Some(p) = parts.next_part() {
-            rows.extend(p);
+            assert!(p
+                .rows
+                .iter()
+                .all(|r| p.blocks.iter().any(|b| b.series_id == r.series_id)));
+            rows.extend(p.rows);
         }
         rows
     }
@@ -957,8 +1078,19 @@ mod tests {
                 ""
             )
         );
-        assert_eq!(rows[0].label_names, [("instance", "x:9")]);
-        assert_eq!(rows[0].label_values, [("instance", "x:9")]);
+        let series = blocks[0].series_row(7);
+        assert_eq!(
+            (
+                series.account,
+                series.metric,
+                series.series_id,
+                series.namespace
+            ),
+            ("acc", rows[0].metric, rows[0].series_id, "a")
+        );
+        assert_eq!(series.label_names, [("instance", "x:9")]);
+        assert_eq!(series.label_values, [("instance", "x:9")]);
+        assert_eq!(series.ingest_time, 7);
         assert_eq!((rows[1].ts, rows[1].value), (2, 0.25));
         assert_eq!(rows[0].series_id, rows[1].series_id);
         assert_ne!(rows[0].series_id, rows[2].series_id);
@@ -1059,8 +1191,9 @@ mod tests {
     }
 
     /// One 32 KB request (one series, 60 labels of 4 KiB, 4,000 samples)
-    /// used to expand to ~1 GB of rows in the writer at once; parts are
-    /// one month each and bounded in (wire) bytes.
+    /// used to expand to ~1 GB of rows in the writer at once; now a sample
+    /// row holds no labels (its series row does, once), and parts are one
+    /// month each and bounded in (wire) bytes.
     #[test]
     fn parts_bound_rows_by_bytes_and_split_by_month() {
         let names: Vec<String> = (0..60).map(|i| format!("l{i:02}")).collect();
@@ -1080,12 +1213,14 @@ mod tests {
         let mut blocks = Vec::new();
         decode_record(&rec.bytes, &mut blocks).unwrap();
         let row = blocks[0].row_bytes();
-        assert!(row > 60 * 4096, "{row}");
-        let max_bytes = 8 << 20;
+        assert!(row < 200, "{row}");
+        assert_eq!(blocks[0].series_row(0).label_names.len(), 60);
+        let max_bytes = 8 << 10;
         let mut parts = Parts::new(&blocks, 200_000, max_bytes);
         let (mut n, mut count) = (0, 0);
         let mut months = Vec::new();
         while let Some(p) = parts.next_part() {
+            let p = p.rows;
             assert!(
                 p.len() * row <= max_bytes,
                 "{} rows of {row} bytes",
@@ -1105,7 +1240,7 @@ mod tests {
         // The row-count bound holds as well.
         let mut parts = Parts::new(&blocks, 7, usize::MAX);
         while let Some(p) = parts.next_part() {
-            assert!(p.len() <= 7);
+            assert!(p.rows.len() <= 7);
         }
     }
 
@@ -1117,8 +1252,6 @@ mod tests {
             cluster: "",
             namespace: "",
             pod: "",
-            label_names: &[],
-            label_values: &[],
             series_id: 0,
             ts,
             value: 1.0,

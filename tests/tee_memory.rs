@@ -107,7 +107,7 @@ fn a_small_request_with_long_labels_stays_small_end_to_end() {
         let mut parts = Parts::new(&blocks, 200_000, 8 << 20);
         let mut rows = 0;
         while let Some(part) = parts.next_part() {
-            rows += part.len();
+            rows += part.rows.len();
         }
         assert_eq!(rows, 4000);
     });

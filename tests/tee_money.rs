@@ -160,7 +160,7 @@ async fn synthetic_day_is_charged_exactly() {
     // The raw table: every teed sample exactly once, whole rows.
     let raw = ch
         .rows(&format!(
-            "SELECT account, metric, cluster, namespace, pod, label_names, label_values, \
+            "SELECT account, metric, cluster, namespace, pod, toString(series_id) AS sid, \
              ts, reinterpretAsUInt64(reinterpretAsString(value)) AS bits, \
              toUInt32(ingest_time) AS it FROM kubecost_samples FINAL \
              WHERE account = '{ACCOUNT}' ORDER BY metric, namespace, ts"
@@ -178,15 +178,6 @@ async fn synthetic_day_is_charged_exactly() {
         assert_eq!(row["cluster"], "prod-1");
         assert_eq!(row["namespace"], ns.as_str());
         assert_eq!(row["pod"], "");
-        // Tenant labels carry the authenticated account, whatever was sent.
-        assert_eq!(
-            row["label_names"],
-            serde_json::json!(["cloud_account_id", "currency", "instance", "tenant_id"])
-        );
-        assert_eq!(
-            row["label_values"],
-            serde_json::json!([ACCOUNT, "USD", "exporter:9100", ACCOUNT])
-        );
         // 18.16 quotes 64-bit integers in JSON.
         assert_eq!(int(&row["ts"]), *ts);
         assert_eq!(int(&row["bits"]) as u64, v.to_bits(), "value bits survive");
@@ -196,6 +187,66 @@ async fn synthetic_day_is_charged_exactly() {
             "ingest time {it} vs now {now}"
         );
     }
+    // The series table: each series' labels exactly once (no FINAL: 24
+    // requests re-sent every series, the writer wrote its row once), and
+    // every sample joins its series.
+    let series = ch
+        .rows(&format!(
+            "SELECT metric, namespace, cluster, pod, toString(series_id) AS sid, \
+             label_names, label_values FROM kubecost_series \
+             WHERE account = '{ACCOUNT}' ORDER BY metric, namespace"
+        ))
+        .await;
+    let mut want_series: Vec<(&str, &str)> = expected_raw
+        .iter()
+        .map(|(m, ns, _, _)| (m.as_str(), ns.as_str()))
+        .collect();
+    want_series.dedup();
+    let got_series: Vec<(&str, &str)> = series
+        .iter()
+        .map(|s| {
+            (
+                s["metric"].as_str().unwrap(),
+                s["namespace"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got_series, want_series);
+    for s in &series {
+        assert_eq!(
+            (s["cluster"].as_str(), s["pod"].as_str()),
+            (Some("prod-1"), Some(""))
+        );
+        // Tenant labels carry the authenticated account, whatever was sent.
+        assert_eq!(
+            s["label_names"],
+            serde_json::json!(["cloud_account_id", "currency", "instance", "tenant_id"])
+        );
+        assert_eq!(
+            s["label_values"],
+            serde_json::json!([ACCOUNT, "USD", "exporter:9100", ACCOUNT])
+        );
+    }
+    for row in &raw {
+        let joins = |s: &&serde_json::Value| {
+            (&s["metric"], &s["namespace"], &s["sid"])
+                == (&row["metric"], &row["namespace"], &row["sid"])
+        };
+        assert_eq!(series.iter().filter(joins).count(), 1, "{row}");
+    }
+    // The join docs/TEE.md gives finds every sample's labels.
+    let joined = ch
+        .rows(&format!(
+            "SELECT s.ts, l.label_names FROM kubecost_samples AS s \
+             ANY LEFT JOIN (SELECT account, metric, series_id, label_names, label_values \
+                            FROM kubecost_series FINAL) AS l USING (account, metric, series_id) \
+             WHERE s.account = '{ACCOUNT}'"
+        ))
+        .await;
+    assert!(joined.len() >= raw.len());
+    assert!(joined
+        .iter()
+        .all(|j| j["label_names"].as_array().map(Vec::len) == Some(4)));
     let not_teed = ch
         .rows("SELECT count() AS n FROM kubecost_samples WHERE metric = 'kube_pod_info'")
         .await;

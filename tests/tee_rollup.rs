@@ -1,6 +1,7 @@
 //! The rollup and `migrate` against a real ClickHouse 18.16, driven through
 //! the library: a late sample re-derives the following bucket; a pass
-//! examines only what changed; migrate adds columns without touching data.
+//! examines only what changed; migrate adds columns without touching data,
+//! and the writer's rows fit a raw table made before the series table.
 
 mod common_ch;
 
@@ -30,8 +31,6 @@ fn raw(ts_s: i64, value: f64) -> RawRow<'static> {
         cluster: "c",
         namespace: "web",
         pod: "",
-        label_names: &[],
-        label_values: &[],
         series_id: 1,
         ts: ts_s * 1000,
         value,
@@ -151,18 +150,41 @@ async fn migrate_adds_missing_columns_and_keeps_data() {
     server
         .exec("INSERT INTO expenses VALUES ('acc', 'vm-1', toDateTime(1709251200), 12.5, 1)")
         .await;
+    // A raw table as rwgate made it before labels moved to the series table.
+    server
+        .exec(
+            "CREATE TABLE kubecost_samples (account String, metric String, cluster String, \
+             namespace String, pod String, label_names Array(String), label_values Array(String), \
+             series_id UInt64, ts Int64, value Float64, ingest_time DateTime) \
+             ENGINE = ReplacingMergeTree(ingest_time) \
+             PARTITION BY toYYYYMM(toDateTime(intDiv(ts, 1000))) ORDER BY (account, metric, series_id, ts)",
+        )
+        .await;
     let cfg = config(&server);
     let ch = ClickHouse::new(&cfg.clickhouse).unwrap();
     let r = ch.migrate().await.unwrap();
     assert!(r.server_version.starts_with("18.16"), "{r:?}");
     assert_eq!(
         r.created,
-        [
-            "kubecost_samples",
-            "rwgate_rollup_state",
-            "kubecost_touched"
-        ]
+        ["kubecost_series", "rwgate_rollup_state", "kubecost_touched"]
     );
+    // Today's rows go into the older raw table (label columns left empty).
+    ch.insert::<RawRow>(&ch.raw_table, &[raw(T10, 2.5)])
+        .await
+        .unwrap();
+    let old = server
+        .rows("SELECT namespace, ts, value, label_names FROM kubecost_samples")
+        .await;
+    assert_eq!(old.len(), 1);
+    assert_eq!(
+        (
+            &old[0]["namespace"],
+            int(&old[0]["ts"]),
+            old[0]["value"].as_f64()
+        ),
+        (&serde_json::json!("web"), T10 * 1000, Some(2.5))
+    );
+    assert_eq!(old[0]["label_names"], serde_json::json!([]));
     assert_eq!(
         r.columns_added,
         [

@@ -126,7 +126,7 @@ async fn thousands_of_active_accounts_fit_in_bounded_queries() {
         "x".repeat(35)
     );
     ch.exec(&format!(
-        "INSERT INTO kubecost_samples SELECT {account}, '{NS_METRIC}', 'c', 'web', '', [], [], \
+        "INSERT INTO kubecost_samples SELECT {account}, '{NS_METRIC}', 'c', 'web', '', \
          toUInt64(1), {T0} + 60000 * k, 1.0, now() \
          FROM numbers({N}) ARRAY JOIN [0, 1] AS k"
     ))
@@ -172,7 +172,7 @@ async fn a_poisoned_bucket_is_isolated_then_skipped() {
     let poison = "arrayStringConcat(arrayMap(x -> 'p', range(307200)))";
     for account in [format!("'{VICTIM}'"), poison.to_string()] {
         ch.exec(&format!(
-            "INSERT INTO kubecost_samples SELECT {account}, '{NS_METRIC}', 'c', 'web', '', [], [], \
+            "INSERT INTO kubecost_samples SELECT {account}, '{NS_METRIC}', 'c', 'web', '', \
              toUInt64(1), {T0} + 60000 * number, 1.0, now() FROM numbers(2)"
         ))
         .await;

@@ -91,7 +91,7 @@ async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through() {
     let rows = loop {
         let rows = ch
             .rows(
-                "SELECT account, metric, cluster, namespace, pod, label_names, label_values, \
+                "SELECT account, metric, cluster, namespace, pod, \
                  toString(series_id) AS sid, ts, value, toUInt32(ingest_time) AS it \
                  FROM kubecost_samples ORDER BY namespace, ts",
             )
@@ -123,6 +123,28 @@ async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through() {
         assert!(int(&r["it"]) > 0);
     }
 
+    // Every sample's series has its labels in the series table (rows
+    // re-sent by the split retries collapse: read with FINAL).
+    let series = ch
+        .rows(
+            "SELECT namespace, toString(series_id) AS sid, label_names FROM kubecost_series FINAL \
+             WHERE namespace != 'poison' ORDER BY namespace",
+        )
+        .await;
+    let got_series: Vec<(&str, &str)> = series
+        .iter()
+        .map(|s| (s["namespace"].as_str().unwrap(), s["sid"].as_str().unwrap()))
+        .collect();
+    let mut want_series: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["namespace"].as_str().unwrap(), r["sid"].as_str().unwrap()))
+        .collect();
+    want_series.sort();
+    assert_eq!(got_series, want_series);
+    assert!(series.iter().all(|s| s["label_names"]
+        .as_array()
+        .is_some_and(|names| names.iter().any(|n| n == "cloud_account_id"))));
+
     let text = std::fs::read_to_string(&dead).expect("dead letters");
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -132,6 +154,11 @@ async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through() {
     assert_eq!(lines[0]["row"]["namespace"], "poison");
     assert_eq!(lines[0]["row"]["ts"], t);
     assert_eq!(lines[0]["row"]["value"], 9.0);
+    assert_eq!(lines[0]["series"]["namespace"], "poison");
+    assert_eq!(
+        lines[0]["series"]["series_id"],
+        lines[0]["row"]["series_id"]
+    );
     assert!(
         lines[0]["error"]
             .as_str()
