@@ -61,7 +61,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, Notify};
 
@@ -451,19 +451,14 @@ impl Writer {
             buf.clear();
             buf.extend_from_slice(&first.frame);
             waiters.push(first.done);
-            let open_until = Instant::now() + self.commit_delay;
+            // Let the group fill for the commit delay, asleep: a receiver
+            // waiting in `recv` is woken by every send, a context switch
+            // per append. Then take whatever queued.
+            if !self.commit_delay.is_zero() {
+                std::thread::sleep(self.commit_delay);
+            }
             while buf.len() < MAX_GROUP_BYTES {
-                let next = match rx.try_recv() {
-                    Ok(job) => Ok(job),
-                    Err(mpsc::TryRecvError::Empty) => {
-                        match open_until.checked_duration_since(Instant::now()) {
-                            Some(left) if !left.is_zero() => rx.recv_timeout(left).map_err(|_| ()),
-                            _ => Err(()),
-                        }
-                    }
-                    Err(mpsc::TryRecvError::Disconnected) => Err(()),
-                };
-                let Ok(job) = next else { break };
+                let Ok(job) = rx.try_recv() else { break };
                 buf.extend_from_slice(&job.frame);
                 waiters.push(job.done);
             }
