@@ -157,12 +157,17 @@ fn collect_tee<'b>(
                 *n != b"__name__" && !p.tenant_labels.iter().any(|t| t.as_bytes() == *n)
             }),
     );
-    labels.extend(
-        p.tenant_labels
-            .iter()
-            .map(|t| (t.as_bytes(), p.account.as_bytes())),
-    );
-    labels.sort_unstable();
+    // Remote write sends labels sorted by name: then checking is one pass
+    // and the tenant labels go in by binary search (a full sort compared
+    // label names ~4 times as often; 5% of the tee-on CPU).
+    if !labels.windows(2).all(|w| w[0] <= w[1]) {
+        labels.sort_unstable();
+    }
+    for t in p.tenant_labels {
+        let t = t.as_bytes();
+        let at = labels.partition_point(|(n, _)| *n < t);
+        labels.insert(at, (t, p.account.as_bytes()));
+    }
     tee.begin_series(p.account, name, labels);
     wire::for_each_sample(buf, s, |sample| {
         tee.sample(sample.timestamp_ms, sample.value)
@@ -306,6 +311,49 @@ mod tests {
             [("cloud_account_id", "acc"), ("tenant_id", "acc")]
         );
         assert_eq!(t.samples().collect::<Vec<_>>(), [(1_700_000_000_000, 0.25)]);
+    }
+
+    /// The teed labels are sorted by name whatever order the sender used
+    /// (the series id hashes them), tenant labels in their places.
+    #[test]
+    fn teed_labels_are_sorted_with_tenant_labels_in_place() {
+        let allow = Allowlist::new(crate::config::DEFAULT_ALLOWLIST).unwrap();
+        let labels = vec!["cloud_account_id".to_string(), "tenant_id".to_string()];
+        let metric = "cloudtuner_kubecost_namespace_total_cost";
+        let sorted = [
+            ("app", "a"),
+            ("namespace", "n"),
+            ("tenant_id", "evil"),
+            ("zone", "z"),
+        ];
+        let mut shuffled = sorted;
+        shuffled.reverse();
+        let mut records = Vec::new();
+        for order in [&sorted, &shuffled] {
+            let req = prompb::WriteRequest {
+                timeseries: vec![series(metric, order, 1.0)],
+                metadata: vec![],
+            };
+            let out = process(
+                &compress(&req),
+                &params(&allow, &labels),
+                &mut Scratch::default(),
+            )
+            .unwrap();
+            records.push(out.tee.bytes);
+        }
+        assert_eq!(records[0], records[1]);
+        let mut teed = Vec::new();
+        crate::tee::decode_record(&records[0], &mut teed).unwrap();
+        assert_eq!(
+            teed[0].labels,
+            [
+                ("app", "a"),
+                ("cloud_account_id", "acc"),
+                ("tenant_id", "acc"),
+                ("zone", "z")
+            ]
+        );
     }
 
     #[test]
