@@ -35,7 +35,7 @@
 # the max search, 50), PROFILE (release; the smoke uses debug unless set),
 # OUT (loadtest/out), CONCURRENCY_LIMIT (overload run, 8), SOAK_DURATION
 # (600s), TEE_RATES (req/s of the tee fixed-load phase, "100 250"),
-# TEE_MAX_RATES (the tee step-up ladder, "200 400 600 800 1000 1200 1400 1600"),
+# TEE_MAX_RATES (the tee step-up ladder, "200 400 ... 2400" in steps of 200),
 # TEE_P99_MS (the ladder's p99 threshold, 1000: the tee ladder is about
 # throughput; the table also gives the max with p99 < 50 ms), BIN (a directory
 # holding rwgate and rwgate-loadgen to use instead of building, e.g. a build
@@ -61,12 +61,12 @@ done
 RATES=${RATES:-"100 250"}
 DURATION=${DURATION:-20s}
 RUNS=${RUNS:-3}
-MAX_RATES=${MAX_RATES:-"100 200 300 400 600 800 1000 1200"}
+MAX_RATES=${MAX_RATES:-"100 200 300 400 600 800 1000 1200 1400 1600 1800 2000 2200 2400"}
 P99_MS=${P99_MS:-50}
 CONCURRENCY_LIMIT=${CONCURRENCY_LIMIT:-8}
 SOAK_DURATION=${SOAK_DURATION:-600s}
 TEE_RATES=${TEE_RATES:-"100 250"}
-TEE_MAX_RATES=${TEE_MAX_RATES:-"200 400 600 800 1000 1200 1400 1600"}
+TEE_MAX_RATES=${TEE_MAX_RATES:-"200 400 600 800 1000 1200 1400 1600 1800 2000 2200 2400"}
 TEE_P99_MS=${TEE_P99_MS:-1000}
 SERIES=1000
 OUT=${OUT:-$HERE/out}

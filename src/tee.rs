@@ -923,7 +923,7 @@ struct SeenSeries {
     months: std::collections::HashMap<u64, i64>,
 }
 
-/// Series rows a writer remembers (about 24 MiB when full).
+/// Series rows a writer remembers (about 36 MiB when full).
 const SEEN_SERIES_MAX: usize = 1 << 20;
 
 impl SeenSeries {
@@ -1242,6 +1242,24 @@ mod tests {
         while let Some(p) = parts.next_part() {
             assert!(p.rows.len() <= 7);
         }
+    }
+
+    #[test]
+    fn a_series_row_is_needed_once_per_month() {
+        let mut seen = SeenSeries::default();
+        assert!(seen.needs_row(1, 100));
+        seen.wrote_row(1, 100);
+        assert!(!seen.needs_row(1, 100));
+        assert!(seen.needs_row(2, 100));
+        assert!(seen.needs_row(1, 101), "a new month needs the row again");
+        seen.wrote_row(1, 101);
+        assert!(!seen.needs_row(1, 101));
+        // Bounded: full, it starts over rather than grow.
+        for k in 0..SEEN_SERIES_MAX as u64 + 10 {
+            seen.wrote_row(k, 101);
+        }
+        assert!(seen.months.len() <= SEEN_SERIES_MAX);
+        assert!(!seen.needs_row(SEEN_SERIES_MAX as u64 + 9, 101));
     }
 
     #[test]
