@@ -39,8 +39,8 @@
 # TEE_P99_MS (the ladder's p99 threshold, 1000: the tee ladder is about
 # throughput; the table also gives the max with p99 < 50 ms), BIN (a directory
 # holding rwgate and rwgate-loadgen to use instead of building, e.g. a build
-# with frame pointers for perf), HALF_RATE (--latency: requests/s, 600, half
-# of the max measured by the full comparison).
+# with frame pointers for perf), HALF_RATE (--latency: requests/s, 1000, half
+# of the max measured by the full comparison on a 2-CPU box).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -356,7 +356,7 @@ fi
 
 # --- latency only: the sink alone, then rwgate, at one rate, RUNS times ------------
 if [ "$MODE" = latency ]; then
-    rate=${HALF_RATE:-600}
+    rate=${HALF_RATE:-1000}
     log "warm-up"
     measure 0 warmup rwgate "$RW_PID" "$RW_URL" 50 5s >/dev/null || true
     for run in $(seq "$RUNS"); do
