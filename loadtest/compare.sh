@@ -342,7 +342,8 @@ if [ "$MODE" = tee ]; then
     echo
     echo "tee: rwgate_tee_spool_bytes $spool_now right after the last run, $(py metric "$TEE_METRICS" rwgate_tee_spool_bytes) at the end;" \
         "oldest entry $(py metric "$TEE_METRICS" rwgate_tee_spool_oldest_entry_age_seconds) s"
-    for m in rwgate_samples_forwarded_total rwgate_tee_samples_spooled_total rwgate_clickhouse_rows_written_total \
+    for m in rwgate_samples_forwarded_total rwgate_tee_samples_spooled_total \
+        'rwgate_clickhouse_rows_written_total{table="samples"}' 'rwgate_clickhouse_rows_written_total{table="series"}' \
         rwgate_clickhouse_batches_written_total rwgate_clickhouse_batches_failed_total \
         rwgate_tee_samples_rejected_total rwgate_tee_rows_dead_lettered_total rwgate_rollup_passes_total; do
         echo "tee: $m $(py metric "$TEE_METRICS" "$m")"

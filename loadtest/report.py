@@ -32,11 +32,17 @@ def wait_http(url, timeout):
 
 
 def metric(url, name):
-    """Sum of all series of a metric in a Prometheus text exposition."""
+    """Sum of all series of a metric in a Prometheus text exposition;
+    `name{label="value",...}` sums only the series carrying those labels."""
+    base, _, labels = name.partition("{")
+    wanted = [p for p in labels.rstrip("}").split(",") if p]
     total = 0.0
     with urllib.request.urlopen(url, timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith(name) and line[len(name)] in " {":
+            if not (line.startswith(base) and line[len(base)] in " {"):
+                continue
+            series = line.rsplit(" ", 1)[0]
+            if all(p in series for p in wanted):
                 total += float(line.rsplit(" ", 1)[1])
     print(int(total))
 
