@@ -376,7 +376,7 @@ fn decode_series(
 /// names are short and usually differ in their first bytes, and the
 /// `memcmp` call behind the slice comparison cost more than the compare.
 #[inline(always)]
-fn cmp_names(a: &[u8], b: &[u8]) -> Ordering {
+pub fn cmp_names(a: &[u8], b: &[u8]) -> Ordering {
     for (x, y) in a.iter().zip(b) {
         if x != y {
             return x.cmp(y);
