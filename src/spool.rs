@@ -146,6 +146,42 @@ pub struct SpoolReader {
     oldest_unacked_ms: Option<i64>,
 }
 
+/// Writes every buffer, in order, with as few `writev` calls as the kernel
+/// allows: a group commit copies no frame into one buffer first (that copy
+/// was ~1% of the tee-on CPU). `Write::write_all_vectored` is not stable.
+fn write_all_vectored(out: &mut impl Write, bufs: &[Vec<u8>]) -> io::Result<()> {
+    const MAX_IOV: usize = 1024; // IOV_MAX on Linux
+    let (mut i, mut off) = (0, 0); // next byte: bufs[i][off]
+    while i < bufs.len() {
+        if off == bufs[i].len() {
+            (i, off) = (i + 1, 0);
+            continue;
+        }
+        let iov: Vec<io::IoSlice<'_>> = std::iter::once(&bufs[i][off..])
+            .chain(bufs[i + 1..].iter().map(Vec::as_slice))
+            .take(MAX_IOV)
+            .map(io::IoSlice::new)
+            .collect();
+        let mut n = match out.write_vectored(&iov) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while n > 0 {
+            let left = bufs[i].len() - off;
+            if n < left {
+                off += n;
+                n = 0;
+            } else {
+                n -= left;
+                (i, off) = (i + 1, 0);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}{SEGMENT_SUFFIX}"))
 }
@@ -444,12 +480,12 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
-        let mut buf = Vec::new();
+        let mut frames = Vec::new();
         let mut waiters = Vec::new();
         // Blocks for the first job of a group, then takes whatever queued.
         while let Ok(first) = rx.recv() {
-            buf.clear();
-            buf.extend_from_slice(&first.frame);
+            let mut bytes = first.frame.len();
+            frames.push(first.frame);
             waiters.push(first.done);
             // Let the group fill for the commit delay, asleep: a receiver
             // waiting in `recv` is woken by every send, a context switch
@@ -457,15 +493,17 @@ impl Writer {
             if !self.commit_delay.is_zero() {
                 std::thread::sleep(self.commit_delay);
             }
-            while buf.len() < MAX_GROUP_BYTES {
+            while bytes < MAX_GROUP_BYTES {
                 let Ok(job) = rx.try_recv() else { break };
-                buf.extend_from_slice(&job.frame);
+                bytes += job.frame.len();
+                frames.push(job.frame);
                 waiters.push(job.done);
             }
-            let result = self.commit(&buf);
+            let result = self.commit(&frames, bytes);
             if let Err(e) = &result {
                 tracing::error!(error = %e, "spool: group commit failed");
             }
+            frames.clear();
             for w in waiters.drain(..) {
                 let r = match &result {
                     Ok(()) => Ok(()),
@@ -476,17 +514,16 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, buf: &[u8]) -> io::Result<()> {
+    /// Writes a group of frames (`bytes` in all) and fsyncs.
+    fn commit(&mut self, frames: &[Vec<u8>], bytes: usize) -> io::Result<()> {
         if self.shared.poisoned.load(Ordering::Acquire) {
             return Err(io::Error::other("spool writer failed earlier"));
         }
-        if self.off > 0 && self.off + buf.len() as u64 > self.segment_bytes {
+        if self.off > 0 && self.off + bytes as u64 > self.segment_bytes {
             self.rotate()?;
         }
-        let written = self
-            .file
-            .write_all(buf)
-            .and_then(|()| self.file.sync_data());
+        let written =
+            write_all_vectored(&mut self.file, frames).and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             // Cut the partial write off so that the log stays a clean
             // sequence of records; if even that fails, stop appending.
@@ -499,7 +536,7 @@ impl Writer {
             }
             return Err(e);
         }
-        self.off += buf.len() as u64;
+        self.off += bytes as u64;
         if let Ok(mut d) = self.shared.durable.lock() {
             *d = Pos {
                 seg: self.seg,
@@ -507,6 +544,7 @@ impl Writer {
             };
         }
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::SPOOL_SYNCS).increment(1);
         self.shared.committed.notify_one();
         Ok(())
     }
@@ -709,6 +747,56 @@ mod tests {
             .into_iter()
             .map(|r| r.payload)
             .collect()
+    }
+
+    /// Short writes (at most 7 bytes, interrupted every third call) and
+    /// more buffers than one `writev` takes still write every byte in order.
+    #[test]
+    fn vectored_writes_survive_short_and_interrupted_writes() {
+        struct Stingy {
+            out: Vec<u8>,
+            calls: usize,
+        }
+        impl Write for Stingy {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.write_vectored(&[io::IoSlice::new(b)])
+            }
+            fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+                self.calls += 1;
+                if self.calls % 3 == 0 {
+                    return Err(io::ErrorKind::Interrupted.into());
+                }
+                let mut n = 0;
+                for b in bufs {
+                    let take = b.len().min(7 - n);
+                    self.out.extend_from_slice(&b[..take]);
+                    n += take;
+                    if n == 7 {
+                        break;
+                    }
+                }
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let bufs: Vec<Vec<u8>> = (0..3000u32)
+            .map(|i| vec![i as u8; (i % 5) as usize])
+            .collect();
+        let mut w = Stingy {
+            out: Vec::new(),
+            calls: 0,
+        };
+        write_all_vectored(&mut w, &bufs).unwrap();
+        assert_eq!(w.out, bufs.concat());
+        // Into a file, in one or a few calls.
+        let mut f = tempfile::tempfile().unwrap();
+        write_all_vectored(&mut f, &bufs).unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        let mut back = Vec::new();
+        f.read_to_end(&mut back).unwrap();
+        assert_eq!(back, bufs.concat());
     }
 
     #[tokio::test]

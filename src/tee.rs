@@ -131,6 +131,11 @@ impl RecordBuilder {
     pub fn begin_series(&mut self, account: &str, metric: &[u8], labels: &[(&[u8], &[u8])]) {
         self.end_series();
         let out = &mut self.rec.bytes;
+        // Start at 16 KiB rather than doubling up from a few bytes: a
+        // request's record is ~35 KB when a tenth of 1,000 series is teed.
+        if out.capacity() < 16 << 10 {
+            out.reserve((16 << 10) - out.len());
+        }
         let start = out.len();
         put_str(out, account.as_bytes());
         put_str(out, metric);

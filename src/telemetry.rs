@@ -32,6 +32,8 @@ pub const SPOOL_BYTES: &str = "rwgate_tee_spool_bytes";
 pub const SPOOL_OLDEST_AGE: &str = "rwgate_tee_spool_oldest_entry_age_seconds";
 /// Time for a request's tee append to become durable.
 pub const SPOOL_APPEND_DURATION: &str = "rwgate_tee_spool_append_duration_seconds";
+/// Group commits (write + fsync) of the spool.
+pub const SPOOL_SYNCS: &str = "rwgate_tee_spool_syncs_total";
 /// Samples made durable in the spool.
 pub const SAMPLES_SPOOLED: &str = "rwgate_tee_samples_spooled_total";
 /// ClickHouse inserts that succeeded, by table (`samples`, `expenses`).
@@ -119,6 +121,10 @@ fn describe() {
         "Time for a request's cost samples to become durable (group commit)."
     );
     describe_counter!(SAMPLES_SPOOLED, "Cost samples made durable in the spool.");
+    describe_counter!(
+        SPOOL_SYNCS,
+        "Spool group commits (one write and one fsync each)."
+    );
     describe_counter!(BATCHES_WRITTEN, "ClickHouse inserts done, by table.");
     describe_counter!(
         BATCHES_FAILED,

@@ -171,6 +171,10 @@ async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through() {
         gw.metric("rwgate_tee_rows_dead_lettered_total").await,
         Some(1.0)
     );
+    // Two requests acknowledged one after the other: two group commits
+    // at least.
+    let syncs = gw.metric("rwgate_tee_spool_syncs_total").await;
+    assert!(syncs >= Some(2.0), "{syncs:?}");
     let rejected = |reason: &'static str| {
         let gw = &gw;
         async move {
