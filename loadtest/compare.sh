@@ -342,13 +342,17 @@ if [ "$MODE" = tee ]; then
     echo
     echo "tee: rwgate_tee_spool_bytes $spool_now right after the last run, $(py metric "$TEE_METRICS" rwgate_tee_spool_bytes) at the end;" \
         "oldest entry $(py metric "$TEE_METRICS" rwgate_tee_spool_oldest_entry_age_seconds) s"
-    for m in rwgate_samples_forwarded_total rwgate_tee_samples_spooled_total \
+    for m in rwgate_samples_forwarded_total rwgate_tee_samples_spooled_total rwgate_tee_spool_syncs_total \
         'rwgate_clickhouse_rows_written_total{table="samples"}' 'rwgate_clickhouse_rows_written_total{table="series"}' \
         rwgate_clickhouse_batches_written_total rwgate_clickhouse_batches_failed_total \
         rwgate_tee_samples_rejected_total rwgate_tee_rows_dead_lettered_total rwgate_rollup_passes_total; do
         echo "tee: $m $(py metric "$TEE_METRICS" "$m")"
     done
     echo "tee: ClickHouse kubecost_samples rows $(ch_query 'SELECT count() FROM kubecost_samples'), expenses rows $(ch_query 'SELECT count() FROM expenses')"
+    # Blocks ClickHouse wrote, and how many of them arrived already in key
+    # order (it sorts the others itself).
+    echo "tee: ClickHouse blocks written $(ch_query "SELECT sum(value) FROM system.events WHERE event = 'MergeTreeDataWriterBlocks'")," \
+        "already sorted $(ch_query "SELECT sum(value) FROM system.events WHERE event = 'MergeTreeDataWriterBlocksAlreadySorted'")"
     echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
     py table "$RESULTS"
     echo "rows: $RESULTS"
