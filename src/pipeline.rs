@@ -3,9 +3,9 @@
 //! snappy-compress, and pick out the samples to tee. Pure, so it is unit-tested
 //! and benchmarked directly.
 
-use crate::filter::Allowlist;
 use std::cmp::Ordering;
 
+use crate::filter::Allowlist;
 use crate::tee::{is_teed, Accepted, RecordBuilder, TeeRecord};
 use crate::wire::{self, DecodeError, Decoded, Injected, ShapeLimits};
 
