@@ -277,7 +277,7 @@ fn tee<M: Measurement>(c: &mut Criterion<M>) {
     g.bench_function("writer_rows", |b| {
         b.iter(|| {
             let mut blocks = Vec::new();
-            tee::decode_record(black_box(&record.bytes), &mut blocks).expect("decodes");
+            tee::decode_record(black_box(record.payload()), &mut blocks).expect("decodes");
             let mut parts = tee::Parts::new(&blocks, 200_000, 64 << 20);
             let mut rows = 0;
             while let Some(p) = parts.next_part() {

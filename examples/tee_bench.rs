@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
                 for i in 0..per_task {
                     let samples = request_samples((t * per_task + i) as i64);
                     let s = Instant::now();
-                    tee.append(&samples).await.expect("append");
+                    tee.append(samples).await.expect("append");
                     lat.push(s.elapsed());
                 }
                 lat

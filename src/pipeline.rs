@@ -17,6 +17,8 @@ pub struct Scratch {
     encoded: Vec<u8>,
     compressed: Vec<u8>,
     inject: Injected,
+    /// A tee record buffer (given back by [`ScratchPool::recycle_tee`]).
+    tee: Vec<u8>,
 }
 
 /// What to do with a request.
@@ -104,7 +106,9 @@ pub fn process(
     };
     let encoded = &mut scratch.encoded;
     encoded.clear();
-    let mut tee = p.tee.map(RecordBuilder::new);
+    let mut tee = p
+        .tee
+        .map(|a| RecordBuilder::with_buffer(a, std::mem::take(&mut scratch.tee)));
     let mut tee_labels = Vec::new();
     for s in &decoded.series {
         out.series_received += 1;
@@ -187,6 +191,8 @@ fn collect_tee<'b>(
 /// (a rare huge request) are dropped instead of pinning the memory.
 pub struct ScratchPool {
     free: std::sync::Mutex<Vec<Scratch>>,
+    /// Tee record buffers back from the spool, for the next requests.
+    free_tee: std::sync::Mutex<Vec<Vec<u8>>>,
     max_keep: usize,
 }
 
@@ -194,20 +200,45 @@ impl ScratchPool {
     pub fn new(max_keep: usize) -> Self {
         ScratchPool {
             free: std::sync::Mutex::new(Vec::new()),
+            free_tee: std::sync::Mutex::new(Vec::new()),
             max_keep,
         }
     }
 
     pub fn take(&self) -> Scratch {
-        self.free
+        let mut s: Scratch = self
+            .free
             .lock()
             .ok()
             .and_then(|mut f| f.pop())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if s.tee.capacity() == 0 {
+            if let Some(buf) = self.free_tee.lock().ok().and_then(|mut f| f.pop()) {
+                s.tee = buf;
+            }
+        }
+        s
+    }
+
+    /// Keeps a tee record buffer the spool gave back (a teed request's
+    /// record moves to the spool thread and back, so it is not in the
+    /// [`Scratch`] when that returns).
+    pub fn recycle_tee(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > self.max_keep {
+            return;
+        }
+        if let Ok(mut f) = self.free_tee.lock() {
+            if f.len() < 64 {
+                f.push(buf);
+            }
+        }
     }
 
     pub fn give(&self, s: Scratch) {
-        let size = s.decompressed.capacity() + s.encoded.capacity() + s.compressed.capacity();
+        let size = s.decompressed.capacity()
+            + s.encoded.capacity()
+            + s.compressed.capacity()
+            + s.tee.capacity();
         if size > self.max_keep {
             return;
         }
@@ -305,7 +336,7 @@ mod tests {
         }
         assert_eq!((out.tee.kept, out.tee.too_old, out.tee.too_new), (1, 0, 0));
         let mut teed = Vec::new();
-        crate::tee::decode_record(&out.tee.bytes, &mut teed).unwrap();
+        crate::tee::decode_record(out.tee.payload(), &mut teed).unwrap();
         assert_eq!(teed.len(), 1);
         let t = &teed[0];
         assert_eq!(
@@ -313,7 +344,7 @@ mod tests {
             ("acc", "cloudtuner_kubecost_namespace_total_cost", "ns1")
         );
         assert_eq!(
-            t.labels,
+            t.labels(),
             [("cloud_account_id", "acc"), ("tenant_id", "acc")]
         );
         assert_eq!(t.samples().collect::<Vec<_>>(), [(1_700_000_000_000, 0.25)]);
@@ -346,13 +377,13 @@ mod tests {
                 &mut Scratch::default(),
             )
             .unwrap();
-            records.push(out.tee.bytes);
+            records.push(out.tee.payload().to_vec());
         }
         assert_eq!(records[0], records[1]);
         let mut teed = Vec::new();
         crate::tee::decode_record(&records[0], &mut teed).unwrap();
         assert_eq!(
-            teed[0].labels,
+            teed[0].labels(),
             [
                 ("app", "a"),
                 ("cloud_account_id", "acc"),

@@ -364,6 +364,7 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
     // whatever the upstream says: samples Thanos refuses as too old are
     // exactly the history the tee must keep. 2xx only when both succeeded.
     let body = Bytes::from(std::mem::take(&mut out.body));
+    let record = std::mem::take(&mut out.tee);
     let forward = async {
         if out.series_kept == 0 {
             return Ok(());
@@ -374,7 +375,10 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
     };
     let tee = async {
         match &state.tee {
-            Some(tee) => tee.append(&out.tee).await,
+            Some(tee) => tee
+                .append(record)
+                .await
+                .map(|buf| state.scratch.recycle_tee(buf)),
             None => Ok(()),
         }
     };

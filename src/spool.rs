@@ -123,7 +123,8 @@ struct Shared {
 
 struct Job {
     frame: Vec<u8>,
-    done: oneshot::Sender<io::Result<()>>,
+    /// Gets the result and the frame back (for the caller to reuse).
+    done: oneshot::Sender<(io::Result<()>, Vec<u8>)>,
 }
 
 /// The append side. Cheap to share behind an `Arc`.
@@ -196,14 +197,22 @@ fn now_ms() -> i64 {
 /// Frames one record.
 pub fn frame(appended_ms: i64, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(HEADER_LEN as usize + payload.len());
+    f.resize(HEADER_LEN as usize, 0);
+    f.extend_from_slice(payload);
+    seal(&mut f, appended_ms);
+    f
+}
+
+/// Fills in the header of a frame whose payload follows `HEADER_LEN`
+/// reserved bytes.
+fn seal(frame: &mut [u8], appended_ms: i64) {
+    let (header, payload) = frame.split_at_mut(HEADER_LEN as usize);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&appended_ms.to_le_bytes());
     crc.update(payload);
-    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    f.extend_from_slice(&crc.finalize().to_le_bytes());
-    f.extend_from_slice(&appended_ms.to_le_bytes());
-    f.extend_from_slice(payload);
-    f
+    header[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+    header[8..16].copy_from_slice(&appended_ms.to_le_bytes());
 }
 
 /// Reads one record at the reader's position; `Ok(None)` at a clean end, a
@@ -390,7 +399,23 @@ impl Spool {
 
     /// Appends one record and returns once it is on disk (shared fsync).
     pub async fn append(&self, payload: &[u8]) -> Result<(), TeeError> {
-        let frame = frame(now_ms(), payload);
+        let mut f = Vec::with_capacity(HEADER_LEN as usize + payload.len());
+        f.resize(HEADER_LEN as usize, 0);
+        f.extend_from_slice(payload);
+        self.append_frame(f).await.map(drop)
+    }
+
+    /// Appends the record in `frame[HEADER_LEN..]` (the header is written
+    /// into the first `HEADER_LEN` bytes: no copy of the payload) and
+    /// returns, once it is on disk, the buffer for reuse.
+    pub async fn append_frame(&self, mut frame: Vec<u8>) -> Result<Vec<u8>, TeeError> {
+        if frame.len() < HEADER_LEN as usize {
+            return Err(TeeError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "frame shorter than its header",
+            )));
+        }
+        seal(&mut frame, now_ms());
         let size = frame.len() as u64;
         if size - HEADER_LEN > MAX_RECORD {
             return Err(TeeError::Io(io::Error::new(
@@ -419,7 +444,8 @@ impl Spool {
         };
         let result = if sent {
             match wait.await {
-                Ok(r) => r.map_err(TeeError::Io),
+                Ok((Ok(()), frame)) => Ok(frame),
+                Ok((Err(e), _)) => Err(TeeError::Io(e)),
                 Err(_) => Err(TeeError::Io(io::Error::other("spool writer stopped"))),
             }
         } else {
@@ -503,13 +529,15 @@ impl Writer {
             if let Err(e) = &result {
                 tracing::error!(error = %e, "spool: group commit failed");
             }
-            frames.clear();
-            for w in waiters.drain(..) {
+            // Hand each frame back to its appender: the buffer is reused
+            // for a later record, and freed (if at all) on the thread that
+            // made it.
+            for (w, f) in waiters.drain(..).zip(frames.drain(..)) {
                 let r = match &result {
                     Ok(()) => Ok(()),
                     Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                 };
-                let _ = w.send(r);
+                let _ = w.send((r, f));
             }
         }
     }
@@ -797,6 +825,26 @@ mod tests {
         let mut back = Vec::new();
         f.read_to_end(&mut back).unwrap();
         assert_eq!(back, bufs.concat());
+    }
+
+    #[tokio::test]
+    async fn append_frame_writes_in_place_and_gives_the_buffer_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, mut reader) = Spool::open(&opts(dir.path())).unwrap();
+        let mut buf = vec![0xee; HEADER_LEN as usize];
+        buf.extend_from_slice(b"payload");
+        let ptr = buf.as_ptr();
+        let back = spool.append_frame(buf).await.unwrap();
+        assert_eq!(back.as_ptr(), ptr, "the same allocation comes back");
+        assert_eq!(&back[HEADER_LEN as usize..], b"payload");
+        assert_eq!(read_all(&mut reader), [b"payload".to_vec()]);
+        // The header is the one `frame` makes.
+        let appended_ms = i64::from_le_bytes(back[8..16].try_into().unwrap());
+        assert_eq!(back, frame(appended_ms, b"payload"));
+        assert!(
+            spool.append_frame(vec![0; 3]).await.is_err(),
+            "no header room"
+        );
     }
 
     #[tokio::test]

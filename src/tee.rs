@@ -82,7 +82,10 @@ pub enum TeeError {
 /// One spool record: the teed samples of one request, and what was refused.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct TeeRecord {
-    pub bytes: Vec<u8>,
+    /// The record after `spool::HEADER_LEN` bytes kept for the spool's
+    /// header (so that appending copies nothing); empty when nothing was
+    /// kept.
+    frame: Vec<u8>,
     /// Samples in the record.
     pub kept: u64,
     /// Samples refused as older than the accepted window.
@@ -103,6 +106,8 @@ pub struct TeeRecord {
 /// ```
 pub struct RecordBuilder {
     rec: TeeRecord,
+    /// Where the record starts in `rec.frame`.
+    base: usize,
     accepted: Accepted,
     groups: u32,
     /// Where the open series starts, and where its sample count is.
@@ -110,13 +115,32 @@ pub struct RecordBuilder {
     open_samples: u32,
 }
 
+impl TeeRecord {
+    /// The record's bytes.
+    pub fn payload(&self) -> &[u8] {
+        self.frame.get(HEADER..).unwrap_or_default()
+    }
+}
+
+const HEADER: usize = crate::spool::HEADER_LEN as usize;
+
 impl RecordBuilder {
     pub fn new(accepted: Accepted) -> RecordBuilder {
+        RecordBuilder::with_buffer(accepted, Vec::new())
+    }
+
+    /// A builder writing into `buf` (cleared first): a buffer reused from
+    /// an earlier request is already large enough.
+    pub fn with_buffer(accepted: Accepted, mut buf: Vec<u8>) -> RecordBuilder {
+        buf.clear();
+        buf.resize(HEADER, 0);
+        buf.extend_from_slice(&0u32.to_le_bytes());
         RecordBuilder {
             rec: TeeRecord {
-                bytes: 0u32.to_le_bytes().to_vec(),
+                frame: buf,
                 ..TeeRecord::default()
             },
+            base: HEADER,
             accepted,
             groups: 0,
             open: None,
@@ -130,7 +154,7 @@ impl RecordBuilder {
     /// that is not).
     pub fn begin_series(&mut self, account: &str, metric: &[u8], labels: &[(&[u8], &[u8])]) {
         self.end_series();
-        let out = &mut self.rec.bytes;
+        let out = &mut self.rec.frame;
         // Start at 16 KiB rather than doubling up from a few bytes: a
         // request's record is ~35 KB when a tenth of 1,000 series is teed.
         if out.capacity() < 16 << 10 {
@@ -161,8 +185,8 @@ impl RecordBuilder {
         } else if ts_ms > self.accepted.newest_ms {
             self.rec.too_new += 1;
         } else {
-            self.rec.bytes.extend_from_slice(&ts_ms.to_le_bytes());
-            self.rec.bytes.extend_from_slice(&value.to_le_bytes());
+            self.rec.frame.extend_from_slice(&ts_ms.to_le_bytes());
+            self.rec.frame.extend_from_slice(&value.to_le_bytes());
             self.open_samples += 1;
             self.rec.kept += 1;
         }
@@ -174,21 +198,22 @@ impl RecordBuilder {
             return;
         };
         if self.open_samples == 0 {
-            self.rec.bytes.truncate(start);
+            self.rec.frame.truncate(start);
         } else {
-            self.rec.bytes[count_at..count_at + 4]
+            self.rec.frame[count_at..count_at + 4]
                 .copy_from_slice(&self.open_samples.to_le_bytes());
             self.groups += 1;
         }
     }
 
-    /// The record (empty `bytes` when no sample was kept).
+    /// The record (an empty payload when no sample was kept).
     pub fn finish(mut self) -> TeeRecord {
         self.end_series();
+        let at = self.base;
         if self.groups == 0 {
-            self.rec.bytes = Vec::new();
+            self.rec.frame.clear();
         } else {
-            self.rec.bytes[0..4].copy_from_slice(&self.groups.to_le_bytes());
+            self.rec.frame[at..at + 4].copy_from_slice(&self.groups.to_le_bytes());
         }
         self.rec
     }
@@ -246,8 +271,10 @@ pub struct SeriesBlock<'a> {
     pub cluster: &'a str,
     pub namespace: &'a str,
     pub pod: &'a str,
-    /// The other labels, sorted by name.
-    pub labels: Vec<(&'a str, &'a str)>,
+    /// Every label but `__name__` as the record encodes them (checked
+    /// UTF-8), `(u32 len, name, u32 len, value)` pairs: read by
+    /// [`labels`](Self::labels) only for a series row, not per sample.
+    label_bytes: &'a [u8],
     /// The stable id of the series: XXH3-64 of its metric name and sorted
     /// labels as the record encodes them (length-prefixed, so unambiguous).
     pub series_id: u64,
@@ -258,7 +285,7 @@ pub struct SeriesBlock<'a> {
     samples: &'a [u8],
 }
 
-impl SeriesBlock<'_> {
+impl<'a> SeriesBlock<'a> {
     /// Samples in the series.
     pub fn len(&self) -> usize {
         self.samples.len() / 16
@@ -293,8 +320,32 @@ impl SeriesBlock<'_> {
             + self.pod.len()
     }
 
-    /// Its row in the series table.
-    pub fn series_row(&self, ingest_time: u32) -> SeriesRow<'_> {
+    /// The labels other than `cluster`, `namespace` and `pod`, sorted by
+    /// name.
+    pub fn labels(&self) -> Vec<(&'a str, &'a str)> {
+        let mut c = Cursor {
+            buf: self.label_bytes,
+            at: 0,
+        };
+        let mut next = || {
+            let (a, b) = c.span().ok()?;
+            std::str::from_utf8(&self.label_bytes[a..b]).ok()
+        };
+        let mut out = Vec::new();
+        while let (Some(n), Some(v)) = (next(), next()) {
+            if !matches!(n, "cluster" | "namespace" | "pod") {
+                out.push((n, v));
+            }
+        }
+        out
+    }
+
+    /// Its row in the series table, with `labels` = [`labels`](Self::labels).
+    pub fn series_row<'s>(
+        &'s self,
+        labels: &'s [(&'a str, &'a str)],
+        ingest_time: u32,
+    ) -> SeriesRow<'s> {
         SeriesRow {
             account: self.account,
             metric: self.metric,
@@ -302,8 +353,8 @@ impl SeriesBlock<'_> {
             cluster: self.cluster,
             namespace: self.namespace,
             pod: self.pod,
-            label_names: &self.labels,
-            label_values: &self.labels,
+            label_names: labels,
+            label_values: labels,
             ingest_time,
         }
     }
@@ -358,6 +409,7 @@ fn decode_into<'a>(
         let identity_at = c.at;
         spans.push(c.span()?);
         let nlabels = c.u16()?;
+        let labels_at = c.at;
         for _ in 0..2 * nlabels {
             spans.push(c.span()?);
         }
@@ -373,14 +425,13 @@ fn decode_into<'a>(
         };
         let (account, metric) = (str_at(spans[0])?, str_at(spans[1])?);
         let (mut cluster, mut namespace, mut pod) = ("", "", "");
-        let mut labels = Vec::with_capacity(nlabels as usize);
         for pair in spans[2..].chunks_exact(2) {
             let (n, v) = (str_at(pair[0])?, str_at(pair[1])?);
             match n {
                 "cluster" => cluster = v,
                 "namespace" => namespace = v,
                 "pod" => pod = v,
-                _ => labels.push((n, v)),
+                _ => {}
             }
         }
         let series_id = xxhash_rust::xxh3::xxh3_64(&record[identity_at..head_end]);
@@ -404,7 +455,7 @@ fn decode_into<'a>(
             cluster,
             namespace,
             pod,
-            labels,
+            label_bytes: &record[labels_at..head_end],
             series_id,
             key,
             samples,
@@ -447,6 +498,8 @@ pub struct Parts<'b, 'a> {
     months: Vec<i64>,
     max_rows: usize,
     max_bytes: usize,
+    /// Rows in all blocks (to size a part's row vector once).
+    total_rows: usize,
     /// (month index, block, sample) of the next row.
     at: (usize, usize, usize),
 }
@@ -457,7 +510,9 @@ impl<'b, 'a> Parts<'b, 'a> {
         // and consecutive samples mostly share a day.
         let mut months: Vec<i64> = Vec::new();
         let mut last_day = None;
+        let mut total_rows = 0;
         for b in blocks {
+            total_rows += b.len();
             for (t, _) in b.samples() {
                 let day = t.div_euclid(DAY_MS);
                 if last_day == Some(day) {
@@ -476,6 +531,7 @@ impl<'b, 'a> Parts<'b, 'a> {
             months,
             max_rows: max_rows.max(1),
             max_bytes,
+            total_rows,
             at: (0, 0, 0),
         }
     }
@@ -486,7 +542,7 @@ impl<'b, 'a> Parts<'b, 'a> {
         let single_month = self.months.len() == 1;
         while m < self.months.len() {
             let month = self.months[m];
-            let mut rows = Vec::new();
+            let mut rows = Vec::with_capacity(self.max_rows.min(self.total_rows));
             let mut bytes = 0;
             // The first and last block with a row in `rows`.
             let (mut first, mut last) = (b, b);
@@ -601,8 +657,9 @@ impl Tee {
     }
 
     /// Makes a request's record durable (returns after the shared fsync),
-    /// and counts what it kept and refused.
-    pub async fn append(&self, record: &TeeRecord) -> Result<(), TeeError> {
+    /// and counts what it kept and refused. Gives back the record's buffer
+    /// for reuse.
+    pub async fn append(&self, record: TeeRecord) -> Result<Vec<u8>, TeeError> {
         if record.too_old > 0 {
             metrics::counter!(t::SAMPLES_REJECTED, "reason" => "too_old").increment(record.too_old);
         }
@@ -611,13 +668,13 @@ impl Tee {
                 .increment(record.too_new);
         }
         if record.kept == 0 {
-            return Ok(());
+            return Ok(record.frame);
         }
         let started = Instant::now();
-        self.spool.append(&record.bytes).await?;
+        let buf = self.spool.append_frame(record.frame).await?;
         metrics::histogram!(t::SPOOL_APPEND_DURATION).record(started.elapsed().as_secs_f64());
         metrics::counter!(t::SAMPLES_SPOOLED).increment(record.kept);
-        Ok(())
+        Ok(buf)
     }
 
     /// Unsent spool bytes.
@@ -742,8 +799,12 @@ impl Writer {
                 for r in &mut rows {
                     r.ingest_time = now;
                 }
-                let series_rows: Vec<SeriesRow> =
-                    series.iter().map(|b| b.series_row(now)).collect();
+                let labels: Vec<_> = series.iter().map(|b| b.labels()).collect();
+                let series_rows: Vec<SeriesRow> = series
+                    .iter()
+                    .zip(&labels)
+                    .map(|(b, l)| b.series_row(l, now))
+                    .collect();
                 // The touched index first: if the raw insert then fails, the
                 // rollup merely re-derives a bucket that did not change. The
                 // series before their samples: a sample's labels are always
@@ -1125,6 +1186,38 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_buffer_makes_the_same_record() {
+        let fresh = record(
+            Accepted::ANY,
+            &[("a", vec![(1, 0.5)]), ("b", vec![(2, 1.5)])],
+        );
+        let mut b = RecordBuilder::with_buffer(Accepted::ANY, vec![0xab; 100_000]);
+        let labels: [(&[u8], &[u8]); 3] = [
+            (b"cluster", b"c1"),
+            (b"instance", b"x:9"),
+            (b"namespace", b"a"),
+        ];
+        b.begin_series("acc", METRIC, &labels);
+        b.sample(1, 0.5);
+        b.end_series();
+        let labels: [(&[u8], &[u8]); 3] = [
+            (b"cluster", b"c1"),
+            (b"instance", b"x:9"),
+            (b"namespace", b"b"),
+        ];
+        b.begin_series("acc", METRIC, &labels);
+        b.sample(2, 1.5);
+        b.end_series();
+        let reused = b.finish();
+        assert_eq!(reused.payload(), fresh.payload());
+        assert_eq!(reused.frame.len(), HEADER + fresh.payload().len());
+        // Nothing kept: an empty payload, the buffer's memory kept.
+        let empty = RecordBuilder::with_buffer(Accepted::ANY, reused.frame).finish();
+        assert!(empty.payload().is_empty());
+        assert!(empty.frame.capacity() >= 100_000);
+    }
+
+    #[test]
     fn records_round_trip_into_rows() {
         let rec = record(
             Accepted::ANY,
@@ -1132,7 +1225,7 @@ mod tests {
         );
         assert_eq!(rec.kept, 3);
         let mut blocks = Vec::new();
-        decode_record(&rec.bytes, &mut blocks).unwrap();
+        decode_record(rec.payload(), &mut blocks).unwrap();
         let rows = all_rows(&blocks);
         assert_eq!(rows.len(), 3);
         assert_eq!(
@@ -1151,7 +1244,8 @@ mod tests {
                 ""
             )
         );
-        let series = blocks[0].series_row(7);
+        let labels = blocks[0].labels();
+        let series = blocks[0].series_row(&labels, 7);
         assert_eq!(
             (
                 series.account,
@@ -1170,16 +1264,16 @@ mod tests {
         assert!(rows[2].value.is_nan());
         // Truncated records are refused, not misread, and append nothing
         // (the first group alone decodes fine before the cut).
-        for cut in 0..rec.bytes.len() {
+        for cut in 0..rec.payload().len() {
             let mut out = vec![blocks[0].clone()];
-            assert!(decode_record(&rec.bytes[..cut], &mut out).is_err());
+            assert!(decode_record(&rec.payload()[..cut], &mut out).is_err());
             assert_eq!(out.len(), 1, "cut at {cut}: nothing appended");
         }
         // A label that is not UTF-8 makes the record undecodable.
         let mut b = RecordBuilder::new(Accepted::ANY);
         b.begin_series("acc", METRIC, &[(b"namespace", b"\xff")]);
         b.sample(1, 1.0);
-        assert!(decode_record(&b.finish().bytes, &mut Vec::new()).is_err());
+        assert!(decode_record(b.finish().payload(), &mut Vec::new()).is_err());
     }
 
     /// Rows reach ClickHouse in the raw table's key order (account, metric,
@@ -1199,7 +1293,7 @@ mod tests {
                 b.sample(ts, 1.0);
                 b.sample(ts + 1, 2.0);
             }
-            records.push(b.finish().bytes);
+            records.push(b.finish().payload().to_vec());
         }
         let mut blocks = Vec::new();
         for r in &records {
@@ -1242,13 +1336,13 @@ mod tests {
             b.sample(1, 1.0);
             let rec = b.finish();
             let mut blocks = Vec::new();
-            decode_record(&rec.bytes, &mut blocks).unwrap();
+            decode_record(rec.payload(), &mut blocks).unwrap();
             assert_eq!(
-                (blocks[0].namespace, blocks[0].labels.as_slice()),
+                (blocks[0].namespace, blocks[0].labels().as_slice()),
                 (value, [("zone", "z")].as_slice())
             );
             // The same series with one byte of a value broken is refused.
-            let mut bad = rec.bytes.clone();
+            let mut bad = rec.payload().to_vec();
             let at = bad
                 .windows(2)
                 .position(|w| w == "é".as_bytes() || w == "ü".as_bytes());
@@ -1262,7 +1356,7 @@ mod tests {
             b.sample(1, 1.0);
             let rec = b.finish();
             let mut blocks = Vec::new();
-            decode_record(&rec.bytes, &mut blocks).unwrap();
+            decode_record(rec.payload(), &mut blocks).unwrap();
             (blocks[0].series_id, blocks[0].key)
         };
         let (a, b) = (block("acc-a"), block("acc-b"));
@@ -1283,7 +1377,7 @@ mod tests {
             b.sample(1, 1.0);
             let rec = b.finish();
             let mut blocks = Vec::new();
-            decode_record(&rec.bytes, &mut blocks).unwrap();
+            decode_record(rec.payload(), &mut blocks).unwrap();
             blocks[0].series_id
         };
         let base = id(METRIC, &[(b"namespace", b"a"), (b"pod", b"p")]);
@@ -1331,7 +1425,7 @@ mod tests {
         );
         assert_eq!((rec.kept, rec.too_old, rec.too_new), (2, 2, 1));
         let mut blocks = Vec::new();
-        decode_record(&rec.bytes, &mut blocks).unwrap();
+        decode_record(rec.payload(), &mut blocks).unwrap();
         assert_eq!(blocks.len(), 1, "a series with nothing left is not written");
         assert_eq!(
             blocks[0].samples().collect::<Vec<_>>(),
@@ -1339,7 +1433,7 @@ mod tests {
         );
         // Nothing kept at all: an empty record, which append skips.
         let rec = record(w.at(now), &[("b", vec![(0, 5.0)])]);
-        assert_eq!((rec.kept, rec.too_old, rec.bytes.len()), (0, 1, 0));
+        assert_eq!((rec.kept, rec.too_old, rec.payload().len()), (0, 1, 0));
     }
 
     #[test]
@@ -1370,12 +1464,12 @@ mod tests {
             b.sample(feb_end + i, 1.0);
         }
         let rec = b.finish();
-        assert!(rec.bytes.len() < 400_000, "{}", rec.bytes.len());
+        assert!(rec.payload().len() < 400_000, "{}", rec.payload().len());
         let mut blocks = Vec::new();
-        decode_record(&rec.bytes, &mut blocks).unwrap();
+        decode_record(rec.payload(), &mut blocks).unwrap();
         let row = blocks[0].row_bytes();
         assert!(row < 200, "{row}");
-        assert_eq!(blocks[0].series_row(0).label_names.len(), 60);
+        assert_eq!(blocks[0].labels().len(), 60);
         let max_bytes = 8 << 10;
         let mut parts = Parts::new(&blocks, 200_000, max_bytes);
         let (mut n, mut count) = (0, 0);

@@ -504,7 +504,10 @@ pub fn for_each_sample(
     series: &SeriesRef,
     mut f: impl FnMut(Sample),
 ) -> Result<(), DecodeError> {
-    let (s, e) = (series.body.start as usize, series.body.end as usize);
+    // Only the fields other than labels, when the decoder found them in
+    // one range (the usual case): no walking over the labels again.
+    let fields = series.other.unwrap_or(series.body);
+    let (s, e) = (fields.start as usize, fields.end as usize);
     let mut r = Reader::new(&buf[s..e], s);
     while !r.done() {
         let (field, wt) = r.key()?;
@@ -1113,6 +1116,14 @@ mod tests {
         assert_eq!(got, reference(&req, &inject));
         // The unknown field survives, byte for byte.
         assert!(out.windows(2).any(|w| w == [0x78, 0x05]));
+        // Both samples are found between the labels.
+        let mut got = vec![];
+        for_each_sample(&buf, &d.series[0], |s| got.push(s)).unwrap();
+        let want = Sample {
+            value: 3.5,
+            timestamp_ms: 9,
+        };
+        assert_eq!(got, [want, want]);
     }
 
     #[test]

@@ -96,13 +96,17 @@ fn a_small_request_with_long_labels_stays_small_end_to_end() {
     let (out, peak) = peak_during(|| process(&body, &p, &mut Scratch::default()).expect("ok"));
     assert!(peak < 64 * MB, "request path peaked at {} MB", peak / MB);
     assert_eq!(out.tee.kept, 4000);
-    assert!(out.tee.bytes.len() < 400_000, "{}", out.tee.bytes.len());
+    assert!(
+        out.tee.payload().len() < 400_000,
+        "{}",
+        out.tee.payload().len()
+    );
 
     // The writer: decode and cut into parts of at most 8 MiB of rows on the
     // wire, one part alive at a time.
     let ((), peak) = peak_during(|| {
         let mut blocks = Vec::new();
-        decode_record(&out.tee.bytes, &mut blocks).expect("decodes");
+        decode_record(out.tee.payload(), &mut blocks).expect("decodes");
         assert_eq!(blocks.len(), 1);
         let mut parts = Parts::new(&blocks, 200_000, 8 << 20);
         let mut rows = 0;
