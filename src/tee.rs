@@ -428,12 +428,20 @@ fn decode_into<'a>(
         let (account, metric) = (str_at(spans[0])?, str_at(spans[1])?);
         let (mut cluster, mut namespace, mut pod) = ("", "", "");
         for pair in spans[2..].chunks_exact(2) {
-            let (n, v) = (str_at(pair[0])?, str_at(pair[1])?);
-            match n {
-                "cluster" => cluster = v,
-                "namespace" => namespace = v,
-                "pod" => pod = v,
-                _ => {}
+            let slot = match &record[pair[0].0..pair[0].1] {
+                b"cluster" => Some(&mut cluster),
+                b"namespace" => Some(&mut namespace),
+                b"pod" => Some(&mut pod),
+                _ => None,
+            };
+            match slot {
+                Some(slot) => *slot = str_at(pair[1])?,
+                // Checked with the head; read only for a series row.
+                None if text.is_some() => {}
+                None => {
+                    str_at(pair[0])?;
+                    str_at(pair[1])?;
+                }
             }
         }
         let series_id = xxhash_rust::xxh3::xxh3_64(&record[identity_at..head_end]);
@@ -1095,13 +1103,30 @@ fn touched_rows(rows: &[RawRow<'_>], now: u32) -> Vec<TouchedRow> {
 /// sorting it and permuting every column (that sort was ~20% of its CPU
 /// under load; 18.16 does the check too). Rows out of order (a series whose
 /// samples overlap across records) are only slower, never wrong: ClickHouse
-/// sorts them. Strings are ranked once per distinct value, so the sort
-/// compares numbers.
-fn sort_like_raw_table<'a>(blocks: &mut [SeriesBlock<'a>]) {
+/// sorts them.
+///
+/// A batch holds each series many times (once per request), so blocks are
+/// grouped by series (one hash lookup each), the few distinct series are
+/// sorted (strings ranked once per distinct value, so the sort compares
+/// numbers), and each group is put in time order (already so, as a rule).
+fn sort_like_raw_table<'a>(blocks: &mut Vec<SeriesBlock<'a>>) {
     // Strings by their XXH3 (a collision only misorders, never loses).
     let id = |s: &str| xxhash_rust::xxh3::xxh3_64(s.as_bytes());
+    let mut group_of: HashMap<u64, u32, HashedKeys> = HashMap::default();
+    let mut group: Vec<u32> = Vec::with_capacity(blocks.len());
+    // Per group: its first block (for the group's key) and its size.
+    let mut groups: Vec<(usize, u32)> = Vec::new();
+    for (i, b) in blocks.iter().enumerate() {
+        let g = *group_of.entry(b.key).or_insert_with(|| {
+            groups.push((i, 0));
+            (groups.len() - 1) as u32
+        });
+        groups[g as usize].1 += 1;
+        group.push(g);
+    }
     let mut names: HashMap<u64, &'a str, HashedKeys> = HashMap::default();
-    for b in blocks.iter() {
+    for &(first, _) in &groups {
+        let b = &blocks[first];
         names.entry(id(b.account)).or_insert(b.account);
         names.entry(id(b.metric)).or_insert(b.metric);
     }
@@ -1112,11 +1137,38 @@ fn sort_like_raw_table<'a>(blocks: &mut [SeriesBlock<'a>]) {
         .enumerate()
         .map(|(i, (_, h))| (h, i as u32))
         .collect();
-    let key = |b: &SeriesBlock<'_>| {
-        let first_ts = b.samples().next().map_or(i64::MIN, |(ts, _)| ts);
-        (rank[&id(b.account)], rank[&id(b.metric)], b.series_id, first_ts)
-    };
-    blocks.sort_by_cached_key(key);
+    let mut order: Vec<u32> = (0..groups.len() as u32).collect();
+    order.sort_unstable_by_key(|&g| {
+        let b = &blocks[groups[g as usize].0];
+        (
+            rank[&id(b.account)],
+            rank[&id(b.metric)],
+            b.series_id,
+            b.key,
+        )
+    });
+    // Where each group starts in the output.
+    let mut start = vec![0usize; groups.len()];
+    let mut at = 0;
+    for &g in &order {
+        start[g as usize] = at;
+        at += groups[g as usize].1 as usize;
+    }
+    let mut out: Vec<Option<SeriesBlock<'a>>> = vec![None; blocks.len()];
+    for (b, g) in blocks.drain(..).zip(group) {
+        let slot = &mut start[g as usize];
+        out[*slot] = Some(b);
+        *slot += 1;
+    }
+    blocks.extend(out.into_iter().flatten());
+    // Each group in time order: a stable sort of a run already in order
+    // is one pass.
+    let mut at = 0;
+    for &g in &order {
+        let n = groups[g as usize].1 as usize;
+        blocks[at..at + n].sort_by_key(|b| b.samples().next().map_or(i64::MIN, |(ts, _)| ts));
+        at += n;
+    }
 }
 
 /// Hash maps keyed by 64-bit hashes (series keys, XXH3 of strings): the
