@@ -61,7 +61,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, Notify};
 
@@ -93,6 +93,9 @@ pub struct SpoolOptions {
     pub segment_bytes: u64,
     /// How long a group stays open for more appends after its first.
     pub commit_delay: Duration,
+    /// Least time between the starts of two group commits (under load a
+    /// group then stays open longer than `commit_delay`).
+    pub commit_interval: Duration,
 }
 
 /// One record read back.
@@ -376,6 +379,7 @@ impl Spool {
             off: 0,
             segment_bytes: opts.segment_bytes,
             commit_delay: opts.commit_delay,
+            commit_interval: opts.commit_interval,
         };
         let thread = std::thread::Builder::new()
             .name("rwgate-spool".into())
@@ -502,23 +506,34 @@ struct Writer {
     off: u64,
     segment_bytes: u64,
     commit_delay: Duration,
+    commit_interval: Duration,
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         let mut frames = Vec::new();
         let mut waiters = Vec::new();
+        let mut last_start: Option<Instant> = None;
         // Blocks for the first job of a group, then takes whatever queued.
         while let Ok(first) = rx.recv() {
             let mut bytes = first.frame.len();
             frames.push(first.frame);
             waiters.push(first.done);
-            // Let the group fill for the commit delay, asleep: a receiver
-            // waiting in `recv` is woken by every send, a context switch
-            // per append. Then take whatever queued.
-            if !self.commit_delay.is_zero() {
-                std::thread::sleep(self.commit_delay);
+            // Let the group fill, asleep (a receiver waiting in `recv` is
+            // woken by every send, a context switch per append): for the
+            // commit delay, and under load until the commit interval since
+            // the last group's start has passed, so that the fsyncs per
+            // second stay bounded and each carries more requests. Then
+            // take whatever queued.
+            let now = Instant::now();
+            let mut until = now + self.commit_delay;
+            if let Some(last) = last_start {
+                until = until.max(last + self.commit_interval);
             }
+            if until > now {
+                std::thread::sleep(until - now);
+            }
+            last_start = Some(Instant::now());
             while bytes < MAX_GROUP_BYTES {
                 let Ok(job) = rx.try_recv() else { break };
                 bytes += job.frame.len();
@@ -766,6 +781,7 @@ mod tests {
             max_bytes: 1 << 20,
             segment_bytes: 4096,
             commit_delay: Duration::ZERO,
+            commit_interval: Duration::ZERO,
         }
     }
 
@@ -927,6 +943,42 @@ mod tests {
         }
         assert!(spool.syncs() <= 2, "{} syncs for 8 appends", spool.syncs());
         assert_eq!(read_all(&mut reader).len(), 8);
+    }
+
+    /// Group commits start at least `commit_interval` apart, so under
+    /// steady appends the fsyncs per second are bounded (n commits take at
+    /// least n - 1 intervals) and each carries several appends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_commit_interval_bounds_group_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.segment_bytes = 1 << 20;
+        o.max_bytes = 64 << 20;
+        o.commit_interval = Duration::from_millis(50);
+        let (spool, mut reader) = Spool::open(&o).unwrap();
+        let spool = Arc::new(spool);
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..8u32)
+            .map(|t| {
+                let spool = spool.clone();
+                tokio::spawn(async move {
+                    for i in 0..10u32 {
+                        spool
+                            .append(&[t, i].map(u32::to_le_bytes).concat())
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let bound = started.elapsed().as_millis() / 50 + 1;
+        let syncs = u128::from(spool.syncs());
+        assert!(syncs <= bound, "{syncs} group commits, at most {bound} fit");
+        assert!(syncs < 80, "{syncs} group commits for 80 appends");
+        assert_eq!(read_all(&mut reader).len(), 80);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -622,6 +622,7 @@ impl Tee {
             max_bytes: cfg.spool.max_bytes.bytes(),
             segment_bytes: cfg.spool.segment_bytes.bytes(),
             commit_delay: cfg.spool.commit_delay,
+            commit_interval: cfg.spool.commit_interval,
         };
         let dir = opts.dir.display().to_string();
         let (spool, reader) = tokio::task::spawn_blocking(move || Spool::open(&opts))
