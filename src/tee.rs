@@ -751,32 +751,45 @@ impl Writer {
             let Some((records, end)) = self.next_batch(&mut stop, &mut read_errors).await else {
                 continue;
             };
-            let mut blocks = Vec::new();
-            for r in &records {
-                if let Err(e) = decode_record(r, &mut blocks) {
-                    metrics::counter!(t::RECORDS_UNDECODABLE).increment(1);
-                    tracing::error!(error = %e, "skipping an undecodable spool record");
-                }
-            }
-            sort_like_raw_table(&mut blocks);
-            // Insert every part until ClickHouse takes it (or it is
-            // dead-lettered); the spool keeps the batch meanwhile.
-            let mut parts = Parts::new(&blocks, self.cfg.batch_max_rows, self.max_bytes());
-            let mut stopped = false;
-            while let Some(part) = parts.next_part() {
-                if self.insert_part(part, &mut seen, &mut stop).await.is_err() {
-                    stopped = true;
-                    break;
-                }
-            }
-            if stopped {
+            if self
+                .write_batch(&records, &mut seen, &mut stop)
+                .await
+                .is_err()
+            {
                 return;
             }
             if let Err(e) = self.ack(end).await {
                 tracing::error!(error = %e, "spool: cannot record the acknowledged position");
             }
+            if let Ok(mut r) = self.reader.lock() {
+                r.recycle(records);
+            }
             self.publish_gauges();
         }
+    }
+
+    /// Decodes a batch of records and inserts every part until ClickHouse
+    /// takes it (or it is dead-lettered); the spool keeps the batch
+    /// meanwhile.
+    async fn write_batch(
+        &self,
+        records: &[Vec<u8>],
+        seen: &mut SeenSeries,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Stopped> {
+        let mut blocks = Vec::new();
+        for r in records {
+            if let Err(e) = decode_record(r, &mut blocks) {
+                metrics::counter!(t::RECORDS_UNDECODABLE).increment(1);
+                tracing::error!(error = %e, "skipping an undecodable spool record");
+            }
+        }
+        sort_like_raw_table(&mut blocks);
+        let mut parts = Parts::new(&blocks, self.cfg.batch_max_rows, self.max_bytes());
+        while let Some(part) = parts.next_part() {
+            self.insert_part(part, seen, stop).await?;
+        }
+        Ok(())
     }
 
     fn max_bytes(&self) -> usize {
