@@ -1250,7 +1250,11 @@ mod tests {
 
     /// A record of series `(namespace, samples)` of one metric and account.
     fn record(accepted: Accepted, series: &[(&str, Vec<(i64, f64)>)]) -> TeeRecord {
-        let mut b = RecordBuilder::new(accepted);
+        fill(RecordBuilder::new(accepted), series)
+    }
+
+    /// Writes series `(namespace, samples)` with `b`.
+    fn fill(mut b: RecordBuilder, series: &[(&str, Vec<(i64, f64)>)]) -> TeeRecord {
         for (ns, samples) in series {
             let labels: [(&[u8], &[u8]); 3] = [
                 (b"cluster", b"c1"),
@@ -1281,28 +1285,10 @@ mod tests {
 
     #[test]
     fn a_reused_buffer_makes_the_same_record() {
-        let fresh = record(
-            Accepted::ANY,
-            &[("a", vec![(1, 0.5)]), ("b", vec![(2, 1.5)])],
-        );
-        let mut b = RecordBuilder::with_buffer(Accepted::ANY, vec![0xab; 100_000]);
-        let labels: [(&[u8], &[u8]); 3] = [
-            (b"cluster", b"c1"),
-            (b"instance", b"x:9"),
-            (b"namespace", b"a"),
-        ];
-        b.begin_series("acc", METRIC, &labels);
-        b.sample(1, 0.5);
-        b.end_series();
-        let labels: [(&[u8], &[u8]); 3] = [
-            (b"cluster", b"c1"),
-            (b"instance", b"x:9"),
-            (b"namespace", b"b"),
-        ];
-        b.begin_series("acc", METRIC, &labels);
-        b.sample(2, 1.5);
-        b.end_series();
-        let reused = b.finish();
+        let series = [("a", vec![(1, 0.5)]), ("b", vec![(2, 1.5)])];
+        let fresh = record(Accepted::ANY, &series);
+        let b = RecordBuilder::with_buffer(Accepted::ANY, vec![0xab; 100_000]);
+        let reused = fill(b, &series);
         assert_eq!(reused.payload(), fresh.payload());
         assert_eq!(reused.frame.len(), HEADER + fresh.payload().len());
         // Nothing kept: an empty payload, the buffer's memory kept.
