@@ -201,10 +201,16 @@ fn now_ms() -> i64 {
 
 /// Frames one record.
 pub fn frame(appended_ms: i64, payload: &[u8]) -> Vec<u8> {
+    let mut f = unsealed(payload);
+    seal(&mut f, appended_ms);
+    f
+}
+
+/// `payload` after `HEADER_LEN` bytes left for the header.
+fn unsealed(payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(HEADER_LEN as usize + payload.len());
     f.resize(HEADER_LEN as usize, 0);
     f.extend_from_slice(payload);
-    seal(&mut f, appended_ms);
     f
 }
 
@@ -412,10 +418,7 @@ impl Spool {
 
     /// Appends one record and returns once it is on disk (shared fsync).
     pub async fn append(&self, payload: &[u8]) -> Result<(), TeeError> {
-        let mut f = Vec::with_capacity(HEADER_LEN as usize + payload.len());
-        f.resize(HEADER_LEN as usize, 0);
-        f.extend_from_slice(payload);
-        self.append_frame(f).await.map(drop)
+        self.append_frame(unsealed(payload)).await.map(drop)
     }
 
     /// Appends the record in `frame[HEADER_LEN..]` (the header is written

@@ -108,8 +108,6 @@ pub struct TeeRecord {
 /// ```
 pub struct RecordBuilder {
     rec: TeeRecord,
-    /// Where the record starts in `rec.frame`.
-    base: usize,
     accepted: Accepted,
     groups: u32,
     /// Where the open series starts, and where its sample count is.
@@ -142,7 +140,6 @@ impl RecordBuilder {
                 frame: buf,
                 ..TeeRecord::default()
             },
-            base: HEADER,
             accepted,
             groups: 0,
             open: None,
@@ -211,11 +208,10 @@ impl RecordBuilder {
     /// The record (an empty payload when no sample was kept).
     pub fn finish(mut self) -> TeeRecord {
         self.end_series();
-        let at = self.base;
         if self.groups == 0 {
             self.rec.frame.clear();
         } else {
-            self.rec.frame[at..at + 4].copy_from_slice(&self.groups.to_le_bytes());
+            self.rec.frame[HEADER..HEADER + 4].copy_from_slice(&self.groups.to_le_bytes());
         }
         self.rec
     }
