@@ -1182,7 +1182,7 @@ fn sort_like_raw_table<'a>(blocks: &mut Vec<SeriesBlock<'a>>) {
 }
 
 /// Hash maps keyed by 64-bit hashes (series keys, XXH3 of strings): the
-/// key is its own hash. SipHash, the default, was ~5% of the tee's CPU.
+/// key is its own hash. SipHash, the default, was ~5% of the tee's extra CPU.
 type HashedKeys = BuildHasherDefault<KeyIsHash>;
 
 #[derive(Default)]
