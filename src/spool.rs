@@ -804,6 +804,15 @@ mod tests {
     use std::collections::BTreeSet;
     use std::sync::Arc;
 
+    /// Room for many concurrent appends without rotating or filling up.
+    fn roomy_opts(dir: &Path) -> SpoolOptions {
+        SpoolOptions {
+            segment_bytes: 1 << 20,
+            max_bytes: 64 << 20,
+            ..opts(dir)
+        }
+    }
+
     fn opts(dir: &Path) -> SpoolOptions {
         SpoolOptions {
             dir: dir.to_path_buf(),
@@ -1004,9 +1013,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_commit_interval_bounds_group_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let mut o = opts(dir.path());
-        o.segment_bytes = 1 << 20;
-        o.max_bytes = 64 << 20;
+        let mut o = roomy_opts(dir.path());
         o.commit_interval = Duration::from_millis(50);
         let (spool, mut reader) = Spool::open(&o).unwrap();
         let spool = Arc::new(spool);
@@ -1037,9 +1044,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_share_fsyncs() {
         let dir = tempfile::tempdir().unwrap();
-        let mut o = opts(dir.path());
-        o.segment_bytes = 1 << 20;
-        o.max_bytes = 64 << 20;
+        let o = roomy_opts(dir.path());
         let (spool, mut reader) = Spool::open(&o).unwrap();
         let spool = Arc::new(spool);
         let tasks: Vec<_> = (0..64u32)
