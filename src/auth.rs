@@ -126,7 +126,7 @@ impl Authenticator {
                     });
                 }
                 Source::Rest(Box::new(RestSource {
-                    client: http_client(8),
+                    client: http_client(8, None),
                     base: cfg
                         .rest_url
                         .clone()
@@ -493,7 +493,7 @@ mod tests {
             ..AuthConfig::default()
         };
         let rest = RestSource {
-            client: http_client(1),
+            client: http_client(1, None),
             base: String::new(),
             secret: String::new(),
             cache: DashMap::new(),

@@ -79,6 +79,17 @@ pub struct Settings {
     /// Retries after a retryable upstream failure.
     #[arg(long, env = "RWGATE_UPSTREAM_MAX_RETRIES")]
     pub upstream_max_retries: Option<u32>,
+    /// PEM CA certificates an https upstream must chain to, instead of the
+    /// public roots.
+    #[arg(long, env = "RWGATE_UPSTREAM_TLS_CA")]
+    pub upstream_tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain for the upstream (mutual TLS); with
+    /// --upstream-tls-key.
+    #[arg(long, env = "RWGATE_UPSTREAM_TLS_CERT")]
+    pub upstream_tls_cert: Option<PathBuf>,
+    /// PEM private key of the upstream client certificate.
+    #[arg(long, env = "RWGATE_UPSTREAM_TLS_KEY")]
+    pub upstream_tls_key: Option<PathBuf>,
     /// Credential source.
     #[arg(long, env = "RWGATE_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
@@ -206,6 +217,9 @@ impl Settings {
         set(&mut c.upstream.tenant_header, &self.upstream_tenant_header);
         set(&mut c.upstream.timeout, &self.upstream_timeout);
         set(&mut c.upstream.max_retries, &self.upstream_max_retries);
+        set_opt(&mut c.upstream.tls.ca, &self.upstream_tls_ca);
+        set_opt(&mut c.upstream.tls.cert, &self.upstream_tls_cert);
+        set_opt(&mut c.upstream.tls.key, &self.upstream_tls_key);
         set(&mut c.auth.mode, &self.auth);
         set_opt(&mut c.auth.rest_url, &self.rest_url);
         set_opt(&mut c.auth.cluster_secret_file, &self.cluster_secret_file);

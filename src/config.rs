@@ -273,6 +273,24 @@ pub struct UpstreamConfig {
     pub retry_max_backoff: Duration,
     /// Idle pooled connections kept per upstream host.
     pub pool_max_idle: usize,
+    /// TLS towards an `https` upstream.
+    pub tls: UpstreamTlsConfig,
+}
+
+/// TLS towards the upstream (PEM files). Unset, an `https` upstream's
+/// certificate must chain to a public (webpki) root and no client
+/// certificate is sent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTlsConfig {
+    /// CA certificates the upstream's certificate must chain to, instead of
+    /// the public roots (e.g. the cluster's internal CA).
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain presented to the upstream (mutual TLS, e.g.
+    /// Thanos receive's `--remote-write.server-tls-client-ca`); needs `key`.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -285,6 +303,7 @@ impl Default for UpstreamConfig {
             retry_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(2),
             pool_max_idle: 64,
+            tls: UpstreamTlsConfig::default(),
         }
     }
 }
@@ -831,6 +850,32 @@ impl Config {
         }
         if self.upstream.timeout.is_zero() {
             return Err(invalid("upstream.timeout", "must be greater than 0"));
+        }
+        let utls = &self.upstream.tls;
+        match (&utls.cert, &utls.key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "upstream.tls.key",
+                    "upstream.tls.cert is set but upstream.tls.key is not",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "upstream.tls.cert",
+                    "upstream.tls.key is set but upstream.tls.cert is not",
+                ))
+            }
+            _ => {}
+        }
+        let https = self.upstream.url.parse::<http::Uri>().ok().and_then(|u| {
+            u.scheme_str()
+                .map(|scheme| scheme.eq_ignore_ascii_case("https"))
+        });
+        if (utls.ca.is_some() || utls.cert.is_some()) && https != Some(true) {
+            return Err(invalid(
+                "upstream.tls",
+                "is set but upstream.url is not https://",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;

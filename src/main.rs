@@ -92,13 +92,14 @@ where
 }
 
 /// What `serve` would load besides the config itself: the tenants file or
-/// cluster secret, and the TLS pair.
+/// cluster secret, the TLS pair, and the upstream's CA and client pair.
 fn check_files(c: &Config) -> anyhow::Result<()> {
     rwgate::auth::Authenticator::from_config(&c.auth)
         .map_err(|e| anyhow::anyhow!("invalid auth: {e}"))?;
     if let (Some(cert), Some(key)) = (&c.tls.cert, &c.tls.key) {
         rwgate::tls::acceptor(cert, key)?;
     }
+    rwgate::tls::client_config(&c.upstream.tls)?;
     Ok(())
 }
 

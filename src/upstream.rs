@@ -14,21 +14,24 @@ use rand::Rng;
 use crate::config::UpstreamConfig;
 use crate::telemetry as t;
 
-/// An HTTP(S) client with connection pooling; outbound TLS via rustls with the
-/// webpki roots.
+/// An HTTP(S) client with connection pooling; outbound TLS via rustls.
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds the pooled client used for the upstream and the REST API.
-pub fn http_client(pool_max_idle: usize) -> HttpClient {
+/// Builds the pooled client used for the upstream and the REST API: TLS
+/// as `tls` says (`None`: the public webpki roots, no client certificate).
+pub fn http_client(pool_max_idle: usize, tls: Option<rustls::ClientConfig>) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let https = match tls {
+        Some(tls) => builder.with_tls_config(tls),
+        None => builder.with_webpki_roots(),
+    }
+    .https_or_http()
+    .enable_all_versions()
+    .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(pool_max_idle)
         .pool_idle_timeout(Duration::from_secs(60))
@@ -93,7 +96,10 @@ enum Attempt {
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Self> {
         Ok(Upstream {
-            client: http_client(cfg.pool_max_idle),
+            client: http_client(
+                cfg.pool_max_idle,
+                Some(crate::tls::client_config(&cfg.tls)?),
+            ),
             uri: cfg.url.parse()?,
             tenant_header: HeaderName::from_bytes(cfg.tenant_header.as_bytes())?,
             cfg: cfg.clone(),

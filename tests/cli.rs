@@ -83,6 +83,47 @@ fn check_config_reads_the_files_serve_would_read() {
     );
     assert_eq!(code, 2);
     assert!(err.contains("tenant[0].id \"nope\" is not a UUID"), "{err}");
+
+    // The upstream's CA: missing, then a PEM file without a certificate.
+    let pki = TestPki::new();
+    let https = [
+        "check-config",
+        "--auth",
+        "none",
+        "--upstream-url",
+        "https://thanos:19291/api/v1/receive",
+    ];
+    let (code, _, err) = run_rwgate(
+        &[
+            &https[..],
+            &["--upstream-tls-ca", missing.to_str().expect("utf-8")],
+        ]
+        .concat(),
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.starts_with("rwgate: upstream.tls.ca "), "{err}");
+    let (code, _, err) = run_rwgate(
+        &[
+            &https[..],
+            &["--upstream-tls-ca", pki.client_key.to_str().expect("utf-8")],
+        ]
+        .concat(),
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.ends_with("no certificate found\n"), "{err}");
+    let ok = [
+        "--upstream-tls-ca",
+        pki.ca.to_str().expect("utf-8"),
+        "--upstream-tls-cert",
+        pki.client_cert.to_str().expect("utf-8"),
+        "--upstream-tls-key",
+        pki.client_key.to_str().expect("utf-8"),
+    ];
+    let (code, out, err) = run_rwgate(&[&https[..], &ok[..]].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("[upstream.tls]"), "{out}");
 }
 
 #[test]
@@ -130,6 +171,21 @@ fn bad_config_exits_2_naming_the_field() {
         (
             &["--auth", "none", "--tls-cert", "/x.pem"],
             "rwgate: invalid tls.key: tls.cert is set but tls.key is not",
+        ),
+        (
+            &[
+                "--auth",
+                "none",
+                "--upstream-url",
+                "https://thanos/",
+                "--upstream-tls-cert",
+                "/x.pem",
+            ],
+            "rwgate: invalid upstream.tls.key: upstream.tls.cert is set but upstream.tls.key is not",
+        ),
+        (
+            &["--auth", "none", "--upstream-tls-ca", "/ca.pem"],
+            "rwgate: invalid upstream.tls: is set but upstream.url is not https://",
         ),
         (
             &[

@@ -189,12 +189,25 @@ async fn start_child(
     make: impl Fn(u16) -> Command,
     ready_path: &str,
 ) -> (ChildGuard, u16) {
-    let http = client();
+    start_child_with(name, dir, fixed_port, make, &client(), "http", ready_path).await
+}
+
+/// [`start_child`], probing with `http` over `scheme` (https with a client
+/// certificate, say).
+async fn start_child_with(
+    name: &str,
+    dir: &Path,
+    fixed_port: Option<u16>,
+    make: impl Fn(u16) -> Command,
+    http: &reqwest::Client,
+    scheme: &str,
+    ready_path: &str,
+) -> (ChildGuard, u16) {
     for attempt in 0..3 {
         let port = fixed_port.unwrap_or_else(free_port);
         let mut child =
             ChildGuard::spawn(name, make(port), dir.join(format!("{name}-{attempt}.log")));
-        let url = format!("http://127.0.0.1:{port}{ready_path}");
+        let url = format!("{scheme}://127.0.0.1:{port}{ready_path}");
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait() {
@@ -229,26 +242,50 @@ async fn start_child(
 /// nothing, so every series in it came through remote write.
 pub struct Prometheus {
     pub port: u16,
+    scheme: &'static str,
+    /// What queries it (with a client certificate when it serves mutual TLS).
+    http: reqwest::Client,
     child: ChildGuard,
     _dir: TempDir,
 }
 
 impl Prometheus {
     pub async fn start() -> Prometheus {
-        Self::start_with(None).await
+        Self::start_with(None, None).await
     }
 
     /// Starts on `port` (a port the caller reserved, e.g. one rwgate already
     /// points at), without retrying elsewhere.
     pub async fn start_on(port: u16) -> Prometheus {
-        Self::start_with(Some(port)).await
+        Self::start_with(Some(port), None).await
     }
 
-    async fn start_with(fixed: Option<u16>) -> Prometheus {
+    /// Serves HTTPS with `pki`'s server certificate and requires a client
+    /// certificate signed by its CA (Prometheus' `--web.config.file`), as a
+    /// Thanos receive set up for mutual TLS does.
+    pub async fn start_mtls(pki: &TestPki) -> Prometheus {
+        Self::start_with(None, Some(pki)).await
+    }
+
+    async fn start_with(fixed: Option<u16>, pki: Option<&TestPki>) -> Prometheus {
         let dir = tempfile::tempdir().expect("tempdir for prometheus");
         let cfg = dir.path().join("prometheus.yml");
         std::fs::write(&cfg, "global:\n  scrape_interval: 15s\n").expect("write prometheus.yml");
         let data = dir.path().join("data");
+        let web = dir.path().join("web.yml");
+        if let Some(pki) = pki {
+            std::fs::write(
+                &web,
+                format!(
+                    "tls_server_config:\n  cert_file: {}\n  key_file: {}\n  \
+                     client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\n",
+                    pki.server_cert.display(),
+                    pki.server_key.display(),
+                    pki.ca.display()
+                ),
+            )
+            .expect("write web.yml");
+        }
         let make = |port: u16| {
             let mut cmd = Command::new("prometheus");
             cmd.arg("--web.enable-remote-write-receiver")
@@ -256,18 +293,36 @@ impl Prometheus {
                 .arg(format!("--storage.tsdb.path={}", data.display()))
                 .arg(format!("--web.listen-address=127.0.0.1:{port}"))
                 .arg("--log.level=warn");
+            if pki.is_some() {
+                cmd.arg(format!("--web.config.file={}", web.display()));
+            }
             cmd
         };
-        let (child, port) = start_child("prometheus", dir.path(), fixed, make, "/-/ready").await;
+        let (scheme, http) = match pki {
+            Some(pki) => ("https", pki.client()),
+            None => ("http", client()),
+        };
+        let (child, port) = start_child_with(
+            "prometheus",
+            dir.path(),
+            fixed,
+            make,
+            &http,
+            scheme,
+            "/-/ready",
+        )
+        .await;
         Prometheus {
             port,
+            scheme,
+            http,
             child,
             _dir: dir,
         }
     }
 
     pub fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     pub fn write_url(&self) -> String {
@@ -280,7 +335,8 @@ impl Prometheus {
 
     /// All series matching `selector`, as label sets.
     pub async fn series(&self, selector: &str) -> BTreeSet<LabelSet> {
-        let resp = client()
+        let resp = self
+            .http
             .get(format!("{}/api/v1/series", self.base()))
             .query(&[("match[]", selector)])
             .send()
@@ -325,7 +381,8 @@ impl Prometheus {
 
     /// The instant vector of `query` as (labels, value) pairs.
     pub async fn query(&self, query: &str) -> Vec<(LabelSet, f64)> {
-        let resp = client()
+        let resp = self
+            .http
             .get(format!("{}/api/v1/query", self.base()))
             .query(&[("query", query)])
             .send()
@@ -354,6 +411,87 @@ impl Prometheus {
                 (labels, value)
             })
             .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A private PKI (mutual TLS towards the upstream)
+// ---------------------------------------------------------------------------
+
+/// A CA made at test time, a server certificate for 127.0.0.1 and a client
+/// certificate, all signed by it, as PEM files in a temporary directory.
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    _dir: TempDir,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().expect("tempdir for the PKI");
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write a PEM file");
+            path
+        };
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "rwgate test CA");
+        let ca = write(
+            "ca.pem",
+            ca_params
+                .self_signed(&ca_key)
+                .expect("CA certificate")
+                .pem(),
+        );
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, cn: &str, file: &str| {
+            let key = KeyPair::generate().expect("leaf key");
+            let mut params = CertificateParams::new(names).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            let cert = params.signed_by(&key, &issuer).expect("sign a leaf");
+            (
+                write(&format!("{file}.crt"), cert.pem()),
+                write(&format!("{file}.key"), key.serialize_pem()),
+            )
+        };
+        let (server_cert, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            "receiver",
+            "server",
+        );
+        let (client_cert, client_key) = leaf(Vec::new(), "rwgate", "client");
+        TestPki {
+            ca,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+            _dir: dir,
+        }
+    }
+
+    /// A test client trusting the CA and presenting the client certificate.
+    pub fn client(&self) -> reqwest::Client {
+        let read = |p: &Path| std::fs::read(p).expect("read a PEM file");
+        let mut identity = read(&self.client_cert);
+        identity.extend(read(&self.client_key));
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&read(&self.ca)).expect("CA certificate"),
+            )
+            .identity(reqwest::Identity::from_pem(&identity).expect("client identity"))
+            .build()
+            .expect("build an mTLS client")
     }
 }
 
