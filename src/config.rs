@@ -872,10 +872,7 @@ impl Config {
                 .map(|scheme| scheme.eq_ignore_ascii_case("https"))
         });
         if (utls.ca.is_some() || utls.cert.is_some()) && https != Some(true) {
-            return Err(invalid(
-                "upstream.tls",
-                "is set but upstream.url is not https://",
-            ));
+            return Err(invalid("upstream.tls", "needs an https:// upstream.url"));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;

@@ -84,7 +84,8 @@ fn check_config_reads_the_files_serve_would_read() {
     assert_eq!(code, 2);
     assert!(err.contains("tenant[0].id \"nope\" is not a UUID"), "{err}");
 
-    // The upstream's CA: missing, then a PEM file without a certificate.
+    // The upstream's CA missing, then a PEM file without a certificate; then
+    // CA, client certificate and key all usable.
     let pki = TestPki::new();
     let https = [
         "check-config",
@@ -185,7 +186,7 @@ fn bad_config_exits_2_naming_the_field() {
         ),
         (
             &["--auth", "none", "--upstream-tls-ca", "/ca.pem"],
-            "rwgate: invalid upstream.tls: is set but upstream.url is not https://",
+            "rwgate: invalid upstream.tls: needs an https:// upstream.url",
         ),
         (
             &[

@@ -1,7 +1,8 @@
 //! The integration-test harness: real servers on loopback ports.
 //!
 //! - [`Prometheus`]: Debian's Prometheus as a remote-write receiver (the stand-in
-//!   for Thanos receive), queried through its HTTP API.
+//!   for Thanos receive), queried through its HTTP API; plain, or HTTPS
+//!   requiring a client certificate from a [`TestPki`] made at test time.
 //! - [`VmAgent`]: vmagent, a real remote-write client that sends headers and
 //!   basic auth.
 //! - [`RestApi`]: an in-process stand-in for the platform REST API (the only
