@@ -173,7 +173,7 @@ EOF
 nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 2>>"$WORK/nginx.log" &
 PIDS+=($!)
 py wait-http "http://127.0.0.1:$SINK_PORT/" 10
-SINK_WORKER=$(pgrep -P "${PIDS[-1]}" | head -1) # the one worker that answers
+SINK_WORKER=$(py child-pid "${PIDS[-1]}") # the one worker that answers
 SINK_URL="http://127.0.0.1:$SINK_PORT/api/v1/receive"
 
 # --- rwgate ---------------------------------------------------------------------
@@ -214,8 +214,8 @@ measure() { # run phase target pid url rate duration [VAR=value...]
         PASSWORD="$PASSWORD" P99_MS="$P99_MS" SUMMARY="$summary" "$@" \
         python3 "$HERE/report.py" run-timed "$WORK/k6-ticks" "$CLK_TCK" "${K6_PREFIX[@]}" k6 run --quiet --no-usage-report \
         "$HERE/k6/write.js" >&2 2>>"$WORK/k6.log" || true
-    n1=$(ticks "$SINK_WORKER")
     sleep 2 # let vmagent flush its queues into the sink: that CPU counts too
+    n1=$(ticks "$SINK_WORKER")
     if [ -n "$pid" ]; then
         t1=$(ticks "$pid")
         h=$(hwm "$pid")

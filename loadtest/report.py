@@ -87,6 +87,21 @@ def cpu_row(*args):
     print(json.dumps(out))
 
 
+def child_pid(parent):
+    """The pid of a child of parent (nginx's one worker), from /proc."""
+    import glob
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == parent:
+            print(stat.split("/")[2])
+            return 0
+    sys.exit(f"no child of process {parent}")
+
+
 def run_timed(ticks_file, clk_tck, *cmd):
     """Runs cmd, then writes the CPU it used (user + system, it and its
     children, in clock ticks) to ticks_file; exits with cmd's status."""
@@ -207,7 +222,7 @@ def table(results):
         groups.setdefault((r["phase"], r["offered_sps"], r["target"]), []).append(r)
 
     def med(rs, k):
-        vals = [r.get(k) for r in rs if r.get(k) is not None]
+        vals = [r[k] for r in rs if r[k] is not None]
         return statistics.median(vals) if vals else None
 
     print()
@@ -273,6 +288,8 @@ if __name__ == "__main__":
         row(*args)
     elif cmd == "cpu-row":
         cpu_row(*args)
+    elif cmd == "child-pid":
+        child_pid(*args)
     elif cmd == "run-timed":
         sys.exit(run_timed(*args))
     elif cmd == "passed":
