@@ -981,6 +981,21 @@ mod tests {
         assert!(list_segments(dir.path()).unwrap().len() <= 1);
     }
 
+    /// Runs `tasks` appenders at once, appender `t` running `body(spool, t)`,
+    /// and waits for all of them.
+    async fn appenders<F, Fut>(spool: &Arc<Spool>, tasks: u32, body: F)
+    where
+        F: Fn(Arc<Spool>, u32) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handles: Vec<_> = (0..tasks)
+            .map(|t| tokio::spawn(body(spool.clone(), t)))
+            .collect();
+        for h in handles {
+            h.await.unwrap();
+        }
+    }
+
     /// Appends arriving a millisecond apart would each get their own
     /// fsync; with a commit delay they share one group (the window is 50
     /// times their spread, so a slow machine still groups them).
@@ -991,18 +1006,11 @@ mod tests {
         o.commit_delay = Duration::from_millis(400);
         let (spool, mut reader) = Spool::open(&o).unwrap();
         let spool = Arc::new(spool);
-        let tasks: Vec<_> = (0..8u64)
-            .map(|i| {
-                let spool = spool.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(i)).await;
-                    spool.append(&i.to_le_bytes()).await.unwrap();
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
+        appenders(&spool, 8, |spool, i| async move {
+            tokio::time::sleep(Duration::from_millis(u64::from(i))).await;
+            spool.append(&u64::from(i).to_le_bytes()).await.unwrap();
+        })
+        .await;
         assert!(spool.syncs() <= 2, "{} syncs for 8 appends", spool.syncs());
         assert_eq!(read_all(&mut reader).len(), 8);
     }
@@ -1018,22 +1026,15 @@ mod tests {
         let (spool, mut reader) = Spool::open(&o).unwrap();
         let spool = Arc::new(spool);
         let started = Instant::now();
-        let tasks: Vec<_> = (0..8u32)
-            .map(|t| {
-                let spool = spool.clone();
-                tokio::spawn(async move {
-                    for i in 0..10u32 {
-                        spool
-                            .append(&[t, i].map(u32::to_le_bytes).concat())
-                            .await
-                            .unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
+        appenders(&spool, 8, |spool, t| async move {
+            for i in 0..10u32 {
+                spool
+                    .append(&[t, i].map(u32::to_le_bytes).concat())
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
         let bound = started.elapsed().as_millis() / 50 + 1;
         let syncs = u128::from(spool.syncs());
         assert!(syncs <= bound, "{syncs} group commits, at most {bound} fit");
@@ -1047,22 +1048,15 @@ mod tests {
         let o = roomy_opts(dir.path());
         let (spool, mut reader) = Spool::open(&o).unwrap();
         let spool = Arc::new(spool);
-        let tasks: Vec<_> = (0..64u32)
-            .map(|t| {
-                let spool = spool.clone();
-                tokio::spawn(async move {
-                    for i in 0..20u32 {
-                        spool
-                            .append(&[t.to_le_bytes(), i.to_le_bytes()].concat())
-                            .await
-                            .unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
+        appenders(&spool, 64, |spool, t| async move {
+            for i in 0..20u32 {
+                spool
+                    .append(&[t.to_le_bytes(), i.to_le_bytes()].concat())
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
         assert!(
             spool.syncs() < 64 * 20,
             "{} syncs for 1280 appends",
