@@ -23,11 +23,12 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use prost::Message;
 use rwgate::auth::Authenticator;
 use rwgate::config::DEFAULT_ALLOWLIST;
+use rwgate::cost::batch::Parts;
+use rwgate::cost::record::{decode_record, Accepted};
 use rwgate::filter::Allowlist;
 use rwgate::loadgen::{self, Profile};
 use rwgate::pipeline::{self, Params, Scratch};
 use rwgate::prompb;
-use rwgate::tee::{self, Accepted};
 use rwgate::wire::{self, Decoded, Injected, ShapeLimits};
 
 /// A waker for futures that never wait (`Waker::noop` needs Rust 1.85).
@@ -277,8 +278,8 @@ fn tee<M: Measurement>(c: &mut Criterion<M>) {
     g.bench_function("writer_rows", |b| {
         b.iter(|| {
             let mut blocks = Vec::new();
-            tee::decode_record(black_box(record.payload()), &mut blocks).expect("decodes");
-            let mut parts = tee::Parts::new(&blocks, 200_000, 64 << 20);
+            decode_record(black_box(record.payload()), &mut blocks).expect("decodes");
+            let mut parts = Parts::new(&blocks, 200_000, 64 << 20);
             let mut rows = 0;
             while let Some(p) = parts.next_part() {
                 rows += black_box(p).rows.len();

@@ -11,17 +11,19 @@
 //!
 //! The figures are written into docs/TEE.md by hand.
 
-#[path = "../tests/common_ch/mod.rs"]
+#[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
-mod common_ch;
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rwgate::clickhouse::{ClickHouse, RawRow, TouchedRow};
 use rwgate::config::Config;
-use rwgate::rollup::{Rollup, NAMESPACE_METRIC};
-use rwgate::tee::{Accepted, RecordBuilder, Tee, TeeRecord};
+use rwgate::cost::clickhouse::{ClickHouse, RawRow, TouchedRow};
+use rwgate::cost::names::NAMESPACE_METRIC;
+use rwgate::cost::record::{Accepted, RecordBuilder, TeeRecord};
+use rwgate::cost::rollup::Rollup;
+use rwgate::cost::tee::Tee;
 
 /// One request's worth of cost samples: 40 series of one sample (a cluster
 /// scrape of namespace and component gauges), as the request path writes
@@ -54,7 +56,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
-    let ch_server = common_ch::ClickHouseServer::start();
+    let ch_server = common::clickhouse::ClickHouseServer::start();
     let spool_dir = tempfile::tempdir()?;
     let mut cfg = Config::default();
     cfg.clickhouse.url = Some(ch_server.url());

@@ -132,11 +132,11 @@ if [ -n "${BIN:-}" ]; then
     log "using the binaries in $BIN (not building)"
 elif [ "$PROFILE" = release ]; then
     log "building rwgate ($PROFILE)"
-    (cd "$ROOT" && cargo build --release --bins --quiet)
+    (cd "$ROOT" && cargo build --release --bins --features loadgen --quiet)
     BIN="$ROOT/target/release"
 else
     log "building rwgate ($PROFILE)"
-    (cd "$ROOT" && cargo build --bins --quiet)
+    (cd "$ROOT" && cargo build --bins --features loadgen --quiet)
     BIN="$ROOT/target/debug"
 fi
 PAYLOADS="$WORK/payloads"

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 
 cargo fmt --all --check
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --all-features -- -D warnings
 # nextest does not run doctests.
 cargo test --locked --workspace --doc
 # Unit and integration tests; each test is its own process (distinct ports

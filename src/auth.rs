@@ -17,10 +17,10 @@ use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
+use crate::client::{http_client, HttpClient};
 use crate::config::{AuthConfig, AuthMode};
 use crate::filter::Allowlist;
 use crate::telemetry as t;
-use crate::upstream::{http_client, HttpClient};
 
 /// An authenticated tenant.
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::clock::Day;
 use crate::config::{AuthMode, Charge, Config, ConfigError, Grain, LogFormat, Size};
 
 #[derive(Debug, Parser)]
@@ -34,6 +35,9 @@ pub enum Command {
     /// Re-derive the expense rows of a date range from the raw samples,
     /// writing only differences.
     Reconcile(ReconcileArgs),
+    /// Run the expense rollup loop alone (the one rollup writer per
+    /// ClickHouse); serves no traffic.
+    Rollup(Settings),
 }
 
 /// `rwgate reconcile`.
@@ -43,10 +47,10 @@ pub struct ReconcileArgs {
     pub settings: Settings,
     /// First UTC day to re-derive (YYYY-MM-DD).
     #[arg(long)]
-    pub from: String,
+    pub from: Day,
     /// Last UTC day to re-derive, inclusive (YYYY-MM-DD).
     #[arg(long)]
-    pub to: String,
+    pub to: Day,
     /// Only this account (Cloud-Account-Id).
     #[arg(long)]
     pub account: Option<String>,
@@ -333,7 +337,7 @@ mod tests {
             "a",
         ])
         .unwrap();
-        assert!(matches!(cli.command, Command::Reconcile(r) if r.to == "2024-01-31"));
+        assert!(matches!(cli.command, Command::Reconcile(r) if r.to.to_string() == "2024-01-31"));
         assert!(Cli::try_parse_from(["rwgate", "migrate"]).is_ok());
     }
 

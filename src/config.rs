@@ -265,7 +265,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Retries after a retryable failure (5xx, 429, timeout, connection error).
     pub max_retries: u32,
-    /// Backoff before the first retry; doubles each time, with full jitter.
+    /// Backoff before the first retry; doubles each time, with jitter (each
+    /// wait is up to twice its nominal value, never above `retry_max_backoff`).
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
     /// Largest backoff between retries.
@@ -485,7 +486,9 @@ pub struct SpoolConfig {
     /// Longest the writer waits for a batch to fill before inserting it.
     #[serde(with = "humantime_serde")]
     pub batch_max_age: Duration,
-    /// Backoff after the first failed insert; doubles each time, with jitter.
+    /// Backoff after the first failed insert; doubles each time, with jitter
+    /// (each wait is up to twice its nominal value, never above
+    /// `retry_max_backoff`).
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
     /// Largest backoff between failed inserts.

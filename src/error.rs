@@ -6,8 +6,8 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::auth::AuthError;
+use crate::cost::spool::SpoolError;
 use crate::pipeline::PipelineError;
-use crate::tee::TeeError;
 use crate::upstream::UpstreamError;
 
 /// Why a request was not accepted.
@@ -38,7 +38,7 @@ pub enum ApiError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("could not store cost samples durably: {0}; retry later")]
-    Tee(#[from] TeeError),
+    Tee(#[from] SpoolError),
     #[error("rate limit: this account sends more samples per second than allowed; retry later")]
     RateLimited { retry_after: Duration },
     #[error("overloaded: too many requests in flight; retry later")]

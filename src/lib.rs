@@ -13,30 +13,32 @@
 //!   the allowlist ([`filter`]), tenant labels, re-encode.
 //! - [`ratelimit`]: the per-tenant samples/s token bucket (off by default).
 //! - [`upstream`]: forwards kept series to Thanos receive, retrying in one place.
-//! - [`tee`]: cost samples made durable for ClickHouse: appended to the
-//!   [`spool`] concurrently with the upstream send (the request answers 2xx
-//!   only when both succeeded); a background writer drains the spool into
-//!   the raw table of [`clickhouse`], and the [`rollup`] derives expense rows
-//!   from it.
+//! - [`cost`]: the cost pipeline. The request's `cloudtuner_kubecost_*`
+//!   samples are appended to the spool concurrently with the upstream send
+//!   (the request answers 2xx only when both succeeded); a background drain
+//!   empties the spool into ClickHouse, and the rollup derives expense rows
+//!   from there.
 //! - [`error`]: every way a request can fail and its HTTP status, in one place.
 //!
 //! Around them: [`config`] (the one documented settings tree), [`cli`] (flags
-//! and environment over it), [`telemetry`] (metric names and logging), and
-//! [`loadgen`] (realistic payloads shared by `benches/` and `rwgate-loadgen`).
+//! and environment over it), [`client`] (the outbound HTTP client),
+//! [`clock`] (time, backoff, dates), [`telemetry`] (metric names and
+//! logging), and, with the `loadgen` feature, `loadgen` (realistic payloads
+//! shared by `benches/` and `rwgate-loadgen`).
 
 pub mod auth;
 pub mod cli;
-pub mod clickhouse;
+pub mod client;
+pub mod clock;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod filter;
+#[cfg(any(test, feature = "loadgen"))]
 pub mod loadgen;
 pub mod pipeline;
 pub mod ratelimit;
-pub mod rollup;
 pub mod server;
-pub mod spool;
-pub mod tee;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

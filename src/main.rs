@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         }
         Command::Serve(settings) => run(&settings, false, serve),
         Command::Migrate(settings) => run(&settings, true, |cfg| async move {
-            let ch = rwgate::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
+            let ch = rwgate::cost::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
             let r = ch.migrate().await?;
             println!(
                 "clickhouse {}: created {:?}, added columns {:?}",
@@ -34,15 +34,22 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Reconcile(args) => run(&args.settings, true, |cfg| async move {
-            let ch = rwgate::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
-            let rollup = rwgate::rollup::Rollup::new(ch, &cfg.rollup);
+            let ch = rwgate::cost::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
+            let rollup = rwgate::cost::rollup::Rollup::new(ch, &cfg.rollup);
             let r = rollup
-                .reconcile(&args.from, &args.to, args.account.as_deref())
+                .reconcile(args.from, args.to, args.account.as_deref())
                 .await?;
             println!(
                 "reconciled {}..={}: {} buckets examined, {} changed, {} rows written",
                 args.from, args.to, r.buckets_examined, r.buckets_changed, r.rows_written
             );
+            Ok(())
+        }),
+        Command::Rollup(settings) => run(&settings, true, |cfg| async move {
+            let grace = cfg.limits.shutdown_grace;
+            let rollup = rwgate::cost::rollup::RollupTask::start(&cfg)?;
+            shutdown_signal().await;
+            rollup.shutdown(grace).await;
             Ok(())
         }),
     }

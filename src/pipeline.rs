@@ -5,8 +5,9 @@
 
 use std::cmp::Ordering;
 
+use crate::cost::names::is_teed;
+use crate::cost::record::{Accepted, RecordBuilder, TeeRecord};
 use crate::filter::Allowlist;
-use crate::tee::{is_teed, Accepted, RecordBuilder, TeeRecord};
 use crate::wire::{self, DecodeError, Decoded, Injected, ShapeLimits};
 
 /// Buffers reused from one request to the next (see [`ScratchPool`]).
@@ -164,7 +165,7 @@ fn collect_tee<'b>(
             }),
     );
     // The decoder sorted the labels by name, so the tenant labels go in by
-    // binary search (sorting here was 5% of the tee-on CPU). Only repeated
+    // binary search rather than a sort per series. Only repeated
     // names (which Prometheus never sends) need their values ordered, so
     // that the record does not depend on the sender's order.
     if labels
@@ -336,7 +337,7 @@ mod tests {
         }
         assert_eq!((out.tee.kept, out.tee.too_old, out.tee.too_new), (1, 0, 0));
         let mut teed = Vec::new();
-        crate::tee::decode_record(out.tee.payload(), &mut teed).unwrap();
+        crate::cost::record::decode_record(out.tee.payload(), &mut teed).unwrap();
         assert_eq!(teed.len(), 1);
         let t = &teed[0];
         assert_eq!(
@@ -381,7 +382,7 @@ mod tests {
         }
         assert_eq!(records[0], records[1]);
         let mut teed = Vec::new();
-        crate::tee::decode_record(&records[0], &mut teed).unwrap();
+        crate::cost::record::decode_record(&records[0], &mut teed).unwrap();
         assert_eq!(
             teed[0].labels(),
             [

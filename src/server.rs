@@ -23,6 +23,8 @@ use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::cost::rollup::RollupTask;
+use crate::cost::tee::Tee;
 use crate::error::ApiError;
 use crate::filter::Allowlist;
 use crate::pipeline::{self, Params, ScratchPool};
@@ -55,7 +57,7 @@ pub struct State {
     ready: AtomicBool,
     log_limiter: LogLimiter,
     /// The ClickHouse tee, when `clickhouse.url` is set.
-    tee: Option<crate::tee::Tee>,
+    tee: Option<Tee>,
 }
 
 impl State {
@@ -99,8 +101,14 @@ pub async fn run(
     let max_connections = cfg.limits.max_connections;
     let mut state = State::new(cfg)?;
     if state.cfg.clickhouse.url.is_some() {
-        state.tee = Some(crate::tee::Tee::start(&state.cfg).await?);
+        state.tee = Some(Tee::start(&state.cfg).await?);
     }
+    // The rollup, when this process is the one rollup writer.
+    let rollup = if state.cfg.clickhouse.url.is_some() && state.cfg.rollup.enabled {
+        Some(RollupTask::start(&state.cfg)?)
+    } else {
+        None
+    };
     let state = Arc::new(state);
     state.ready.store(true, Ordering::Release);
     tracing::info!(
@@ -212,7 +220,10 @@ pub async fn run(
         Ok(()) => tracing::info!("all connections closed"),
         Err(_) => tracing::warn!("grace period over with requests still in flight"),
     }
-    // Then the tee: stop its writer and rollup, flush the spool writer.
+    // Then the cost pipeline: stop the rollup and the drain, flush the spool.
+    if let Some(rollup) = rollup {
+        rollup.shutdown(grace).await;
+    }
     if let Some(tee) = &state.tee {
         tee.shutdown(grace).await;
     }

@@ -7,36 +7,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
-use rand::Rng;
 
+use crate::client::{http_client, HttpClient};
+use crate::clock::Backoff;
 use crate::config::UpstreamConfig;
 use crate::telemetry as t;
-
-/// An HTTP(S) client with connection pooling; outbound TLS via rustls.
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// Builds the pooled client used for the upstream and the REST API: TLS
-/// as `tls` says (`None`: the public webpki roots, no client certificate).
-pub fn http_client(pool_max_idle: usize, tls: Option<rustls::ClientConfig>) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let https = match tls {
-        Some(tls) => builder.with_tls_config(tls),
-        None => builder.with_webpki_roots(),
-    }
-    .https_or_http()
-    .enable_all_versions()
-    .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(pool_max_idle)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(https)
-}
 
 /// Why a forward failed, as the sender must see it.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +88,7 @@ impl Upstream {
             detail: "account id is not a valid header value".into(),
         })?;
         let mut attempt = 0u32;
+        let mut backoff = Backoff::new(self.cfg.retry_backoff, self.cfg.retry_max_backoff);
         loop {
             let started = Instant::now();
             let result = self.attempt(&tenant, body.clone()).await;
@@ -152,20 +128,9 @@ impl Upstream {
             metrics::counter!(t::UPSTREAM_RETRIES).increment(1);
             let wait = retry_after
                 .filter(|d| *d <= self.cfg.retry_max_backoff)
-                .unwrap_or_else(|| self.backoff(attempt));
+                .unwrap_or_else(|| backoff.next_delay());
             tokio::time::sleep(wait).await;
         }
-    }
-
-    /// Full jitter: uniform in [0, min(max, base * 2^(attempt-1))].
-    fn backoff(&self, attempt: u32) -> Duration {
-        let cap = self
-            .cfg
-            .retry_backoff
-            .saturating_mul(1u32 << (attempt - 1).min(16))
-            .min(self.cfg.retry_max_backoff);
-        let nanos = cap.as_nanos().min(u64::MAX as u128) as u64;
-        Duration::from_nanos(rand::thread_rng().gen_range(0..=nanos))
     }
 
     async fn attempt(&self, tenant: &HeaderValue, body: Bytes) -> Attempt {
@@ -275,22 +240,5 @@ mod tests {
         );
         assert_eq!(one_line(b""), "(no reason given)");
         assert!(one_line(&[b'x'; 2000]).len() <= 512);
-    }
-
-    #[test]
-    fn backoff_is_capped() {
-        let cfg = UpstreamConfig {
-            retry_backoff: Duration::from_millis(100),
-            retry_max_backoff: Duration::from_millis(300),
-            ..UpstreamConfig::default()
-        };
-        let u = Upstream::new(&UpstreamConfig {
-            url: "http://127.0.0.1:1/x".into(),
-            ..cfg
-        })
-        .unwrap();
-        for attempt in 1..40 {
-            assert!(u.backoff(attempt) <= Duration::from_millis(300));
-        }
     }
 }

@@ -4,14 +4,15 @@
 //! re-sends after a kill are legitimate (they collapse by design); their
 //! number is printed and bounded (see the end of the test).
 
-mod common_ch;
+mod common;
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common_ch::*;
+use common::clickhouse::*;
+use common::*;
 use rand::Rng;
 
 const ACCOUNT: &str = "0d000000-0000-4000-8000-000000000001";

@@ -2,12 +2,13 @@
 //! expense totals stay exactly those of the money rule (hourly grain, so
 //! that late samples cross bucket boundaries while rollup passes run).
 
-mod common_ch;
+mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common_ch::*;
+use common::clickhouse::*;
+use common::*;
 
 /// 2024-03-02T00:00:00Z.
 const DAY_S: i64 = 1_709_337_600;
@@ -135,7 +136,7 @@ async fn retries_replicas_disorder_and_gaps_do_not_change_money() {
     for i in 0..longest {
         for s in &scenarios {
             if let Some(req) = s.requests.get(i) {
-                post_until_ok(&client, || gw.url(), s.account, body(req), deadline).await;
+                post_until_ok(&client, || gw.write_url(), s.account, body(req), deadline).await;
             }
         }
         if i % 4 == 0 {
@@ -237,5 +238,5 @@ async fn retries_replicas_disorder_and_gaps_do_not_change_money() {
             s.account
         );
     }
-    gw.shutdown().await;
+    gw.stop().await;
 }

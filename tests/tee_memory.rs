@@ -5,10 +5,11 @@
 //! peak RSS of the test process (nextest runs each test in its own process).
 
 use prost::Message;
+use rwgate::cost::batch::Parts;
+use rwgate::cost::record::{decode_record, Accepted};
 use rwgate::filter::Allowlist;
 use rwgate::pipeline::{process, Params, Scratch};
 use rwgate::prompb;
-use rwgate::tee::{decode_record, Accepted, Parts};
 use rwgate::wire::ShapeLimits;
 
 /// The process's peak resident set (`VmHWM`), in bytes.

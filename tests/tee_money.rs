@@ -1,12 +1,13 @@
 //! A synthetic day of three namespaces through rwgate into a real
 //! ClickHouse 18.16: exact money, every raw sample exactly once, whole rows.
 
-mod common_ch;
+mod common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common_ch::*;
+use common::clickhouse::*;
+use common::*;
 
 const ACCOUNT: &str = "6f1c1a8e-5b7e-4a51-9a3e-1f0c2d3e4b5a";
 /// 2024-03-01T00:00:00Z.
@@ -70,7 +71,7 @@ async fn synthetic_day_is_charged_exactly() {
             &[("namespace", "default")],
             vec![((DAY_S + hour * 3600) * 1000, 1.0)],
         ));
-        let status = post(&client, &gw.url(), ACCOUNT, body(&series)).await;
+        let status = post(&client, &gw.write_url(), ACCOUNT, body(&series)).await;
         assert_eq!(status, 204, "hour {hour}");
     }
 
@@ -256,16 +257,16 @@ async fn synthetic_day_is_charged_exactly() {
     // `rwgate reconcile` over the day changes nothing: the rows are exact.
     let mut cfg = tee_config(&sink.url(), &ch.url(), spool.path().into());
     cfg.clickhouse.url = Some(ch.url());
-    let rollup = rwgate::rollup::Rollup::new(
-        rwgate::clickhouse::ClickHouse::new(&cfg.clickhouse).unwrap(),
+    let rollup = rwgate::cost::rollup::Rollup::new(
+        rwgate::cost::clickhouse::ClickHouse::new(&cfg.clickhouse).unwrap(),
         &cfg.rollup,
     );
     let r = rollup
-        .reconcile("2024-03-01", "2024-03-01", Some(ACCOUNT))
+        .reconcile(day("2024-03-01"), day("2024-03-01"), Some(ACCOUNT))
         .await
         .unwrap();
     assert_eq!(r.buckets_changed, 0, "{r:?}");
     assert_eq!(r.buckets_examined, 3, "{r:?}");
 
-    gw.shutdown().await;
+    gw.stop().await;
 }

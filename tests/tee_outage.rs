@@ -3,12 +3,13 @@
 //! drains to empty and the money converges to the exact values. Samples the
 //! upstream refuses as too old are still kept by the tee.
 
-mod common_ch;
+mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common_ch::*;
+use common::clickhouse::*;
+use common::*;
 
 const ACCOUNT: &str = "0c000000-0000-4000-8000-000000000001";
 const LATE_ACCOUNT: &str = "0c000000-0000-4000-8000-000000000002";
@@ -21,7 +22,7 @@ fn rate(i: usize, k: i64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
     let mut ch = ClickHouseServer::start();
-    let prom = Prometheus::start();
+    let prom = Prometheus::start().await;
     let spool = tempfile::tempdir().unwrap();
     let gw = Gateway::start(tee_config(
         &prom.write_url(),
@@ -65,7 +66,7 @@ async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
     // Phase 1: ClickHouse up.
     for k in 0..10 {
         assert_eq!(
-            post(&client, &gw.url(), ACCOUNT, body(&minute(k))).await,
+            post(&client, &gw.write_url(), ACCOUNT, body(&minute(k))).await,
             204
         );
     }
@@ -89,7 +90,7 @@ async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
     let mut spool_sizes = Vec::new();
     for k in 10..25 {
         assert_eq!(
-            post(&client, &gw.url(), ACCOUNT, body(&minute(k))).await,
+            post(&client, &gw.write_url(), ACCOUNT, body(&minute(k))).await,
             204,
             "minute {k}"
         );
@@ -119,14 +120,21 @@ async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
         &[("namespace", "late"), ("cluster", "c")],
         vec![((now_s - 3 * 3600) * 1000, 4.0)],
     )];
-    let status = post(&client, &gw.url(), LATE_ACCOUNT, body(&old)).await;
+    let status = post(&client, &gw.write_url(), LATE_ACCOUNT, body(&old)).await;
     assert_eq!(status, 400, "Prometheus refuses samples 3 h old");
 
     // Phase 3: ClickHouse back; more samples.
     ch.restart();
     let deadline = Instant::now() + Duration::from_secs(60);
     for k in 25..45 {
-        post_until_ok(&client, || gw.url(), ACCOUNT, body(&minute(k)), deadline).await;
+        post_until_ok(
+            &client,
+            || gw.write_url(),
+            ACCOUNT,
+            body(&minute(k)),
+            deadline,
+        )
+        .await;
     }
 
     // Everything arrives exactly once and the money is exact.
@@ -193,5 +201,5 @@ async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
         failed > 0.0,
         "inserts failed during the outage and were retried"
     );
-    gw.shutdown().await;
+    gw.stop().await;
 }

@@ -3,14 +3,15 @@
 //! examines only what changed; migrate adds columns without touching data,
 //! and the writer's rows fit a raw table made before the series table.
 
-mod common_ch;
+mod common;
 
 use std::time::Duration;
 
-use common_ch::*;
-use rwgate::clickhouse::{ClickHouse, RawRow, TouchedRow};
+use common::clickhouse::*;
+
 use rwgate::config::{Config, Grain};
-use rwgate::rollup::Rollup;
+use rwgate::cost::clickhouse::{ClickHouse, RawRow, TouchedRow};
+use rwgate::cost::rollup::Rollup;
 
 const ACCOUNT: &str = "0b000000-0000-4000-8000-000000000001";
 /// 2024-03-03T10:00:00Z.
@@ -130,7 +131,7 @@ async fn a_late_sample_rederives_the_next_bucket_and_passes_stay_small() {
 
     // Reconcile of the day finds everything right.
     let r = rollup
-        .reconcile("2024-03-03", "2024-03-03", None)
+        .reconcile(day("2024-03-03"), day("2024-03-03"), None)
         .await
         .unwrap();
     assert_eq!(r.buckets_changed, 0, "{r:?}");

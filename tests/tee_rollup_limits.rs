@@ -4,13 +4,14 @@
 //! the watermark never advanced and no account got expense rows any more.
 //! Real ClickHouse 18.16.
 
-mod common_ch;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use common_ch::*;
-use rwgate::clickhouse::ClickHouse;
-use rwgate::rollup::Rollup;
+use common::clickhouse::*;
+use common::*;
+use rwgate::cost::clickhouse::ClickHouse;
+use rwgate::cost::rollup::Rollup;
 
 const VICTIM: &str = "0a000000-0000-4000-8000-000000000001";
 const ATTACKER: &str = "0a000000-0000-4000-8000-000000000002";
@@ -45,7 +46,7 @@ async fn long_namespace_values_do_not_wedge_the_rollup_for_everyone() {
         &[("namespace", "web")],
         vec![(T0, 1.0), (T0 + 60_000, 1.0)],
     )];
-    post_until_ok(&client, || gw.url(), VICTIM, body(&good), deadline).await;
+    post_until_ok(&client, || gw.write_url(), VICTIM, body(&good), deadline).await;
     // 80 namespaces of 4,000 bytes: 320 KB of literals if listed verbatim.
     let names: Vec<String> = (0..80)
         .map(|i| format!("{i:04}{}", "x".repeat(3996)))
@@ -54,7 +55,7 @@ async fn long_namespace_values_do_not_wedge_the_rollup_for_everyone() {
         .iter()
         .map(|n| Series::new(NS_METRIC, &[("namespace", n.as_str())], vec![(T0, 1.0)]))
         .collect();
-    post_until_ok(&client, || gw.url(), ATTACKER, body(&bad), deadline).await;
+    post_until_ok(&client, || gw.write_url(), ATTACKER, body(&bad), deadline).await;
     // Wait until the writer has inserted all 82 samples.
     loop {
         let n = ch
@@ -108,7 +109,7 @@ async fn long_namespace_values_do_not_wedge_the_rollup_for_everyone() {
     let again = rollup.pass().await.expect("the next pass succeeds");
     assert_eq!(again.buckets_changed, 0);
     assert_eq!(expense_rows(&ch).await.len(), 81);
-    gw.shutdown().await;
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -183,7 +184,7 @@ async fn a_poisoned_bucket_is_isolated_then_skipped() {
         .await;
     }
     let rollup = Rollup::new(client, &cfg.rollup);
-    for pass in 1..rwgate::rollup::MAX_BUCKET_FAILURES {
+    for pass in 1..rwgate::cost::rollup::MAX_BUCKET_FAILURES {
         let e = rollup
             .pass()
             .await

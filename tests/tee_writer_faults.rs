@@ -4,11 +4,12 @@
 //! and the spool drains. Samples with absurd timestamps are not teed.
 //! Real ClickHouse 18.16.
 
-mod common_ch;
+mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common_ch::*;
+use common::clickhouse::*;
+use common::*;
 
 const ACCOUNT: &str = "0f000000-0000-4000-8000-000000000001";
 
@@ -30,7 +31,7 @@ async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through() {
     cfg.spool.max_sample_future = rwgate::config::DEFAULT_MAX_SAMPLE_FUTURE;
     cfg.spool.batch_max_age = Duration::from_millis(300);
     let chcfg = cfg.clickhouse.clone();
-    rwgate::clickhouse::ClickHouse::new(&chcfg)
+    rwgate::cost::clickhouse::ClickHouse::new(&chcfg)
         .expect("client")
         .migrate()
         .await
@@ -70,9 +71,9 @@ async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through() {
         &[("namespace", "future")],
         vec![(now_ms() + 2 * 86_400_000, 1.0)],
     ));
-    post_until_ok(&client, || gw.url(), ACCOUNT, body(&series), deadline).await;
+    post_until_ok(&client, || gw.write_url(), ACCOUNT, body(&series), deadline).await;
 
-    let dead = spool.path().join(rwgate::tee::DEAD_LETTER_FILE);
+    let dead = spool.path().join(rwgate::cost::drain::DEAD_LETTER_FILE);
     loop {
         let lines = std::fs::read_to_string(&dead).unwrap_or_default();
         if lines.lines().count() >= 1 {
@@ -87,7 +88,7 @@ async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through() {
         &[("namespace", "later")],
         vec![(t, 1.0)],
     )];
-    post_until_ok(&client, || gw.url(), ACCOUNT, body(&later), deadline).await;
+    post_until_ok(&client, || gw.write_url(), ACCOUNT, body(&later), deadline).await;
     let rows = loop {
         let rows = ch
             .rows(
@@ -201,5 +202,5 @@ async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through() {
         assert!(Instant::now() < drained, "spool did not drain");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    gw.shutdown().await;
+    gw.stop().await;
 }

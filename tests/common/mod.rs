@@ -9,6 +9,11 @@
 //!   server faked, besides [`FakeUpstream`], which exists only to force the
 //!   upstream answers a real Prometheus cannot give on demand: 409, 429, 5xx,
 //!   slow answers).
+//! - [`clickhouse::ClickHouseServer`]: Debian's ClickHouse 18.16, with the
+//!   cost pipeline's helpers (many-sample bodies, the money rule written
+//!   again) beside it in [`clickhouse`].
+//! - [`Sink`]: a remote-write receiver that answers 204 and counts, for tests
+//!   about the tee rather than the upstream.
 //! - [`Gateway`]: rwgate itself, in-process through `rwgate::run` with its own
 //!   listener and shutdown signal; tests that need process behaviour (signals,
 //!   exit codes) run the built binary instead.
@@ -20,12 +25,15 @@
 
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod clickhouse;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -84,6 +92,38 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(200));
     }
+}
+
+/// Polls `f` until it returns `Ok`, panicking after `limit` with `what`
+/// and the last error.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET (for readiness probes without a runtime).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(1),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let body = out.split("\r\n\r\n").nth(1)?.to_string();
+    out.starts_with("HTTP/1.").then_some(body)
 }
 
 /// An HTTP client for tests: no proxies (loopback only), short timeouts.
@@ -378,6 +418,11 @@ impl Prometheus {
             },
         )
         .await
+    }
+
+    /// The value of a query whose answer is one number (0 if empty).
+    pub async fn scalar(&self, query: &str) -> f64 {
+        self.query(query).await.first().map_or(0.0, |(_, v)| *v)
     }
 
     /// The instant vector of `query` as (labels, value) pairs.
@@ -869,6 +914,67 @@ impl FakeUpstream {
     }
 }
 
+/// A remote-write receiver answering 204 to everything, counting requests.
+pub struct Sink {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sink {
+    pub async fn start() -> Sink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sink");
+        let addr = listener.local_addr().expect("sink addr");
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let counter = counter.clone();
+                            async move {
+                                use http_body_util::BodyExt;
+                                let _ = req.into_body().collect().await;
+                                counter.fetch_add(1, Ordering::Relaxed);
+                                let mut resp = http::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::new(),
+                                ));
+                                *resp.status_mut() = http::StatusCode::NO_CONTENT;
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Sink {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/api/v1/write", self.addr)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 // ---------------------------------------------------------------------------
 // rwgate in-process
 // ---------------------------------------------------------------------------
@@ -937,6 +1043,27 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The remote-write URL.
+    pub fn write_url(&self) -> String {
+        self.url("/api/v1/write")
+    }
+
+    /// The value of the first line of metric `name` (any labels), if any.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
     }
 
     /// Signals shutdown and waits (bounded) for `run` to return.
@@ -1119,7 +1246,12 @@ pub const TENANT_B: &str = "0b7f4c8e-1a2b-4c3d-8e9f-00000000000b";
 
 /// A `rwgate` command for the built binary.
 pub fn rwgate_cmd() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rwgate"));
+    // `option_env!`: the harness is also compiled into examples/, where
+    // cargo sets no binary paths.
+    let Some(bin) = option_env!("CARGO_BIN_EXE_rwgate") else {
+        panic!("the rwgate binary path is set for integration tests only");
+    };
+    let mut cmd = Command::new(bin);
     // Only what a test sets explicitly.
     for (k, _) in std::env::vars() {
         if k.starts_with("RWGATE_") {

@@ -51,7 +51,7 @@
 //! # Bound
 //!
 //! The size bound counts bytes appended but not yet acknowledged. An append
-//! that would exceed it fails with [`TeeError::SpoolFull`] (503: the sender
+//! that would exceed it fails with [`SpoolError::Full`] (503: the sender
 //! retries later). Disk use can exceed the bound by at most one segment,
 //! because segments are deleted whole.
 
@@ -61,11 +61,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
-use crate::tee::TeeError;
+use crate::clock::unix_now_ms;
 
 /// Bytes of a record header.
 pub const HEADER_LEN: u64 = 16;
@@ -192,26 +192,104 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}{SEGMENT_SUFFIX}"))
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// Why an append did not become durable (the request then fails with 503).
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool is full")]
+    Full,
+    #[error("record larger than the spool takes")]
+    TooLarge,
+    #[error("spool is closed")]
+    Closed,
+    #[error("spool writer failed earlier; restart rwgate")]
+    Poisoned,
+    #[error("spool write failed: {0}")]
+    Io(#[from] io::Error),
 }
 
-/// Frames one record.
+/// A record on its way into the spool: its payload after [`HEADER_LEN`]
+/// bytes kept free for the header, which [`Spool::append_frame`] fills in,
+/// so that appending copies nothing. Whoever writes the payload builds the
+/// frame; the buffer comes back from the append for reuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    buf: Vec<u8>,
+}
+
+impl Default for Frame {
+    fn default() -> Frame {
+        Frame::with_buffer(Vec::new())
+    }
+}
+
+impl Frame {
+    /// A frame writing into `buf` (cleared first): a buffer reused from an
+    /// earlier record is already large enough.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Frame {
+        buf.clear();
+        buf.resize(HEADER_LEN as usize, 0);
+        Frame { buf }
+    }
+
+    /// A frame holding a copy of `payload`.
+    pub fn from_payload(payload: &[u8]) -> Frame {
+        let mut f = Frame::with_buffer(Vec::with_capacity(HEADER_LEN as usize + payload.len()));
+        f.extend_from_slice(payload);
+        f
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[HEADER_LEN as usize..]
+    }
+
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[HEADER_LEN as usize..]
+    }
+
+    /// Payload bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len() - HEADER_LEN as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Cuts the payload to `len` bytes.
+    pub fn truncate(&mut self, len: usize) {
+        self.buf.truncate(HEADER_LEN as usize + len);
+    }
+
+    /// Makes room for `additional` more payload bytes.
+    pub fn reserve(&mut self, additional: usize) {
+        self.buf.reserve(additional);
+    }
+
+    /// Payload bytes that fit without growing.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity().saturating_sub(HEADER_LEN as usize)
+    }
+
+    /// The underlying buffer (for reuse).
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+
+    /// The frame as it goes to disk, sealed at `appended_ms`.
+    fn seal(&mut self, appended_ms: i64) {
+        seal(&mut self.buf, appended_ms);
+    }
+}
+
+/// Frames one record, as the spool writes it.
 pub fn frame(appended_ms: i64, payload: &[u8]) -> Vec<u8> {
-    let mut f = unsealed(payload);
-    seal(&mut f, appended_ms);
-    f
-}
-
-/// `payload` after `HEADER_LEN` bytes left for the header.
-fn unsealed(payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(HEADER_LEN as usize + payload.len());
-    f.resize(HEADER_LEN as usize, 0);
-    f.extend_from_slice(payload);
-    f
+    let mut f = Frame::from_payload(payload);
+    f.seal(appended_ms);
+    f.into_buffer()
 }
 
 /// Fills in the header of a frame whose payload follows `HEADER_LEN`
@@ -386,7 +464,7 @@ impl Spool {
             poisoned: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = Writer {
+        let committer = Committer {
             shared: shared.clone(),
             file,
             seg: active,
@@ -397,7 +475,7 @@ impl Spool {
         };
         let thread = std::thread::Builder::new()
             .name("rwgate-spool".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || committer.run(rx))?;
         let reader = SpoolReader {
             shared: shared.clone(),
             cursor: acked,
@@ -417,38 +495,29 @@ impl Spool {
     }
 
     /// Appends one record and returns once it is on disk (shared fsync).
-    pub async fn append(&self, payload: &[u8]) -> Result<(), TeeError> {
-        self.append_frame(unsealed(payload)).await.map(drop)
+    pub async fn append(&self, payload: &[u8]) -> Result<(), SpoolError> {
+        self.append_frame(Frame::from_payload(payload))
+            .await
+            .map(drop)
     }
 
-    /// Appends the record in `frame[HEADER_LEN..]` (the header is written
-    /// into the first `HEADER_LEN` bytes: no copy of the payload) and
-    /// returns, once it is on disk, the buffer for reuse.
-    pub async fn append_frame(&self, mut frame: Vec<u8>) -> Result<Vec<u8>, TeeError> {
-        if frame.len() < HEADER_LEN as usize {
-            return Err(TeeError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "frame shorter than its header",
-            )));
-        }
-        seal(&mut frame, now_ms());
+    /// Appends a frame (its header is written in place: no copy of the
+    /// payload) and returns it, once it is on disk, for reuse.
+    pub async fn append_frame(&self, mut frame: Frame) -> Result<Frame, SpoolError> {
+        frame.seal(unix_now_ms());
+        let frame = frame.into_buffer();
         let size = frame.len() as u64;
         if size - HEADER_LEN > MAX_RECORD {
-            return Err(TeeError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "record too large for the spool",
-            )));
+            return Err(SpoolError::TooLarge);
         }
         if self.shared.poisoned.load(Ordering::Acquire) {
-            return Err(TeeError::Io(io::Error::other(
-                "spool writer failed earlier; restart rwgate",
-            )));
+            return Err(SpoolError::Poisoned);
         }
         // Reserve the space first so that concurrent appends cannot overshoot.
         let before = self.shared.used.fetch_add(size, Ordering::AcqRel);
         if before + size > self.shared.max_bytes {
             self.shared.used.fetch_sub(size, Ordering::AcqRel);
-            return Err(TeeError::SpoolFull);
+            return Err(SpoolError::Full);
         }
         let (done, wait) = oneshot::channel();
         let sent = match self.tx.lock() {
@@ -460,12 +529,12 @@ impl Spool {
         };
         let result = if sent {
             match wait.await {
-                Ok((Ok(()), frame)) => Ok(frame),
-                Ok((Err(e), _)) => Err(TeeError::Io(e)),
-                Err(_) => Err(TeeError::Io(io::Error::other("spool writer stopped"))),
+                Ok((Ok(()), buf)) => Ok(Frame { buf }),
+                Ok((Err(e), _)) => Err(SpoolError::Io(e)),
+                Err(_) => Err(SpoolError::Closed),
             }
         } else {
-            Err(TeeError::Io(io::Error::other("spool is closed")))
+            Err(SpoolError::Closed)
         };
         if result.is_err() {
             self.shared.used.fetch_sub(size, Ordering::AcqRel);
@@ -510,8 +579,8 @@ impl Drop for Spool {
     }
 }
 
-/// The writer thread: owns the active segment.
-struct Writer {
+/// The committer thread: owns the active segment and does the group commits.
+struct Committer {
     shared: Arc<Shared>,
     file: File,
     seg: u64,
@@ -521,7 +590,7 @@ struct Writer {
     commit_interval: Duration,
 }
 
-impl Writer {
+impl Committer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         let mut frames = Vec::new();
         let mut waiters = Vec::new();
@@ -885,20 +954,21 @@ mod tests {
     async fn append_frame_writes_in_place_and_gives_the_buffer_back() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, mut reader) = Spool::open(&opts(dir.path())).unwrap();
-        let mut buf = vec![0xee; HEADER_LEN as usize];
-        buf.extend_from_slice(b"payload");
-        let ptr = buf.as_ptr();
-        let back = spool.append_frame(buf).await.unwrap();
-        assert_eq!(back.as_ptr(), ptr, "the same allocation comes back");
-        assert_eq!(&back[HEADER_LEN as usize..], b"payload");
+        let mut f = Frame::with_buffer(vec![0xee; 64]);
+        f.extend_from_slice(b"payload");
+        let ptr = f.payload().as_ptr();
+        let back = spool.append_frame(f).await.unwrap();
+        assert_eq!(
+            back.payload().as_ptr(),
+            ptr,
+            "the same allocation comes back"
+        );
+        assert_eq!(back.payload(), b"payload");
         assert_eq!(read_all(&mut reader), [b"payload".to_vec()]);
         // The header is the one `frame` makes.
-        let appended_ms = i64::from_le_bytes(back[8..16].try_into().unwrap());
-        assert_eq!(back, frame(appended_ms, b"payload"));
-        assert!(
-            spool.append_frame(vec![0; 3]).await.is_err(),
-            "no header room"
-        );
+        let buf = back.into_buffer();
+        let appended_ms = i64::from_le_bytes(buf[8..16].try_into().unwrap());
+        assert_eq!(buf, frame(appended_ms, b"payload"));
     }
 
     #[tokio::test]
@@ -1079,7 +1149,7 @@ mod tests {
         for _ in 0..4 {
             spool.append(&p).await.unwrap();
         }
-        assert!(matches!(spool.append(&p).await, Err(TeeError::SpoolFull)));
+        assert!(matches!(spool.append(&p).await, Err(SpoolError::Full)));
         let recs = reader.read(usize::MAX, usize::MAX).unwrap();
         reader.ack(recs[3].end).unwrap();
         spool.append(&p).await.unwrap();

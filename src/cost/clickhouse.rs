@@ -15,6 +15,7 @@ use std::time::Duration;
 use clickhouse::{Client, Compression, Row, RowWrite};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::clock::Backoff;
 use crate::config::ClickHouseConfig;
 
 /// Why a ClickHouse operation failed.
@@ -190,6 +191,35 @@ impl ClickHouse {
             insert.end().await
         };
         self.timed(work).await
+    }
+
+    /// Runs [`migrate`](Self::migrate) until it succeeds, backing off
+    /// between `retry.0` and `retry.1`; false if `stop` turned true first.
+    pub async fn migrate_until_done(
+        &self,
+        retry: (Duration, Duration),
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        let mut backoff = Backoff::new(retry.0, retry.1);
+        loop {
+            match self.migrate().await {
+                Ok(r) => {
+                    tracing::info!(server = %r.server_version, created = ?r.created, columns_added = ?r.columns_added, "clickhouse schema checked");
+                    return true;
+                }
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?wait, "clickhouse migrate failed; retrying");
+                    if *stop.borrow() {
+                        return false;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => return false,
+                    }
+                }
+            }
+        }
     }
 
     /// Creates what is missing; adds missing `k8s_*` columns to an existing

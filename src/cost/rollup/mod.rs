@@ -39,146 +39,33 @@
 //! `step`-charged first interval becomes a `max_gap`-capped one only when
 //! its bucket is next touched or reconciled.
 
+pub mod money;
+pub mod sql;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use clickhouse::Row;
 use serde::Deserialize;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::clickhouse::{ClickHouse, ClickHouseError, ExpenseRow, StateRow};
-use crate::config::{Charge, Grain, RollupConfig};
-use crate::tee::unix_now;
+use crate::clock::{unix_now, Day, DAY_MS};
+use crate::config::{Charge, Config, Grain, RollupConfig};
+use crate::cost::clickhouse::{ClickHouse, ClickHouseError, ExpenseRow, StateRow};
+use crate::cost::names::{charged_metric, Resource};
 use crate::telemetry as t;
 
-/// The namespace-total metric (charged by default).
-pub const NAMESPACE_METRIC: &str = "cloudtuner_kubecost_namespace_total_cost";
-/// The pod-total metric (charged with `charge = pod`).
-pub const POD_METRIC: &str = "cloudtuner_kubecost_pod_total_cost";
-/// Metrics that may be charged (the writer indexes these).
-pub const CHARGED_METRICS: [&str; 2] = [NAMESPACE_METRIC, POD_METRIC];
+use money::{correction, MoneyRule};
+use sql::{chunk_by_bytes, in_list, namespace_condition, namespace_weight, quote, IN_LIST_BUDGET};
 
 /// Most rows in one expenses insert (a bucket's rows never straddle two).
 const MAX_INSERT_ROWS: usize = 100_000;
-
-/// Most bytes of string literals in the `IN` lists of one query. ClickHouse
-/// refuses queries over `max_query_size` (256 KiB by default) with "Code:
-/// 62"; a query holds at most two lists (accounts, namespaces), so it stays
-/// well under that whatever the number or length of the keys.
-pub const IN_LIST_BUDGET: usize = 64 << 10;
-
-/// Namespace values longer than this are matched by their MD5 in queries
-/// (`hex(MD5(namespace))`, 34 bytes of literal), so a tenant's long label
-/// values cannot inflate a query.
-const HASH_NAMESPACES_OVER: usize = 64;
 
 /// Consecutive failed passes after which an (account, bucket) whose queries
 /// fail because of their content (not availability) is skipped, so that it
 /// cannot hold the watermark back for every other account.
 pub const MAX_BUCKET_FAILURES: u32 = 3;
-
-/// What the money rule needs.
-#[derive(Debug, Clone, Copy)]
-pub struct MoneyRule {
-    pub bucket_ms: i64,
-    pub max_gap_ms: i64,
-    pub step_ms: i64,
-}
-
-impl MoneyRule {
-    pub fn from_config(cfg: &RollupConfig) -> MoneyRule {
-        MoneyRule {
-            bucket_ms: match cfg.grain {
-                Grain::Day => 86_400_000,
-                Grain::Hour => 3_600_000,
-            },
-            max_gap_ms: cfg.max_gap.as_millis() as i64,
-            step_ms: cfg.step.as_millis() as i64,
-        }
-    }
-
-    /// The cost of bucket `b` (its start is `b * bucket_ms`), from the
-    /// resource's samples sorted by time with unique timestamps, covering at
-    /// least `[start - max_gap, end)`. `has_earlier`: a sample exists before
-    /// the first one given. `None` if no sample falls in the bucket.
-    pub fn bucket_cost(&self, samples: &[(i64, f64)], b: i64, has_earlier: bool) -> Option<f64> {
-        let start = b * self.bucket_ms;
-        let end = start + self.bucket_ms;
-        let mut prev: Option<i64> = None;
-        let mut cost = 0.0;
-        let mut any = false;
-        for &(t, r) in samples {
-            if t >= end {
-                break;
-            }
-            if t >= start {
-                let dt = match prev {
-                    Some(p) => (t - p).min(self.max_gap_ms),
-                    None if has_earlier => self.max_gap_ms,
-                    None => self.step_ms,
-                };
-                cost += r * dt as f64 / 3_600_000.0;
-                any = true;
-            }
-            prev = Some(t);
-        }
-        any.then_some(cost)
-    }
-}
-
-/// The expense resource of a sample's labels under a charge mode.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Resource {
-    pub account: String,
-    pub namespace: String,
-    /// Empty under namespace charging.
-    pub pod: String,
-}
-
-impl Resource {
-    /// `k8s-ns-` + md5("namespace-" + ns)[..16], or `k8s-pod-` +
-    /// md5("pod-" + ns + "/" + pod)[..16].
-    pub fn resource_id(&self, charge: Charge) -> String {
-        match charge {
-            Charge::Namespace => {
-                let d = md5::compute(format!("namespace-{}", self.namespace));
-                format!("k8s-ns-{}", &format!("{d:x}")[..16])
-            }
-            Charge::Pod => {
-                let d = md5::compute(format!("pod-{}/{}", self.namespace, self.pod));
-                format!("k8s-pod-{}", &format!("{d:x}")[..16])
-            }
-        }
-    }
-}
-
-/// Rows turning a bucket's current state (`SUM(cost*sign)`, `SUM(sign)`)
-/// into exactly one live row worth `new`. Empty if it already is.
-pub fn correction(existing: Option<(f64, i64)>, new: f64) -> Vec<(f64, i8)> {
-    let (sum, signs) = existing.unwrap_or((0.0, 0));
-    if signs == 1 && same(sum, new) {
-        return Vec::new();
-    }
-    let mut rows = Vec::new();
-    let cancel = signs != 0 || sum != 0.0;
-    if cancel {
-        rows.push((sum, -1));
-    }
-    // Pad with zero-cost rows so that the signs add up to exactly 1 (only
-    // after something wrote this bucket twice; normally 0).
-    let pad = i64::from(cancel) - signs;
-    let pad = pad.clamp(-1000, 1000);
-    for _ in 0..pad.abs() {
-        rows.push((0.0, if pad > 0 { 1 } else { -1 }));
-    }
-    rows.push((new, 1));
-    rows
-}
-
-/// Equal up to float noise of summing the same rows in another order.
-fn same(a: f64, b: f64) -> bool {
-    a == b || (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
-}
 
 /// What a pass did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -195,8 +82,6 @@ pub struct PassReport {
 pub enum RollupError {
     #[error(transparent)]
     ClickHouse(#[from] ClickHouseError),
-    #[error("invalid date {0:?}: expected YYYY-MM-DD")]
-    Date(String),
 }
 
 impl RollupError {
@@ -204,7 +89,6 @@ impl RollupError {
     pub fn is_data_error(&self) -> bool {
         match self {
             RollupError::ClickHouse(e) => e.is_data_error(),
-            RollupError::Date(_) => true,
         }
     }
 }
@@ -249,93 +133,6 @@ struct ExistingRow {
     cost: f64,
     signs: i64,
 }
-
-/// A ClickHouse string literal.
-fn quote(s: &str) -> String {
-    let mut q = String::with_capacity(s.len() + 2);
-    q.push('\'');
-    for c in s.chars() {
-        match c {
-            '\\' => q.push_str("\\\\"),
-            '\'' => q.push_str("\\'"),
-            _ => q.push(c),
-        }
-    }
-    q.push('\'');
-    q
-}
-
-fn in_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
-    let v: Vec<String> = items.into_iter().map(|s| quote(s)).collect();
-    format!("({})", v.join(","))
-}
-
-/// Splits `items` into runs whose literals (`weight` bytes each) add up to at
-/// most `budget` bytes; an item heavier than the budget gets a run of its own.
-pub fn chunk_by_bytes<T>(items: &[T], budget: usize, weight: impl Fn(&T) -> usize) -> Vec<&[T]> {
-    let mut out = Vec::new();
-    let (mut start, mut used) = (0, 0);
-    for (i, item) in items.iter().enumerate() {
-        let w = weight(item);
-        if i > start && used + w > budget {
-            out.push(&items[start..i]);
-            (start, used) = (i, 0);
-        }
-        used += w;
-    }
-    if start < items.len() {
-        out.push(&items[start..]);
-    }
-    out
-}
-
-/// The literal bytes a namespace costs in [`namespace_condition`].
-fn namespace_weight(ns: &&String) -> usize {
-    if ns.len() > HASH_NAMESPACES_OVER {
-        35
-    } else {
-        ns.len() + 3
-    }
-}
-
-/// `namespace` is one of `nss`: short values as literals, long ones by MD5.
-fn namespace_condition(nss: &[&String]) -> String {
-    let (long, short): (Vec<&String>, Vec<&String>) =
-        nss.iter().partition(|n| n.len() > HASH_NAMESPACES_OVER);
-    let mut parts = Vec::new();
-    if !short.is_empty() {
-        parts.push(format!("namespace IN {}", in_list(short)));
-    }
-    if !long.is_empty() {
-        let hashes: Vec<String> = long
-            .iter()
-            .map(|n| format!("'{:X}'", md5::compute(n.as_bytes())))
-            .collect();
-        parts.push(format!("hex(MD5(namespace)) IN ({})", hashes.join(",")));
-    }
-    format!("({})", parts.join(" OR "))
-}
-
-/// Days since the epoch of `YYYY-MM-DD`.
-pub fn parse_day(s: &str) -> Result<i64, RollupError> {
-    let bad = || RollupError::Date(s.to_string());
-    let mut it = s.trim().splitn(3, '-');
-    let y: i64 = it.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
-    let m: i64 = it.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
-    let d: i64 = it.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1970..=2105).contains(&y) {
-        return Err(bad());
-    }
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Ok(era * 146_097 + doe - 719_468)
-}
-
 impl Rollup {
     pub fn new(ch: ClickHouse, cfg: &RollupConfig) -> Rollup {
         Rollup {
@@ -349,10 +146,7 @@ impl Rollup {
     }
 
     fn metric(&self) -> &'static str {
-        match self.charge {
-            Charge::Namespace => NAMESPACE_METRIC,
-            Charge::Pod => POD_METRIC,
-        }
+        charged_metric(self.charge)
     }
 
     /// The watermark's name: one per expenses table, charge and grain.
@@ -417,16 +211,16 @@ impl Rollup {
         Ok(report)
     }
 
-    /// Re-derives every bucket of the UTC days `from..=to` (YYYY-MM-DD),
-    /// for one account or all.
+    /// Re-derives every bucket of the UTC days `from..=to`, for one account
+    /// or all.
     pub async fn reconcile(
         &self,
-        from: &str,
-        to: &str,
+        from: Day,
+        to: Day,
         account: Option<&str>,
     ) -> Result<PassReport, RollupError> {
-        let from_ms = parse_day(from)? * 86_400_000;
-        let to_ms = (parse_day(to)? + 1) * 86_400_000;
+        let from_ms = from.start_ms();
+        let to_ms = to.start_ms() + DAY_MS;
         let mut sql = format!(
             "SELECT DISTINCT account, intDiv(ts, {}) AS bucket FROM {} \
              WHERE metric = {} AND ts >= {from_ms} AND ts < {to_ms}",
@@ -682,7 +476,7 @@ impl Rollup {
             else {
                 continue;
             };
-            let rid = res.resource_id(self.charge);
+            let rid = res.cloud_resource_id(self.charge);
             let key = (res.account.clone(), rid);
             let fix = correction(existing.get(&key).copied(), cost);
             if fix.is_empty() {
@@ -739,105 +533,49 @@ impl Rollup {
     }
 }
 
+/// The rollup loop as a task of its own: `serve` starts it when
+/// `rollup.enabled`, and `rwgate rollup` runs nothing else.
+pub struct RollupTask {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RollupTask {
+    /// Starts the loop (after `migrate`, retried until it succeeds, when
+    /// `clickhouse.migrate_on_start`). Fails only if the client cannot be
+    /// configured.
+    pub fn start(cfg: &Config) -> anyhow::Result<RollupTask> {
+        let ch = ClickHouse::new(&cfg.clickhouse)?;
+        let rollup = Rollup::new(ch.clone(), &cfg.rollup);
+        let (stop, mut stop_rx) = watch::channel(false);
+        let migrate = cfg.clickhouse.migrate_on_start;
+        let retry = (cfg.spool.retry_backoff, cfg.spool.retry_max_backoff);
+        let interval = cfg.rollup.interval;
+        let task = tokio::spawn(async move {
+            if migrate && !ch.migrate_until_done(retry, &mut stop_rx).await {
+                return;
+            }
+            rollup.run(interval, stop_rx).await;
+        });
+        tracing::info!(interval = ?cfg.rollup.interval, "rollup started");
+        Ok(RollupTask { stop, task })
+    }
+
+    /// Stops the loop within `limit` (a pass in flight is abandoned; the
+    /// next one redoes it).
+    pub async fn shutdown(self, limit: Duration) {
+        let _ = self.stop.send(true);
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(limit, self.task).await.is_err() {
+            abort.abort();
+        }
+        tracing::info!("rollup stopped");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const RULE: MoneyRule = MoneyRule {
-        bucket_ms: 3_600_000,
-        max_gap_ms: 300_000,
-        step_ms: 60_000,
-    };
-
-    #[test]
-    fn first_sample_uses_step_then_time_since_previous() {
-        // 2 USD/h at 0, 60 s, 180 s: 60 s (step) + 60 s + 120 s.
-        let s = [(0, 2.0), (60_000, 2.0), (180_000, 2.0)];
-        let c = RULE.bucket_cost(&s, 0, false).unwrap();
-        assert!((c - 2.0 * 240.0 / 3600.0).abs() < 1e-15);
-        // Something earlier exists (beyond the lead-in): first dt = max_gap.
-        let c = RULE.bucket_cost(&s, 0, true).unwrap();
-        assert!((c - 2.0 * 480.0 / 3600.0).abs() < 1e-15);
-    }
-
-    #[test]
-    fn gaps_are_capped_and_lead_in_sets_dt_only() {
-        // Previous bucket's last sample 30 s before this bucket.
-        let s = [
-            (3_570_000, 100.0),
-            (3_600_000, 1.0),
-            (3_600_000 + 7_200_000 - 1, 1.0),
-        ];
-        let c = RULE.bucket_cost(&s, 1, true).unwrap();
-        assert!((c - 30.0 / 3600.0).abs() < 1e-15, "{c}");
-        // Bucket 2's only sample comes 2 h after the previous one: max_gap.
-        let c = RULE.bucket_cost(&s, 2, true).unwrap();
-        assert!((c - 300.0 / 3600.0).abs() < 1e-15, "capped at max_gap: {c}");
-        assert_eq!(RULE.bucket_cost(&s, 3, true), None, "nothing in bucket 3");
-    }
-
-    #[test]
-    fn corrections_leave_exactly_one_live_row() {
-        assert_eq!(correction(None, 5.0), vec![(5.0, 1)]);
-        assert_eq!(correction(Some((5.0, 1)), 5.0), vec![]);
-        assert_eq!(correction(Some((5.0, 1)), 7.0), vec![(5.0, -1), (7.0, 1)]);
-        for (sum, signs) in [(10.0, 2), (0.0, 0), (3.0, 0), (-1.0, -1), (4.0, 3)] {
-            let rows = correction(Some((sum, signs)), 7.0);
-            let s: i64 = signs + rows.iter().map(|r| i64::from(r.1)).sum::<i64>();
-            let c: f64 = sum + rows.iter().map(|r| r.0 * f64::from(r.1)).sum::<f64>();
-            assert_eq!(s, 1, "{sum} {signs}");
-            assert!((c - 7.0).abs() < 1e-12, "{sum} {signs}");
-        }
-    }
-
-    #[test]
-    fn resource_ids_match_the_platform() {
-        let r = Resource {
-            account: "a".into(),
-            namespace: "kube-system".into(),
-            pod: String::new(),
-        };
-        let want = format!("{:x}", md5::compute("namespace-kube-system"));
-        assert_eq!(
-            r.resource_id(Charge::Namespace),
-            format!("k8s-ns-{}", &want[..16])
-        );
-        let p = Resource {
-            pod: "web-1".into(),
-            ..r
-        };
-        let want = format!("{:x}", md5::compute("pod-kube-system/web-1"));
-        assert_eq!(
-            p.resource_id(Charge::Pod),
-            format!("k8s-pod-{}", &want[..16])
-        );
-    }
-
-    #[test]
-    fn in_lists_are_chunked_by_bytes_and_long_namespaces_hashed() {
-        let items: Vec<String> = (0..1000).map(|i| format!("{i:0>100}")).collect();
-        let chunks = chunk_by_bytes(&items, 1000, |s| s.len() + 3);
-        assert!(
-            chunks[..chunks.len() - 1].iter().all(|c| c.len() == 9),
-            "9 * 103 <= 1000"
-        );
-        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 1000);
-        // An item over the budget gets a run of its own; nothing is lost.
-        let big = vec!["x".repeat(5000), "a".into(), "b".into()];
-        let chunks = chunk_by_bytes(&big, 1000, |s| s.len());
-        assert_eq!(chunks.len(), 2);
-        assert!(chunk_by_bytes::<String>(&[], 10, |s| s.len()).is_empty());
-
-        let long = "n".repeat(4000);
-        let short = "web".to_string();
-        let cond = namespace_condition(&[&short, &long]);
-        assert!(cond.len() < 120, "{cond}");
-        let want = format!("{:X}", md5::compute(long.as_bytes()));
-        assert_eq!(
-            cond,
-            format!("(namespace IN ('web') OR hex(MD5(namespace)) IN ('{want}'))")
-        );
-    }
 
     #[test]
     fn a_bucket_is_skipped_after_repeated_data_errors_only() {
@@ -863,14 +601,5 @@ mod tests {
         assert!(!r.failed(7, "a", &e), "and counted afresh afterwards");
         let down = RollupError::ClickHouse(ClickHouseError::Timeout(Duration::from_secs(1)));
         assert!(!down.is_data_error());
-    }
-
-    #[test]
-    fn days_parse() {
-        assert_eq!(parse_day("1970-01-01").unwrap(), 0);
-        assert_eq!(parse_day("2024-03-01").unwrap(), 19_783);
-        assert!(parse_day("2024-13-01").is_err());
-        assert!(parse_day("yesterday").is_err());
-        assert_eq!(quote("a'b\\c"), "'a\\'b\\\\c'");
     }
 }

@@ -1,0 +1,322 @@
+//! The ClickHouse side of the harness: a real ClickHouse server (Debian's
+//! 18.16 `clickhouse-server`) in a temporary directory on free loopback
+//! ports, killed on drop; remote-write bodies of many-sample series; and the
+//! money rule written again, independently of `rwgate::cost::rollup`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rwgate::prompb;
+
+use super::{client, free_port, http_get, ChildGuard};
+
+pub const NS_METRIC: &str = "cloudtuner_kubecost_namespace_total_cost";
+
+/// A ClickHouse server of our own.
+pub struct ClickHouseServer {
+    pub dir: tempfile::TempDir,
+    pub http_port: u16,
+    tcp_port: u16,
+    interserver_port: u16,
+    child: Option<ChildGuard>,
+}
+
+impl ClickHouseServer {
+    /// Starts a server and waits for `/ping` (retrying with other ports if
+    /// another test grabbed one in between).
+    pub fn start() -> ClickHouseServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = ClickHouseServer {
+            dir,
+            http_port: 0,
+            tcp_port: 0,
+            interserver_port: 0,
+            child: None,
+        };
+        for attempt in 0..3 {
+            s.http_port = free_port();
+            s.tcp_port = free_port();
+            s.interserver_port = free_port();
+            if s.spawn() {
+                return s;
+            }
+            eprintln!("clickhouse did not start (attempt {attempt}); retrying on other ports");
+        }
+        panic!("clickhouse-server did not start:\n{}", s.log_tail());
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.path().display();
+        let config = format!(
+            r#"<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><console>1</console></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <http_port>{http}</http_port>
+  <tcp_port>{tcp}</tcp_port>
+  <interserver_http_port>{inter}</interserver_http_port>
+  <path>{d}/data/</path>
+  <tmp_path>{d}/tmp/</tmp_path>
+  <user_files_path>{d}/user_files/</user_files_path>
+  <format_schema_path>{d}/format_schemas/</format_schema_path>
+  <users_config>{d}/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>5368709</mark_cache_size>
+  <uncompressed_cache_size>8589934</uncompressed_cache_size>
+  <max_concurrent_queries>100</max_concurrent_queries>
+</yandex>
+"#,
+            http = self.http_port,
+            tcp = self.tcp_port,
+            inter = self.interserver_port,
+        );
+        let users = r#"<?xml version="1.0"?>
+<yandex>
+  <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+"#;
+        std::fs::write(self.dir.path().join("config.xml"), config).expect("write config");
+        std::fs::write(self.dir.path().join("users.xml"), users).expect("write users");
+    }
+
+    fn spawn(&mut self) -> bool {
+        self.write_config();
+        let mut cmd = Command::new("clickhouse-server");
+        cmd.arg(format!(
+            "--config-file={}",
+            self.dir.path().join("config.xml").display()
+        ))
+        .current_dir(self.dir.path());
+        let child = ChildGuard::spawn("clickhouse-server", cmd, self.dir.path().join("server.log"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(Some(_)) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return false;
+            }
+            if http_get(self.http_port, "/ping").is_some_and(|b| b.starts_with("Ok.")) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stop();
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// kill -9 (an outage, or the end).
+    pub fn stop(&mut self) {
+        self.child.take();
+    }
+
+    /// Starts again on the same data and ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        assert!(
+            self.spawn(),
+            "clickhouse did not restart:\n{}",
+            self.log_tail()
+        );
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        log.lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Runs one statement; panics with the server's message on failure.
+    pub async fn exec(&self, sql: &str) -> String {
+        let resp = client()
+            .post(self.url())
+            .body(sql.to_string())
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .expect("clickhouse reachable");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert!(status.is_success(), "{sql}\n-> {status}: {text}");
+        text
+    }
+
+    /// Rows as JSON objects (`FORMAT JSONEachRow`), read independently of
+    /// the crate's RowBinary structs.
+    pub async fn rows(&self, sql: &str) -> Vec<serde_json::Value> {
+        self.exec(&format!("{sql} FORMAT JSONEachRow"))
+            .await
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSONEachRow line"))
+            .collect()
+    }
+}
+
+/// One series of a remote-write request.
+#[derive(Clone, Debug)]
+pub struct Series {
+    pub labels: Vec<(String, String)>,
+    pub samples: Vec<(i64, f64)>,
+}
+
+impl Series {
+    pub fn new(name: &str, labels: &[(&str, &str)], samples: Vec<(i64, f64)>) -> Series {
+        let mut l = vec![("__name__".to_string(), name.to_string())];
+        l.extend(labels.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        Series { labels: l, samples }
+    }
+}
+
+/// A snappy-compressed Remote-Write 1.0 body of `series`.
+pub fn body(series: &[Series]) -> Vec<u8> {
+    super::write_body(
+        series
+            .iter()
+            .map(|s| prompb::TimeSeries {
+                labels: s
+                    .labels
+                    .iter()
+                    .map(|(n, v)| prompb::Label {
+                        name: n.clone(),
+                        value: v.clone(),
+                    })
+                    .collect(),
+                samples: s
+                    .samples
+                    .iter()
+                    .map(|&(t, v)| prompb::Sample {
+                        value: v,
+                        timestamp: t,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+    )
+}
+
+/// POSTs a body to rwgate; returns the status (0 on connection error).
+pub async fn post(client: &reqwest::Client, url: &str, account: &str, body: Vec<u8>) -> u16 {
+    match client
+        .post(url)
+        .header("Cloud-Account-Id", account)
+        .header("Content-Encoding", "snappy")
+        .header("Content-Type", "application/x-protobuf")
+        .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+        .body(body)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+    {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// POSTs until 2xx, like Prometheus (bounded by `deadline`).
+pub async fn post_until_ok(
+    client: &reqwest::Client,
+    url: impl Fn() -> String,
+    account: &str,
+    body: Vec<u8>,
+    deadline: Instant,
+) {
+    loop {
+        let status = post(client, &url(), account, body.clone()).await;
+        if (200..300).contains(&status) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "request never succeeded (last status {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The money rule, written again for the tests: merge a resource's samples,
+/// one value per timestamp, `r * min(dt, max_gap) / 3600` into the bucket of
+/// `t`, the first sample `step`. Returns bucket start (s) -> cost.
+pub fn reference_costs(
+    samples: &[(i64, f64)],
+    bucket_s: i64,
+    max_gap_s: i64,
+    step_s: i64,
+) -> BTreeMap<i64, f64> {
+    let mut by_ts: BTreeMap<i64, f64> = BTreeMap::new();
+    for &(t, v) in samples {
+        let e = by_ts.entry(t).or_insert(v);
+        *e = e.max(v);
+    }
+    let mut out = BTreeMap::new();
+    let mut prev: Option<i64> = None;
+    for (t, r) in by_ts {
+        let dt_ms = match prev {
+            None => step_s * 1000,
+            Some(p) => (t - p).min(max_gap_s * 1000),
+        };
+        *out.entry((t / 1000).div_euclid(bucket_s) * bucket_s)
+            .or_insert(0.0) += r * dt_ms as f64 / 3_600_000.0;
+        prev = Some(t);
+    }
+    out
+}
+
+/// `k8s-ns-` + md5("namespace-" + ns)[..16], computed here independently.
+pub fn ns_resource_id(ns: &str) -> String {
+    let d = format!("{:x}", md5::compute(format!("namespace-{ns}")));
+    format!("k8s-ns-{}", &d[..16])
+}
+
+pub fn rel_close(a: f64, b: f64, tol: f64) -> bool {
+    a == b || (a - b).abs() <= tol * a.abs().max(b.abs())
+}
+
+/// An rwgate config for tests: no auth, the given upstream and ClickHouse,
+/// small batches and a fast rollup.
+pub fn tee_config(upstream: &str, clickhouse: &str, spool: PathBuf) -> rwgate::config::Config {
+    let mut c = rwgate::config::Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..rwgate::config::Config::default()
+    };
+    c.auth.mode = rwgate::config::AuthMode::None;
+    c.upstream.url = upstream.to_string();
+    c.upstream.max_retries = 0;
+    c.clickhouse.url = Some(clickhouse.to_string());
+    c.spool.dir = spool;
+    c.spool.batch_max_age = Duration::from_millis(100);
+    // The tests replay 2024 on fixed timestamps.
+    c.spool.max_sample_age = Duration::from_secs(20 * 365 * 86_400);
+    c.spool.retry_backoff = Duration::from_millis(100);
+    c.spool.retry_max_backoff = Duration::from_millis(500);
+    c.rollup.interval = Duration::from_millis(200);
+    c.limits.shutdown_grace = Duration::from_secs(5);
+    c
+}
+
+/// An integer from JSONEachRow (18.16 quotes 64-bit integers).
+pub fn int(v: &serde_json::Value) -> i64 {
+    v.as_i64()
+        .or_else(|| v.as_u64().map(|u| u as i64))
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("not an integer: {v}"))
+}
+
+/// A UTC day from `YYYY-MM-DD`.
+pub fn day(s: &str) -> rwgate::clock::Day {
+    s.parse().expect("a YYYY-MM-DD day")
+}
