@@ -9,6 +9,8 @@
 //!   holds the write handler, which reads top to bottom:
 //! - [`auth`]: the `Cloud-Account-Id` and its credentials (REST API, tenants
 //!   file, or trust), cached.
+//! - [`protocol`]: which remote-write protocol the body is, from
+//!   `Content-Type` and `Content-Encoding` (415 otherwise).
 //! - [`pipeline`]: the CPU work with no I/O: snappy, decode ([`wire`]),
 //!   the allowlist ([`filter`]), tenant labels, re-encode.
 //! - [`ratelimit`]: the per-tenant samples/s token bucket (off by default).
@@ -37,6 +39,7 @@ pub mod filter;
 #[cfg(any(test, feature = "loadgen"))]
 pub mod loadgen;
 pub mod pipeline;
+pub mod protocol;
 pub mod ratelimit;
 pub mod server;
 pub mod telemetry;

@@ -28,6 +28,7 @@ use crate::cost::tee::Tee;
 use crate::error::ApiError;
 use crate::filter::Allowlist;
 use crate::pipeline::{self, Params, ScratchPool};
+use crate::protocol::{self, Protocol};
 use crate::ratelimit::TenantLimiter;
 use crate::telemetry::{self as t, LogLimiter};
 use crate::upstream::Upstream;
@@ -312,7 +313,8 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
     let tenant = state.auth.authenticate(account, authorization).await?;
-    check_encoding(&req)?;
+    // Remote-Write 1.0 is the one protocol decoded today.
+    let Protocol::RemoteWrite1 = protocol::negotiate(req.headers())?;
 
     // 4. Read the body within its size and time limits.
     let limit = cfg.limits.max_body_bytes.bytes();
@@ -415,31 +417,6 @@ fn tenant_of(req: &Request<Incoming>) -> Result<String, ApiError> {
     uuid::Uuid::try_parse(text)
         .map(|u| u.hyphenated().to_string())
         .map_err(|_| ApiError::InvalidTenant)
-}
-
-/// Remote-Write 1.0 only: snappy-compressed `application/x-protobuf`. A
-/// missing header is accepted as the 1.0 default (older senders omit it).
-fn check_encoding(req: &Request<Incoming>) -> Result<(), ApiError> {
-    if let Some(enc) = req.headers().get(header::CONTENT_ENCODING) {
-        let enc = String::from_utf8_lossy(enc.as_bytes())
-            .trim()
-            .to_ascii_lowercase();
-        if enc != "snappy" {
-            return Err(ApiError::UnsupportedEncoding(enc));
-        }
-    }
-    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-        let ct = String::from_utf8_lossy(ct.as_bytes()).to_string();
-        let mut parts = ct.split(';').map(str::trim);
-        let media = parts.next().unwrap_or("").to_ascii_lowercase();
-        let proto_ok = parts
-            .filter_map(|p| p.strip_prefix("proto="))
-            .all(|p| p == "prometheus.WriteRequest");
-        if media != "application/x-protobuf" || !proto_ok {
-            return Err(ApiError::UnsupportedContentType(ct));
-        }
-    }
-    Ok(())
 }
 
 fn content_length(req: &Request<Incoming>) -> Option<u64> {

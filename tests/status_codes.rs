@@ -179,6 +179,27 @@ async fn request_errors_each_have_their_status_and_reason() {
         "unsupported Content-Type \"application/json\": send application/x-protobuf (Remote-Write 1.0)\n",
     )
     .await;
+    // Parameter names are case-insensitive: an upper-case `PROTO` naming
+    // another message is not Remote-Write 1.0 ...
+    expect(
+        with(
+            "Content-Type",
+            "application/x-protobuf; PROTO=io.prometheus.write.v2.Request",
+        ),
+        415,
+        "unsupported Content-Type \"application/x-protobuf; PROTO=io.prometheus.write.v2.Request\": send application/x-protobuf (Remote-Write 1.0)\n",
+    )
+    .await;
+    // ... and two `proto`s are ambiguous.
+    expect(
+        with(
+            "Content-Type",
+            "application/x-protobuf;proto=prometheus.WriteRequest;proto=io.prometheus.write.v2.Request",
+        ),
+        415,
+        "unsupported Content-Type \"application/x-protobuf;proto=prometheus.WriteRequest;proto=io.prometheus.write.v2.Request\": send application/x-protobuf (Remote-Write 1.0)\n",
+    )
+    .await;
 
     // Bad snappy, bad protobuf.
     expect(
@@ -256,6 +277,15 @@ async fn request_errors_each_have_their_status_and_reason() {
     assert!(prom.all_series().await.is_empty());
     expect(rw_post(&http, &url, Some(TENANT_A), up()), 204, "").await;
     assert_eq!(prom.all_series().await.len(), 1);
+
+    // Remote-Write 1.0 however RFC 9110 lets the sender spell it.
+    for ct in [
+        "Application/X-Protobuf; Proto=\"prometheus.WriteRequest\"",
+        "application/x-protobuf ; charset=utf-8 ; proto = prometheus.WriteRequest",
+        "application/x-protobuf;proto=\"prometheus.\\WriteRequest\"",
+    ] {
+        expect(with("Content-Type", ct), 204, "").await;
+    }
 
     // A missing Content-Type and Content-Encoding is Remote-Write 1.0 by default.
     expect(
