@@ -15,6 +15,7 @@ use crate::upstream::UpstreamError;
 pub enum ApiError {
     #[error("not found: remote_write goes to POST /storage/api/v2/write, /api/v1/write or /api/v1/receive")]
     NotFound,
+    /// The methods the path allows, as the `Allow` header lists them.
     #[error("method not allowed: use {0}")]
     MethodNotAllowed(&'static str),
     #[error("missing Cloud-Account-Id header")]
@@ -53,6 +54,8 @@ pub struct Reply {
     pub body: String,
     pub retry_after: Option<Duration>,
     pub www_authenticate: bool,
+    /// The `Allow` header of a 405.
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -134,6 +137,10 @@ impl ApiError {
             body: self.to_string(),
             retry_after,
             www_authenticate: matches!(self, ApiError::Auth(AuthError::BadCredentials)),
+            allow: match self {
+                ApiError::MethodNotAllowed(allow) => Some(allow),
+                _ => None,
+            },
         }
     }
 }

@@ -249,7 +249,7 @@ async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp
         }
         "/metrics" | "/-/healthy" | "/-/ready" if !read_only => (
             "operator",
-            error_response(&ApiError::MethodNotAllowed("GET")),
+            error_response(&ApiError::MethodNotAllowed("GET, HEAD")),
         ),
         "/metrics" => {
             let mut r = text(StatusCode::OK, state.metrics.render());
@@ -456,6 +456,10 @@ fn error_response(e: &ApiError) -> Resp {
         if let Ok(v) = HeaderValue::from_str(&after.as_secs().max(1).to_string()) {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
+    }
+    if let Some(allow) = reply.allow {
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
     }
     if reply.www_authenticate {
         resp.headers_mut().insert(

@@ -72,20 +72,38 @@ async fn request_errors_each_have_their_status_and_reason() {
         "not found: remote_write goes to POST /storage/api/v2/write, /api/v1/write or /api/v1/receive\n",
     )
     .await;
+    // 405 names the allowed methods in the body and in `Allow` (RFC 9110
+    // requires the header).
+    let not_allowed = |req: reqwest::RequestBuilder, allow: &'static str| async move {
+        let resp = req.send().await.expect("send request");
+        let header = resp
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(header.as_deref(), Some(allow));
+        assert_eq!(
+            status_body(resp).await,
+            (405, format!("method not allowed: use {allow}\n"))
+        );
+    };
     for path in rwgate::server::WRITE_PATHS {
-        expect(
-            http.get(gw.url(path)).header("Cloud-Account-Id", TENANT_A),
-            405,
-            "method not allowed: use POST\n",
-        )
-        .await;
+        for method in [
+            reqwest::Method::GET,
+            reqwest::Method::PUT,
+            reqwest::Method::DELETE,
+        ] {
+            not_allowed(
+                http.request(method, gw.url(path))
+                    .header("Cloud-Account-Id", TENANT_A),
+                "POST",
+            )
+            .await;
+        }
     }
-    expect(
-        http.post(gw.url("/metrics")),
-        405,
-        "method not allowed: use GET\n",
-    )
-    .await;
+    for path in ["/metrics", "/-/healthy", "/-/ready"] {
+        not_allowed(http.post(gw.url(path)), "GET, HEAD").await;
+        not_allowed(http.delete(gw.url(path)), "GET, HEAD").await;
+    }
 
     // Size limits: the compressed body, announced by Content-Length ...
     let noise: Vec<u8> = (0..5000u32)
