@@ -1,7 +1,9 @@
-//! The ClickHouse side of the harness: a real ClickHouse server (Debian's
-//! 18.16 `clickhouse-server`) in a temporary directory on free loopback
-//! ports, killed on drop; remote-write bodies of many-sample series; and the
-//! money rule written again, independently of `rwgate::cost::rollup`.
+//! The ClickHouse side of the harness: a real ClickHouse in a temporary
+//! directory on free loopback ports, killed on drop, either Debian's 18.16
+//! `clickhouse-server` or ClickHouse 26.9 (chdb-core, in-process) behind
+//! `tests/chdb_server.py`, a front speaking the server's HTTP interface (see
+//! [`Engine`]); remote-write bodies of many-sample series; and the money rule
+//! written again, independently of `rwgate::cost::rollup`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,23 +16,74 @@ use super::{client, free_port, http_get, ChildGuard};
 
 pub const NS_METRIC: &str = "cloudtuner_kubecost_namespace_total_cost";
 
+/// Which ClickHouse a test talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// Debian's `clickhouse-server` 18.16 (older installs run 21.10).
+    ClickHouse18,
+    /// ClickHouse 26.9 (chdb-core) behind `tests/chdb_server.py`, run with
+    /// the Python of the venv `scripts/install-deps.sh` makes
+    /// (`$RWGATE_CHDB_VENV`, default `/opt/chdb-venv`); the platform runs 24.12.
+    Modern,
+}
+
+impl Engine {
+    /// Both, oldest first.
+    pub const ALL: [Engine; 2] = [Engine::ClickHouse18, Engine::Modern];
+
+    /// The major version `SELECT version()` starts with.
+    pub fn version_prefix(self) -> &'static str {
+        match self {
+            Engine::ClickHouse18 => "18.16.",
+            Engine::Modern => "26.9.",
+        }
+    }
+}
+
+/// One test per [`Engine`] for a shared `async fn case(engine: Engine)`:
+/// `on_both_engines!(case);` (or `on_both_engines!(case, flavor =
+/// "multi_thread", worker_threads = 2);`) makes the tests `case::clickhouse18`
+/// and `case::modern`.
+#[macro_export]
+macro_rules! on_both_engines {
+    ($case:ident $(, $($arg:tt)*)?) => {
+        mod $case {
+            #[tokio::test $( ( $($arg)* ) )?]
+            async fn clickhouse18() {
+                super::$case($crate::common::clickhouse::Engine::ClickHouse18).await
+            }
+            #[tokio::test $( ( $($arg)* ) )?]
+            async fn modern() {
+                super::$case($crate::common::clickhouse::Engine::Modern).await
+            }
+        }
+    };
+}
+
 /// A ClickHouse server of our own.
 pub struct ClickHouseServer {
     pub dir: tempfile::TempDir,
     pub http_port: u16,
+    pub engine: Engine,
     tcp_port: u16,
     interserver_port: u16,
     child: Option<ChildGuard>,
 }
 
 impl ClickHouseServer {
-    /// Starts a server and waits for `/ping` (retrying with other ports if
-    /// another test grabbed one in between).
+    /// Starts Debian's 18.16; see [`start_engine`](Self::start_engine).
     pub fn start() -> ClickHouseServer {
+        ClickHouseServer::start_engine(Engine::ClickHouse18)
+    }
+
+    /// Starts a server of `engine` and waits for `/ping` (retrying with
+    /// other ports if another test grabbed one in between).
+    pub fn start_engine(engine: Engine) -> ClickHouseServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut s = ClickHouseServer {
             dir,
             http_port: 0,
+            engine,
             tcp_port: 0,
             interserver_port: 0,
             child: None,
@@ -42,9 +95,9 @@ impl ClickHouseServer {
             if s.spawn() {
                 return s;
             }
-            eprintln!("clickhouse did not start (attempt {attempt}); retrying on other ports");
+            eprintln!("{engine:?} did not start (attempt {attempt}); retrying on other ports");
         }
-        panic!("clickhouse-server did not start:\n{}", s.log_tail());
+        panic!("{engine:?} did not start:\n{}", s.log_tail());
     }
 
     fn write_config(&self) {
@@ -84,17 +137,37 @@ impl ClickHouseServer {
         std::fs::write(self.dir.path().join("users.xml"), users).expect("write users");
     }
 
+    fn command(&self) -> Command {
+        match self.engine {
+            Engine::ClickHouse18 => {
+                self.write_config();
+                let mut cmd = Command::new("clickhouse-server");
+                cmd.arg(format!(
+                    "--config-file={}",
+                    self.dir.path().join("config.xml").display()
+                ));
+                cmd
+            }
+            Engine::Modern => {
+                let venv = std::env::var_os("RWGATE_CHDB_VENV")
+                    .map_or_else(|| PathBuf::from("/opt/chdb-venv"), PathBuf::from);
+                let mut cmd = Command::new(venv.join("bin/python"));
+                cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chdb_server.py"))
+                    .arg(format!("--port={}", self.http_port))
+                    .arg(format!("--path={}", self.dir.path().join("data").display()));
+                cmd
+            }
+        }
+    }
+
     fn spawn(&mut self) -> bool {
-        self.write_config();
-        let mut cmd = Command::new("clickhouse-server");
-        cmd.arg(format!(
-            "--config-file={}",
-            self.dir.path().join("config.xml").display()
-        ))
-        .current_dir(self.dir.path());
-        let child = ChildGuard::spawn("clickhouse-server", cmd, self.dir.path().join("server.log"));
+        let mut cmd = self.command();
+        cmd.current_dir(self.dir.path());
+        let name = format!("{:?}", self.engine);
+        let child = ChildGuard::spawn(&name, cmd, self.dir.path().join("server.log"));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // chdb loads a 500 MB library first: slow on a busy machine.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Some(Some(_)) = self.child.as_mut().map(|c| c.try_wait()) {
                 self.child = None;
@@ -123,7 +196,8 @@ impl ClickHouseServer {
         self.stop();
         assert!(
             self.spawn(),
-            "clickhouse did not restart:\n{}",
+            "{:?} did not restart:\n{}",
+            self.engine,
             self.log_tail()
         );
     }
