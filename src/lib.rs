@@ -5,8 +5,10 @@
 //!
 //! A write request flows through these modules in this order:
 //!
-//! - [`server`]: accepts connections (plain or TLS via [`tls`]), routes, and
-//!   holds the write handler, which reads top to bottom:
+//! - [`connection`]: the accept loop, TLS handshakes (via [`tls`]) and the
+//!   count of what hyper refuses by itself; then
+//! - [`server`]: routes, and holds the write handler, which reads top to
+//!   bottom:
 //! - [`auth`]: the `Cloud-Account-Id` and its credentials (REST API, tenants
 //!   file, or trust), cached.
 //! - [`protocol`]: which remote-write protocol the body is, from
@@ -33,6 +35,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod cost;
 pub mod error;
 pub mod filter;

@@ -2,6 +2,7 @@
 //! write handler that takes one request through auth, the pipeline, the
 //! upstream and the tee, top to bottom.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +14,6 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -23,6 +22,7 @@ use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::connection::{self, Serving};
 use crate::cost::rollup::RollupTask;
 use crate::cost::tee::Tee;
 use crate::error::ApiError;
@@ -120,19 +120,7 @@ pub async fn run(
         "rwgate serving"
     );
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        // Dead h2 peers are found by pings rather than kept forever.
-        .keep_alive_interval(std::time::Duration::from_secs(30))
-        .keep_alive_timeout(std::time::Duration::from_secs(20));
+    let serving = Serving::new(tls, header_timeout);
     let graceful = GracefulShutdown::new();
 
     // Idle tenants' rate-limit buckets are forgotten once a minute.
@@ -148,69 +136,22 @@ pub async fn run(
     };
 
     let connections = Arc::new(Semaphore::new(max_connections));
-    tokio::pin!(shutdown);
-    loop {
-        // At most `limits.max_connections` open at once; beyond that, new
-        // connections wait in the kernel's backlog instead of using up fds.
-        let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => p?,
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Usually EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let ingest = |peer| {
         let state = state.clone();
-        let service = service_fn(move |req| {
+        service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(&state, req, peer).await) }
-        });
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
-            // A client that connects and sends nothing must not hold the
-            // connection: hyper's header timeout starts only once the
-            // protocol is known.
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
-            }
-            let served = match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let tls_stream =
-                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
-                    let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
+            async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
+        })
+    };
+    connection::accept_loop(
+        &listener,
+        &serving,
+        connections,
+        &graceful,
+        ingest,
+        shutdown,
+    )
+    .await;
 
     // Shutdown, in order: stop accepting, fail readiness, drain connections.
     drop(listener);

@@ -13,6 +13,9 @@ pub const REQUESTS: &str = "rwgate_requests_total";
 pub const REQUEST_DURATION: &str = "rwgate_request_duration_seconds";
 pub const IN_FLIGHT: &str = "rwgate_requests_in_flight";
 pub const REJECTED: &str = "rwgate_requests_rejected_total";
+/// Connections refused below routing (hyper's own 400/414/431, header
+/// timeouts, failed TLS handshakes), by reason.
+pub const CONNECTIONS_REJECTED: &str = "rwgate_connections_rejected_total";
 pub const SAMPLES_RECEIVED: &str = "rwgate_samples_received_total";
 pub const SAMPLES_FORWARDED: &str = "rwgate_samples_forwarded_total";
 pub const SAMPLES_DROPPED: &str = "rwgate_samples_dropped_total";
@@ -70,6 +73,10 @@ fn describe() {
     );
     describe_gauge!(IN_FLIGHT, "Write requests being processed.");
     describe_counter!(REJECTED, "Write requests refused, by reason.");
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Connections refused before a request reached routing, by reason: malformed (400), headers_too_large (431), uri_too_long (414), header_timeout (no complete request head within limits.header_read_timeout), tls_handshake (failed or timed out)."
+    );
     describe_counter!(
         SAMPLES_RECEIVED,
         "Samples received in accepted requests (before filtering)."
