@@ -65,12 +65,40 @@ impl Serving {
     }
 }
 
+/// A listener's service: answers every request with a whole body and never
+/// fails (errors are responses).
+pub trait Handler:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future = Self::Answer,
+    > + Send
+    + 'static
+{
+    type Answer: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static;
+}
+
+impl<S, A> Handler for S
+where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = A,
+        > + Send
+        + 'static,
+    A: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    type Answer = A;
+}
+
 /// Accepts on `listener` until `stop` completes, serving each connection on
 /// its own task with the service `make(peer)` builds. At most
 /// `connections.available_permits()` connections are open at once; beyond
 /// that, new ones wait in the kernel's backlog instead of using up fds.
 /// Connections are watched by `graceful`, which the caller drains.
-pub async fn accept_loop<F, S, Fut>(
+pub async fn accept_loop<F, S>(
     listener: &TcpListener,
     serving: &Serving,
     connections: Arc<Semaphore>,
@@ -79,14 +107,7 @@ pub async fn accept_loop<F, S, Fut>(
     stop: impl Future<Output = ()>,
 ) where
     F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<Full<Bytes>>,
-            Error = Infallible,
-            Future = Fut,
-        > + Send
-        + 'static,
-    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+    S: Handler,
 {
     tokio::pin!(stop);
     loop {
@@ -121,22 +142,13 @@ pub async fn accept_loop<F, S, Fut>(
 }
 
 impl Serving {
-    async fn serve<S, Fut>(
+    async fn serve(
         self,
         stream: TcpStream,
         peer: SocketAddr,
-        service: S,
+        service: impl Handler,
         watcher: hyper_util::server::graceful::Watcher,
-    ) where
-        S: hyper::service::Service<
-                Request<Incoming>,
-                Response = Response<Full<Bytes>>,
-                Error = Infallible,
-                Future = Fut,
-            > + Send
-            + 'static,
-        Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
-    {
+    ) {
         // A client that connects and sends nothing must not hold the
         // connection: hyper's header timeout starts only once the protocol
         // is known.
