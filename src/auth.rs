@@ -411,7 +411,12 @@ impl RestSource {
         };
         let (status, body) = tokio::time::timeout(self.cfg.rest_timeout, call)
             .await
-            .map_err(|_| format!("timed out after {:?}", self.cfg.rest_timeout))??;
+            .map_err(|_| {
+                format!(
+                    "timed out after {}",
+                    crate::clock::HumanDuration(self.cfg.rest_timeout)
+                )
+            })??;
         metrics::histogram!(t::AUTH_REST_DURATION).record(started.elapsed().as_secs_f64());
         match status {
             StatusCode::OK => {

@@ -158,9 +158,81 @@ impl std::fmt::Display for Day {
     }
 }
 
+/// A duration as people write it and `humantime` reads it back: the largest
+/// units first, zero parts left out (`365d`, `1h 30m`, `1500ms` as `1s 500ms`,
+/// `0s`). `humantime::format_duration` counts in months and years of 30.44 and
+/// 365.25 days, so it prints `365d` as `11months 30days 3h 50m 24s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(&str, u128); 7] = [
+            ("d", 86_400_000_000_000),
+            ("h", 3_600_000_000_000),
+            ("m", 60_000_000_000),
+            ("s", 1_000_000_000),
+            ("ms", 1_000_000),
+            ("us", 1_000),
+            ("ns", 1),
+        ];
+        let mut left = self.0.as_nanos();
+        if left == 0 {
+            return f.write_str("0s");
+        }
+        let mut first = true;
+        for (unit, size) in UNITS {
+            let n = left / size;
+            if n > 0 {
+                if !first {
+                    f.write_str(" ")?;
+                }
+                write!(f, "{n}{unit}")?;
+                first = false;
+                left %= size;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A wait for a log line: whole milliseconds (a jittered backoff's
+/// nanoseconds say nothing).
+pub fn human_wait(d: Duration) -> HumanDuration {
+    HumanDuration(Duration::from_millis(
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_print_as_people_write_them_and_parse_back() {
+        for (d, text) in [
+            (Duration::from_secs(365 * 86_400), "365d"),
+            (Duration::from_secs(86_400), "1d"),
+            (Duration::from_secs(5_400), "1h 30m"),
+            (Duration::from_millis(1_500), "1s 500ms"),
+            (Duration::from_millis(4), "4ms"),
+            (Duration::from_secs(25), "25s"),
+            (Duration::ZERO, "0s"),
+            (Duration::new(90_061, 2_003), "1d 1h 1m 1s 2us 3ns"),
+        ] {
+            assert_eq!(HumanDuration(d).to_string(), text);
+            assert_eq!(humantime::parse_duration(text).unwrap(), d, "{text}");
+        }
+        for nanos in (0..u64::MAX / 3).step_by(usize::MAX / 5_003) {
+            let d = Duration::from_nanos(nanos);
+            let text = HumanDuration(d).to_string();
+            assert_eq!(humantime::parse_duration(&text).unwrap(), d, "{text}");
+        }
+        assert_eq!(
+            human_wait(Duration::new(1, 234_567_891)).to_string(),
+            "1s 234ms"
+        );
+    }
 
     #[test]
     fn civil_dates_round_trip() {

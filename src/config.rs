@@ -119,13 +119,13 @@ pub struct LimitsConfig {
     /// keep it above the senders' largest request (`max_samples_per_send`).
     pub tenant_burst_samples: u32,
     /// Time allowed to receive a request's headers.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub header_read_timeout: Duration,
     /// Time allowed to receive a request's body.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub body_read_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
 }
 
@@ -151,7 +151,7 @@ impl Default for LimitsConfig {
 }
 
 /// Where credentials come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// The platform REST API, as diproxy did.
@@ -173,21 +173,21 @@ pub struct AuthConfig {
     /// File holding the cluster secret sent as the `Secret` header (`rest` mode).
     pub cluster_secret_file: Option<PathBuf>,
     /// Timeout of one REST lookup.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub rest_timeout: Duration,
     /// How long a known account's credentials are trusted without a new lookup.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub cache_ttl: Duration,
     /// How long an unknown account is remembered as unknown (stops retry storms).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub negative_cache_ttl: Duration,
     /// During a REST outage, how long past `cache_ttl` a cached answer is still used.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub stale_ttl: Duration,
     /// After a failed REST lookup, how long no new lookup is sent: cached
     /// answers are served (even stale), other accounts get 503. Keeps a
     /// hanging REST API from holding every request for `rest_timeout`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub outage_backoff: Duration,
     /// Most accounts kept in the cache; known and unknown accounts are counted
     /// (and evicted) separately, so made-up ids cannot evict real tenants.
@@ -261,16 +261,16 @@ pub struct UpstreamConfig {
     /// Header carrying the account id to the upstream.
     pub tenant_header: String,
     /// Timeout of one upstream attempt.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub timeout: Duration,
     /// Retries after a retryable failure (5xx, 429, timeout, connection error).
     pub max_retries: u32,
     /// Backoff before the first retry; doubles each time, with jitter (each
     /// wait is up to twice its nominal value, never above `retry_max_backoff`).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub retry_backoff: Duration,
     /// Largest backoff between retries.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub retry_max_backoff: Duration,
     /// Idle pooled connections kept per upstream host.
     pub pool_max_idle: usize,
@@ -332,7 +332,7 @@ impl Default for LogConfig {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Json,
@@ -416,7 +416,7 @@ pub struct ClickHouseConfig {
     /// LZ4-compress inserts (`decompress=1`; every ClickHouse since 1.1 reads it).
     pub compress: bool,
     /// Timeout of one ClickHouse request.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub timeout: Duration,
 }
 
@@ -457,7 +457,7 @@ pub struct SpoolConfig {
     /// request waits up to this much longer, and concurrent requests share
     /// fewer fsyncs (an fsync costs ~100-200 µs of CPU on a VM disk). `0s`
     /// commits at once (still grouping whatever queued meanwhile).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub commit_delay: Duration,
     /// Least time between the starts of two group commits. Under load
     /// (teed requests closer together than this) a group stays open until
@@ -468,7 +468,7 @@ pub struct SpoolConfig {
     /// that each wait for their commit then go through at most
     /// (requests in flight)/interval a second: 64,000 teed requests/s at
     /// the defaults (256 in flight, 4ms). `0s` turns it off.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub commit_interval: Duration,
     /// Most samples in one ClickHouse insert.
     pub batch_max_rows: usize,
@@ -478,21 +478,21 @@ pub struct SpoolConfig {
     pub batch_max_bytes: Size,
     /// Samples older than this (by their timestamp) are not teed, only
     /// counted (`rwgate_tee_samples_rejected_total`). Default 365 days.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub max_sample_age: Duration,
     /// Samples further ahead than this are not teed, only counted. Default 1 day.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub max_sample_future: Duration,
     /// Longest the writer waits for a batch to fill before inserting it.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub batch_max_age: Duration,
     /// Backoff after the first failed insert; doubles each time, with jitter
     /// (each wait is up to twice its nominal value, never above
     /// `retry_max_backoff`).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub retry_backoff: Duration,
     /// Largest backoff between failed inserts.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub retry_max_backoff: Duration,
 }
 
@@ -516,7 +516,7 @@ impl Default for SpoolConfig {
 }
 
 /// Expense row grain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Grain {
     /// One row per resource and UTC day (`date` at midnight), as every importer writes.
@@ -526,7 +526,7 @@ pub enum Grain {
 }
 
 /// Which series are charged (exactly one, so money is never counted twice).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Charge {
     /// `cloudtuner_kubecost_namespace_total_cost`, resource `k8s-ns-<md5>`.
@@ -543,21 +543,21 @@ pub struct RollupConfig {
     /// (on by default for a single node; off on all but one replica).
     pub enabled: bool,
     /// Time between passes.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub interval: Duration,
     /// How far behind its watermark a pass re-reads (covers inserts in flight
     /// and clock skew between replicas).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub overlap: Duration,
     /// `day` or `hour`.
     pub grain: Grain,
     /// `namespace` or `pod`.
     pub charge: Charge,
     /// Longest time one sample is charged for (no money across outages).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub max_gap: Duration,
     /// Nominal scrape step: what the first sample ever of a resource is charged for.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub step: Duration,
 }
 
@@ -573,6 +573,39 @@ impl Default for RollupConfig {
             step: DEFAULT_STEP,
         }
     }
+}
+
+/// Durations in the tree: read as `humantime` reads them (`500ms`, `1h 30m`,
+/// `365days`), written the way people write them (`365d`, not humantime's
+/// `11months 30days 3h 50m 24s`), so `check-config` output reads back.
+mod human_duration {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&crate::clock::HumanDuration(*d))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        humantime_serde::deserialize(d)
+    }
+}
+
+/// The serde names of the choice settings, for log lines and messages.
+macro_rules! display_as_serde_name {
+    ($($ty:ident { $($variant:ident => $name:literal),+ $(,)? })+) => {$(
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self { $($ty::$variant => $name),+ })
+            }
+        }
+    )+};
+}
+
+display_as_serde_name! {
+    AuthMode { Rest => "rest", Static => "static", None => "none" }
+    LogFormat { Json => "json", Text => "text" }
+    Grain { Day => "day", Hour => "hour" }
+    Charge { Namespace => "namespace", Pod => "pod" }
 }
 
 /// A byte size, written as a plain number of bytes or as `16MiB`, `512KiB`, `1GB`.
@@ -647,7 +680,8 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-/// A configuration problem, naming the field at fault.
+/// A configuration problem, naming the setting at fault (and, for a value
+/// that does not fit, where the value came from).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -655,16 +689,28 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The config file is not TOML.
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
+    /// A value that breaks a rule of its setting.
     #[error("invalid {field}: {message}")]
     Invalid {
         field: &'static str,
         message: String,
     },
-    /// A `--set` or `RWGATE_<PATH>` override that does not fit the tree.
-    #[error("invalid setting {setting}: {message}")]
-    Override { setting: String, message: String },
+    /// A value that does not fit its setting, or a setting that does not
+    /// exist; `origin` is the config file, the environment variable or the
+    /// flag it came from.
+    #[error("invalid {setting}{} (from {origin}): {message}", value.as_deref().map(|v| format!(" = {v:?}")).unwrap_or_default())]
+    Setting {
+        setting: String,
+        value: Option<String>,
+        origin: String,
+        message: String,
+    },
+    /// An environment variable of an earlier release, no longer read.
+    #[error("{old} is no longer read: set {new} instead")]
+    Renamed { old: &'static str, new: String },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -675,95 +721,18 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
-    /// Parses a TOML document (`origin` names it in errors).
-    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.message().to_string()
-                + &e.span()
-                    .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default(),
-        })
-    }
-
-    /// Parses a TOML document, then sets each `(dotted.path, value)` of
-    /// `overrides` in it before the tree becomes a `Config`, so that every
-    /// setting can be overridden without a flag of its own. A value is a TOML
-    /// literal (`5000`, `true`, `["a", "b"]`) or else a plain string (`30s`,
-    /// `16MiB`, `kube_.*|up`).
-    pub fn from_toml_with(
-        text: &str,
-        origin: &str,
-        overrides: &[(String, String)],
-    ) -> Result<Config, ConfigError> {
-        let mut tree: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.message().to_string()
-                + &e.span()
-                    .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default(),
-        })?;
-        let base = tree.clone();
-        for (path, raw) in overrides {
-            set_path(&mut tree, path, raw)?;
-        }
-        toml::Value::Table(tree)
-            .try_into()
-            .map_err(|e: toml::de::Error| {
-                // The deserializer does not know paths: name the override at
-                // fault, if one is, by trying each alone.
-                let culprit = overrides.iter().find(|(path, raw)| {
-                    let mut t = base.clone();
-                    set_path(&mut t, path, raw).is_err()
-                        || toml::Value::Table(t).try_into::<Config>().is_err()
-                });
-                match culprit {
-                    Some((path, raw)) => ConfigError::Override {
-                        setting: format!("{path} = {raw:?}"),
-                        message: e.message().to_string(),
-                    },
-                    None => ConfigError::Parse {
-                        path: origin.to_string(),
-                        message: e.message().to_string(),
-                    },
-                }
-            })
-    }
-
-    /// The dotted path of every setting that has a value by default (for
-    /// `RWGATE_<PATH>` environment overrides).
-    pub fn setting_paths() -> Vec<String> {
-        fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
-            for (k, v) in t {
-                let path = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                match v {
-                    toml::Value::Table(inner) => walk(&path, inner, out),
-                    _ => out.push(path),
-                }
-            }
-        }
-        let mut out = Vec::new();
-        if let Ok(toml::Value::Table(t)) = toml::Value::try_from(Config::default()) {
-            walk("", &t, &mut out);
-        }
-        out
-    }
-
-    /// Reads and parses a TOML config file.
-    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::from_toml(&text, &path.display().to_string())
-    }
-
-    /// Checks what serde cannot: cross-field rules, regexes, URLs, files.
+    /// Checks what serde cannot (cross-field rules, regexes, URLs) in the
+    /// whole tree, as `serve` uses it.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_serving()?;
+        self.validate_log()?;
+        self.validate_clickhouse()?;
+        self.validate_spool()?;
+        self.validate_rollup()
+    }
+
+    /// Listening, TLS, limits, auth, tenancy, filter and upstream.
+    pub fn validate_serving(&self) -> Result<(), ConfigError> {
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => {
                 return Err(invalid("tls.key", "tls.cert is set but tls.key is not"))
@@ -874,23 +843,48 @@ impl Config {
             u.scheme_str()
                 .map(|scheme| scheme.eq_ignore_ascii_case("https"))
         });
-        if (utls.ca.is_some() || utls.cert.is_some()) && https != Some(true) {
-            return Err(invalid("upstream.tls", "needs an https:// upstream.url"));
+        if https != Some(true) {
+            if utls.ca.is_some() {
+                return Err(invalid("upstream.tls.ca", "needs an https:// upstream.url"));
+            }
+            if utls.cert.is_some() {
+                return Err(invalid(
+                    "upstream.tls.cert",
+                    "needs an https:// upstream.url",
+                ));
+            }
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| invalid("log.level", e.to_string()))?;
-        self.validate_tee()?;
+        if self.limits.max_labels_per_series > usize::from(u16::MAX) {
+            return Err(invalid(
+                "limits.max_labels_per_series",
+                "must be at most 65535 (the tee's spool record counts labels in 16 bits)",
+            ));
+        }
         Ok(())
     }
 
-    /// The `[clickhouse]`, `[spool]` and `[rollup]` rules.
-    fn validate_tee(&self) -> Result<(), ConfigError> {
+    /// `[log]`.
+    pub fn validate_log(&self) -> Result<(), ConfigError> {
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// `[clickhouse]` (`url` may be unset: no tee).
+    pub fn validate_clickhouse(&self) -> Result<(), ConfigError> {
         let ch = &self.clickhouse;
         if let Some(url) = &ch.url {
             check_http_url("clickhouse.url", url)?;
         }
+        // The database is only sent as the HTTP `database` parameter, so any
+        // name ClickHouse has is fine; table names go into SQL unquoted.
+        if ch.database.is_empty() || ch.database.chars().any(char::is_control) {
+            return Err(invalid(
+                "clickhouse.database",
+                "must be a non-empty name without control characters",
+            ));
+        }
         for (field, name) in [
-            ("clickhouse.database", &ch.database),
             ("clickhouse.raw_table", &ch.raw_table),
             ("clickhouse.series_table", &ch.series_table),
             ("clickhouse.expenses_table", &ch.expenses_table),
@@ -910,12 +904,11 @@ impl Config {
         if ch.timeout.is_zero() {
             return Err(invalid("clickhouse.timeout", "must be greater than 0"));
         }
-        if self.limits.max_labels_per_series > usize::from(u16::MAX) {
-            return Err(invalid(
-                "limits.max_labels_per_series",
-                "must be at most 65535 (the tee's spool record counts labels in 16 bits)",
-            ));
-        }
+        Ok(())
+    }
+
+    /// `[spool]`.
+    pub fn validate_spool(&self) -> Result<(), ConfigError> {
         let sp = &self.spool;
         if sp.commit_delay > Duration::from_secs(1) {
             return Err(invalid("spool.commit_delay", "must be at most 1s"));
@@ -944,6 +937,11 @@ impl Config {
                 "retry_backoff must be > 0 and retry_max_backoff >= retry_backoff",
             ));
         }
+        Ok(())
+    }
+
+    /// `[rollup]`.
+    pub fn validate_rollup(&self) -> Result<(), ConfigError> {
         let r = &self.rollup;
         if r.interval.is_zero() {
             return Err(invalid("rollup.interval", "must be greater than 0"));
@@ -969,35 +967,6 @@ impl Config {
     }
 }
 
-/// Sets `dotted.path = raw` in a TOML tree (`raw` as a TOML literal, or else
-/// as a string).
-fn set_path(tree: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigError> {
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let bad = |message: String| ConfigError::Override {
-        setting: path.to_string(),
-        message,
-    };
-    let mut keys: Vec<&str> = path.split('.').collect();
-    let last = keys
-        .pop()
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| bad("not a setting path like limits.max_body_bytes".into()))?;
-    let mut table = tree;
-    for key in keys {
-        let entry = table
-            .entry(key.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| bad(format!("{key} is a setting, not a section")))?;
-    }
-    table.insert(last.to_string(), value);
-    Ok(())
-}
-
 fn check_http_url(field: &'static str, url: &str) -> Result<(), ConfigError> {
     let uri: http::Uri = url
         .parse()
@@ -1017,7 +986,8 @@ fn check_http_url(field: &'static str, url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn redact_url(url: &str) -> String {
+/// `url` with any `user:password@` masked.
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.find('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
         _ => url.to_string(),
@@ -1038,7 +1008,7 @@ mod tests {
 
     #[test]
     fn parses_human_units_and_rejects_unknown_fields() {
-        let c = Config::from_toml(
+        let c = crate::settings::from_toml(
             r#"
             listen = "127.0.0.1:9000"
             [limits]
@@ -1056,7 +1026,7 @@ mod tests {
         assert_eq!(c.limits.body_read_timeout, Duration::from_millis(1500));
         c.validate().unwrap();
 
-        let err = Config::from_toml("[limits]\nmax_bdy_bytes = 1\n", "test").unwrap_err();
+        let err = crate::settings::from_toml("[limits]\nmax_bdy_bytes = 1\n", "test").unwrap_err();
         assert!(err.to_string().contains("max_bdy_bytes"), "{err}");
     }
 
@@ -1077,7 +1047,7 @@ mod tests {
 
     #[test]
     fn tee_sections_parse_and_validate() {
-        let mut c = Config::from_toml(
+        let mut c = crate::settings::from_toml(
             r#"
             [auth]
             mode = "none"
@@ -1135,12 +1105,11 @@ mod tests {
 
 #[cfg(test)]
 mod deploy_tests {
-    use super::*;
 
     /// The config shipped in deploy/ stays loadable as the tree changes.
     #[test]
     fn deploy_config_is_valid() {
-        let c = Config::from_toml(
+        let c = crate::settings::from_toml(
             include_str!("../deploy/kubernetes/rwgate.toml"),
             "deploy/kubernetes/rwgate.toml",
         )

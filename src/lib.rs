@@ -24,8 +24,9 @@
 //!   from there.
 //! - [`error`]: every way a request can fail and its HTTP status, in one place.
 //!
-//! Around them: [`config`] (the one documented settings tree), [`cli`] (flags
-//! and environment over it), [`client`] (the outbound HTTP client),
+//! Around them: [`config`] (the one documented settings tree), [`settings`]
+//! (how the file, `RWGATE_<PATH>` variables and the command line fill it, in
+//! one precedence), [`cli`] (the subcommands and their flags), [`client`] (the outbound HTTP client),
 //! [`clock`] (time, backoff, dates), [`telemetry`] (metric names and
 //! logging), and, with the `loadgen` feature, `loadgen` (realistic payloads
 //! shared by `benches/` and `rwgate-loadgen`).
@@ -45,6 +46,7 @@ pub mod pipeline;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;
+pub mod settings;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

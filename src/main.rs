@@ -1,51 +1,68 @@
 use std::future::Future;
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::Parser;
-use rwgate::cli::{Cli, Command, Settings};
+use rwgate::cli::{clap_one_line, one_line, Cli, Command};
 use rwgate::config::Config;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::CheckConfig(settings) => {
-            let Some(cfg) = load(&settings) else {
-                return ExitCode::from(2);
-            };
-            match check_files(&cfg) {
-                Ok(()) => {
-                    print!("{}", cfg.to_redacted_toml());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("rwgate: {e:#}");
-                    ExitCode::from(2)
-                }
-            }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    let cfg = match cli.command.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rwgate: {e}");
+            return ExitCode::from(2);
         }
-        Command::Serve(settings) => run(&settings, false, serve),
-        Command::Migrate(settings) => run(&settings, true, |cfg| async move {
+    };
+    match cli.command {
+        Command::CheckConfig(_) => match check_files(&cfg) {
+            Ok(()) => {
+                print!("{}", cfg.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("rwgate: {}", one_line(&e));
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve(_) => run(cfg, serve),
+        Command::Migrate(_) => run(cfg, |cfg| async move {
             let ch = rwgate::cost::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
             let r = ch.migrate().await?;
+            let list = |items: &[String]| match items {
+                [] => "none".to_string(),
+                items => items.join(", "),
+            };
             println!(
-                "clickhouse {}: created {:?}, added columns {:?}",
-                r.server_version, r.created, r.columns_added
+                "clickhouse {}: tables created: {}; columns added: {}",
+                r.server_version,
+                list(&r.created),
+                list(&r.columns_added)
             );
             Ok(())
         }),
-        Command::Reconcile(args) => run(&args.settings, true, |cfg| async move {
+        Command::Reconcile(args) => run(cfg, |cfg| async move {
             let ch = rwgate::cost::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
             let rollup = rwgate::cost::rollup::Rollup::new(ch, &cfg.rollup);
             let r = rollup
                 .reconcile(args.from, args.to, args.account.as_deref())
                 .await?;
             println!(
-                "reconciled {}..={}: {} buckets examined, {} changed, {} rows written",
-                args.from, args.to, r.buckets_examined, r.buckets_changed, r.rows_written
+                "reconciled {} to {} ({}): {} buckets examined, {} changed, {} rows written",
+                args.from,
+                args.to,
+                args.account.as_deref().unwrap_or("every account"),
+                r.buckets_examined,
+                r.buckets_changed,
+                r.rows_written
             );
             Ok(())
         }),
-        Command::Rollup(settings) => run(&settings, true, |cfg| async move {
+        Command::Rollup(_) => run(cfg, |cfg| async move {
             let grace = cfg.limits.shutdown_grace;
             let rollup = rwgate::cost::rollup::RollupTask::start(&cfg)?;
             shutdown_signal().await;
@@ -55,31 +72,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// The effective config, or `None` after printing why not.
-fn load(settings: &Settings) -> Option<Config> {
-    match settings.load() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("rwgate: {e}");
-            None
+/// `--help` and `--version` as clap prints them; a usage error in one line.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+        }
+        _ => {
+            eprintln!("rwgate: {}", clap_one_line(e));
+            ExitCode::from(2)
         }
     }
 }
 
-/// Loads the config (exit 2 if bad), sets up logging and a runtime, and runs
-/// `f` to completion (exit 1 if it fails).
-fn run<F, Fut>(settings: &Settings, needs_clickhouse: bool, f: F) -> ExitCode
+/// Sets up logging and a runtime and runs `f` to completion; a failure is
+/// printed once, in one line (exit 1).
+fn run<F, Fut>(cfg: Config, f: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let Some(cfg) = load(settings) else {
-        return ExitCode::from(2);
-    };
-    if needs_clickhouse && cfg.clickhouse.url.is_none() {
-        eprintln!("rwgate: invalid clickhouse.url: required by this command");
-        return ExitCode::from(2);
-    }
     rwgate::telemetry::init_logging(cfg.log.format, &cfg.log.level);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -91,8 +106,7 @@ where
     match rt.block_on(f(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("rwgate: {e:#}");
+            eprintln!("rwgate: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -116,7 +116,7 @@ pub async fn run(
         listen = %listener.local_addr()?,
         tls = tls.is_some(),
         upstream = %state.cfg.upstream.url,
-        auth = ?state.cfg.auth.mode,
+        auth = %state.cfg.auth.mode,
         "rwgate serving"
     );
 
@@ -157,7 +157,7 @@ pub async fn run(
     drop(listener);
     housekeeping.abort();
     state.ready.store(false, Ordering::Release);
-    tracing::info!(grace = ?grace, "shutting down: finishing in-flight requests");
+    tracing::info!(grace = %crate::clock::HumanDuration(grace), "shutting down: finishing in-flight requests");
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections closed"),
         Err(_) => tracing::warn!("grace period over with requests still in flight"),

@@ -179,7 +179,10 @@ impl Upstream {
         match tokio::time::timeout(self.cfg.timeout, call).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => Attempt::Error(e),
-            Err(_) => Attempt::Error(format!("timed out after {:?}", self.cfg.timeout)),
+            Err(_) => Attempt::Error(format!(
+                "timed out after {}",
+                crate::clock::HumanDuration(self.cfg.timeout)
+            )),
         }
     }
 }

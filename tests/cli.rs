@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use rwgate::config::{AuthMode, Config, Size};
+use rwgate::settings::{Kind, Setting};
 
 #[test]
 fn check_config_prints_the_effective_config_redacted_and_reloadable() {
@@ -38,7 +39,7 @@ fn check_config_prints_the_effective_config_redacted_and_reloadable() {
         "{out}"
     );
     // The printed config is itself a valid config file with the merged values.
-    let printed = Config::from_toml(&out, "check-config output").expect("output parses");
+    let printed = rwgate::settings::from_toml(&out, "check-config output").expect("output parses");
     assert_eq!(printed.listen, "127.0.0.1:18935".parse().expect("addr"));
     assert_eq!(printed.limits.max_body_bytes, Size(2 << 20));
     assert_eq!(printed.limits.max_decoded_bytes, Size(32 << 20));
@@ -186,7 +187,7 @@ fn bad_config_exits_2_naming_the_field() {
         ),
         (
             &["--auth", "none", "--upstream-tls-ca", "/ca.pem"],
-            "rwgate: invalid upstream.tls: needs an https:// upstream.url",
+            "rwgate: invalid upstream.tls.ca: needs an https:// upstream.url",
         ),
         (
             &[
@@ -230,10 +231,13 @@ fn bad_config_exits_2_naming_the_field() {
     let (code, _, err) = run_rwgate(&["check-config", "--auth", "ldap"], &[]);
     assert_eq!(code, 2);
     assert!(err.contains("--auth"), "{err}");
-    // ... and so are bad environment values.
-    let (code, _, err) = run_rwgate(&["check-config"], &[("RWGATE_AUTH", "ldap")]);
+    // ... and so are bad environment values, naming the variable.
+    let (code, _, err) = run_rwgate(&["check-config"], &[("RWGATE_AUTH_MODE", "ldap")]);
     assert_eq!(code, 2);
-    assert!(err.contains("ldap"), "{err}");
+    assert_eq!(
+        err,
+        "rwgate: invalid auth.mode = \"ldap\" (from RWGATE_AUTH_MODE): expected one of rest, static, none\n"
+    );
 }
 
 /// What only `serve` can find out (files it must read, the port) also ends
@@ -265,24 +269,291 @@ fn serve_fails_fast_on_unusable_files_and_ports() {
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
 }
 
+/// A value for `setting` other than its default (`default`, as JSON), of
+/// the right type.
+fn other_value(setting: &Setting, default: &serde_json::Value) -> String {
+    use serde_json::Value as J;
+    match (setting.kind, default) {
+        (Kind::Bool, J::Bool(b)) => (!b).to_string(),
+        (Kind::Integer, J::Number(n)) => (n.as_u64().expect("unsigned") + 1).to_string(),
+        (Kind::NumberOrText, J::String(size)) => {
+            (size.parse::<Size>().expect("a size").bytes() + 4096).to_string()
+        }
+        (Kind::Choice(names), J::String(d)) => names
+            .iter()
+            .find(|n| *n != d)
+            .expect("another choice")
+            .to_string(),
+        (Kind::List, _) => "a,b".into(),
+        (Kind::Text, J::String(d)) if humantime::parse_duration(d).is_ok() => format!("{d} 1ms"),
+        (Kind::Text, J::String(d)) if d.parse::<std::net::SocketAddr>().is_ok() => {
+            "127.0.0.1:9".into()
+        }
+        (Kind::Text, J::String(d)) => format!("{d}2"),
+        (Kind::Text, J::Null) => "2024".into(),
+        other => panic!("no test value for {}: {other:?}", setting.path),
+    }
+}
+
+/// Every setting of the tree (the list is read off the serde tree, so new
+/// settings are covered without touching this test) is read from its
+/// `RWGATE_<PATH>` variable and from `--set` by the binary: either
+/// `check-config` prints the new value, or it refuses it naming the setting
+/// (a value can be valid for its type and still break a rule, such as
+/// `tls.cert` without `tls.key`).
 #[test]
-fn every_setting_has_an_environment_variable() {
+fn every_setting_is_read_from_its_environment_variable_and_from_set() {
+    let defaults = serde_json::to_value(Config::default()).expect("json");
+    let at = |tree: &serde_json::Value, path: &str| {
+        tree.pointer(&format!("/{}", path.replace('.', "/")))
+            .cloned()
+            .unwrap_or_else(|| panic!("{path} in {tree}"))
+    };
+    let all = rwgate::settings::all();
+    for s in &all {
+        let raw = other_value(s, &at(&defaults, &s.path));
+        let set = format!("{}={raw}", s.path);
+        let env = s.env_name();
+        // `auth.mode=none` spares every other setting the REST settings;
+        // auth.mode itself is left to its own value.
+        let base: Vec<&str> = if s.path == "auth.mode" {
+            vec!["check-config"]
+        } else {
+            vec!["check-config", "--set", "auth.mode=none"]
+        };
+        let with_set = [&base[..], &["--set", &set]].concat();
+        let runs = [
+            (base.clone(), vec![(env.as_str(), raw.as_str())]),
+            (with_set, vec![]),
+        ];
+        for (args, env) in runs {
+            let (code, out, err) = run_rwgate(&args, &env);
+            if code == 0 {
+                let printed: toml::Value = toml::from_str(&out).expect("check-config prints TOML");
+                let printed = serde_json::to_value(printed).expect("json");
+                let got = printed.pointer(&format!("/{}", s.path.replace('.', "/")));
+                assert!(
+                    got.is_some() && got != Some(&at(&defaults, &s.path)),
+                    "{args:?} {env:?}: {} unchanged in\n{out}",
+                    s.path
+                );
+            } else {
+                assert_eq!(code, 2, "{args:?} {env:?}: {err}");
+                assert!(err.contains(&s.path), "{args:?} {env:?}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn environment_variables_of_settings_unset_by_default_are_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tenants = tenants_file(
+        dir.path(),
+        &[(TENANT_A, &basic_credentials("a", "pw"), None)],
+    );
+    let tenants = tenants.to_str().expect("utf-8");
     let (code, out, err) = run_rwgate(
-        &["check-config", "--auth", "none"],
+        &["check-config"],
         &[
-            ("RWGATE_LIMITS_MAX_SERIES_PER_REQUEST", "777"),
-            ("RWGATE_ROLLUP_MAX_GAP", "2m"),
+            ("RWGATE_AUTH_MODE", "static"),
+            ("RWGATE_AUTH_TENANTS_FILE", tenants),
+            ("RWGATE_AUTH_REST_URL", "http://restapi:8999"),
+            ("RWGATE_AUTH_CLUSTER_SECRET_FILE", "/secret"),
+            ("RWGATE_CLICKHOUSE_DATABASE", "2024"),
+            ("RWGATE_CLICKHOUSE_USER", "1"),
         ],
     );
     assert_eq!(code, 0, "{err}");
-    let c = Config::from_toml(&out, "check-config output").expect("output parses");
-    assert_eq!(c.limits.max_series_per_request, 777);
-    assert_eq!(c.rollup.max_gap, std::time::Duration::from_secs(120));
+    let c = rwgate::settings::from_toml(&out, "check-config output").expect("output parses");
+    assert_eq!(c.auth.mode, AuthMode::Static);
+    assert_eq!(
+        c.auth.tenants_file.as_deref(),
+        Some(std::path::Path::new(tenants))
+    );
+    assert_eq!(c.auth.rest_url.as_deref(), Some("http://restapi:8999"));
+    assert_eq!(
+        c.auth.cluster_secret_file.as_deref(),
+        Some(std::path::Path::new("/secret"))
+    );
+    assert_eq!(c.clickhouse.database, "2024", "a name, not a number");
+    assert_eq!(c.clickhouse.user.as_deref(), Some("1"));
 
     let (code, _, err) = run_rwgate(
         &["check-config", "--auth", "none"],
         &[("RWGATE_LIMITS_MAX_SERIES_PER_REQUEST", "many")],
     );
     assert_eq!(code, 2);
-    assert!(err.contains("max_series_per_request"), "{err}");
+    assert_eq!(err, "rwgate: invalid limits.max_series_per_request = \"many\" (from RWGATE_LIMITS_MAX_SERIES_PER_REQUEST): expected a whole number\n");
+    // The names of an earlier release are refused, not ignored.
+    let (code, _, err) = run_rwgate(
+        &["check-config", "--auth", "none"],
+        &[("RWGATE_TENANTS_FILE", tenants)],
+    );
+    assert_eq!(code, 2);
+    assert_eq!(
+        err,
+        "rwgate: RWGATE_TENANTS_FILE is no longer read: set RWGATE_AUTH_TENANTS_FILE instead\n"
+    );
+}
+
+/// File, then environment, then `--set`, then the named flags.
+#[test]
+fn one_precedence_for_every_source() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rwgate.toml");
+    std::fs::write(
+        &file,
+        "[auth]\nmode = \"none\"\n[upstream]\nmax_retries = 1\ntimeout = \"1s\"\nurl = \"http://file/\"\npool_max_idle = 1\n",
+    )
+    .expect("write");
+    let (code, out, err) = run_rwgate(
+        &[
+            "check-config",
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--set",
+            "upstream.timeout=3s",
+            "--set",
+            "upstream.url=http://set/",
+            "--upstream-url",
+            "http://flag/",
+        ],
+        &[
+            ("RWGATE_UPSTREAM_MAX_RETRIES", "2"),
+            ("RWGATE_UPSTREAM_TIMEOUT", "2s"),
+            ("RWGATE_UPSTREAM_URL", "http://env/"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let c = rwgate::settings::from_toml(&out, "check-config output").expect("output parses");
+    assert_eq!(c.upstream.pool_max_idle, 1, "file");
+    assert_eq!(c.upstream.max_retries, 2, "environment over file");
+    assert_eq!(
+        c.upstream.timeout,
+        std::time::Duration::from_secs(3),
+        "--set over environment"
+    );
+    assert_eq!(c.upstream.url, "http://flag/", "flag over --set");
+}
+
+/// What check-config prints reads back as the same config, durations
+/// written as people write them.
+#[test]
+fn check_config_prints_durations_as_written_and_nothing_in_debug_syntax() {
+    let (code, out, err) = run_rwgate(
+        &[
+            "check-config",
+            "--auth",
+            "none",
+            "--set",
+            "upstream.timeout=90m",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("max_sample_age = \"365d\"\n"), "{out}");
+    assert!(out.contains("timeout = \"1h 30m\"\n"), "{out}");
+    assert!(out.contains("commit_delay = \"1ms\"\n"), "{out}");
+    assert!(
+        !out.contains("months") && !out.contains("None") && !out.contains("Some("),
+        "{out}"
+    );
+    let c = rwgate::settings::from_toml(&out, "check-config output").expect("output parses");
+    assert_eq!(
+        c.spool.max_sample_age,
+        std::time::Duration::from_secs(365 * 86_400)
+    );
+    let again = c.to_redacted_toml();
+    assert_eq!(again, out, "printing the printed config changes nothing");
+}
+
+/// Each subcommand offers only the flags of the settings it uses.
+#[test]
+fn subcommands_take_only_their_own_flags() {
+    let help = |cmd: &str| {
+        let (code, out, err) = run_rwgate(&[cmd, "--help"], &[]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let flags = |text: &str| -> Vec<String> {
+        text.split_whitespace()
+            .filter(|w| w.starts_with("--"))
+            .map(|w| {
+                w.trim_end_matches([',', '.'])
+                    .split(['=', '['])
+                    .next()
+                    .unwrap_or(w)
+                    .to_string()
+            })
+            .collect()
+    };
+    let serve = flags(&help("serve"));
+    for f in [
+        "--listen",
+        "--auth",
+        "--rest-url",
+        "--clickhouse-url",
+        "--spool-dir",
+        "--rollup",
+        "--config",
+        "--set",
+    ] {
+        assert!(serve.iter().any(|x| x == f), "serve lacks {f}");
+    }
+    for (cmd, own, foreign) in [
+        (
+            "migrate",
+            &["--clickhouse-url", "--clickhouse-database", "--log-level"][..],
+            &[
+                "--auth",
+                "--listen",
+                "--spool-dir",
+                "--charge",
+                "--upstream-url",
+                "--rollup",
+            ][..],
+        ),
+        (
+            "reconcile",
+            &[
+                "--from",
+                "--to",
+                "--account",
+                "--clickhouse-url",
+                "--charge",
+                "--expense-grain",
+            ],
+            &[
+                "--auth",
+                "--listen",
+                "--spool-dir",
+                "--rollup",
+                "--rollup-interval",
+                "--max-body-bytes",
+            ],
+        ),
+        (
+            "rollup",
+            &[
+                "--clickhouse-url",
+                "--charge",
+                "--rollup-interval",
+                "--shutdown-grace",
+            ],
+            &["--auth", "--listen", "--spool-dir", "--tenants-file"],
+        ),
+    ] {
+        let text = help(cmd);
+        let listed = flags(&text);
+        for f in own.iter().chain(["--config", "--set"].iter()) {
+            assert!(listed.iter().any(|x| x == f), "{cmd} lacks {f}:\n{text}");
+        }
+        for f in foreign {
+            assert!(!listed.iter().any(|x| x == f), "{cmd} offers {f}:\n{text}");
+            let (code, _, err) = run_rwgate(&[cmd, f, "x"], &[]);
+            assert_eq!(code, 2);
+            assert_eq!(err, format!("rwgate: unexpected argument '{f}' found\n"));
+        }
+    }
 }

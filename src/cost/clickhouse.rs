@@ -10,21 +10,26 @@
 //! DDL next to them field by field, and the integration tests read whole rows
 //! back as JSON (independently of these structs).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clickhouse::{Client, Compression, Row, RowWrite};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::clock::Backoff;
-use crate::config::ClickHouseConfig;
+use crate::clock::{human_wait, Backoff, HumanDuration};
+use crate::config::{redact_url, ClickHouseConfig};
 
-/// Why a ClickHouse operation failed.
+/// Why a ClickHouse operation failed. The messages name the server (its URL
+/// without credentials) and say each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum ClickHouseError {
-    #[error("clickhouse: {0}")]
-    Client(#[from] clickhouse::error::Error),
-    #[error("clickhouse: request timed out after {0:?}")]
-    Timeout(Duration),
+    #[error("{}", describe(url, error))]
+    Client {
+        url: Arc<str>,
+        error: clickhouse::error::Error,
+    },
+    #[error("ClickHouse at {url} did not answer within {}", HumanDuration(*after))]
+    Timeout { url: Arc<str>, after: Duration },
     #[error("cannot read clickhouse.password_file {path}: {source}")]
     PasswordFile {
         path: String,
@@ -34,10 +39,41 @@ pub enum ClickHouseError {
     NoUrl,
 }
 
+/// A client error in one line. The crate's network errors wrap hyper's,
+/// which wrap the connector's, each printing the next again ("network
+/// error: client error (Connect): client error (Connect): tcp connect
+/// error: ..."): say what happened, then the causes below the wrappers.
+fn describe(url: &str, error: &clickhouse::error::Error) -> String {
+    use clickhouse::error::Error as E;
+    match error {
+        E::Network(inner) => {
+            let mut causes: Vec<String> = Vec::new();
+            let mut next: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+            while let Some(e) = next {
+                let text = e.to_string();
+                // hyper-util's `client error (Connect)` only names the stage.
+                let wrapper = text.starts_with("client error (") && e.source().is_some();
+                if !wrapper && !causes.iter().any(|c| c.contains(&text)) {
+                    causes.push(text);
+                }
+                next = e.source();
+            }
+            format!("cannot reach ClickHouse at {url}: {}", causes.join(": "))
+        }
+        E::BadResponse(message) => format!("ClickHouse at {url} answered: {}", message.trim()),
+        E::TimedOut => format!("ClickHouse at {url} did not answer in time"),
+        other => format!("ClickHouse at {url}: {other}"),
+    }
+}
+
 impl ClickHouseError {
     /// The ClickHouse exception code (`Code: 62`), when the server sent one.
     pub fn code(&self) -> Option<u32> {
-        let ClickHouseError::Client(clickhouse::error::Error::BadResponse(msg)) = self else {
+        let ClickHouseError::Client {
+            error: clickhouse::error::Error::BadResponse(msg),
+            ..
+        } = self
+        else {
             return None;
         };
         let at = msg.find("Code: ")? + "Code: ".len();
@@ -56,14 +92,18 @@ impl ClickHouseError {
     pub fn is_data_error(&self) -> bool {
         use clickhouse::error::Error as E;
         match self {
-            ClickHouseError::Client(E::BadResponse(msg)) => match self.code() {
+            ClickHouseError::Client {
+                error: E::BadResponse(msg),
+                ..
+            } => match self.code() {
                 Some(252) => msg.contains("partitions for single INSERT"),
                 Some(c) => DATA_ERROR_CODES.contains(&c),
                 None => false,
             },
-            ClickHouseError::Client(
-                E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_),
-            ) => true,
+            ClickHouseError::Client {
+                error: E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_),
+                ..
+            } => true,
             _ => false,
         }
     }
@@ -72,8 +112,11 @@ impl ClickHouseError {
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            ClickHouseError::Timeout(_)
-                | ClickHouseError::Client(clickhouse::error::Error::TimedOut)
+            ClickHouseError::Timeout { .. }
+                | ClickHouseError::Client {
+                    error: clickhouse::error::Error::TimedOut,
+                    ..
+                }
         ) || matches!(self.code(), Some(159 | 209))
     }
 }
@@ -108,6 +151,8 @@ const DATA_ERROR_CODES: &[u32] = &[
 #[derive(Clone)]
 pub struct ClickHouse {
     pub client: Client,
+    /// The server's URL without credentials, for messages.
+    pub url: Arc<str>,
     pub raw_table: String,
     pub series_table: String,
     pub expenses_table: String,
@@ -143,6 +188,7 @@ impl ClickHouse {
         }
         Ok(ClickHouse {
             client,
+            url: redact_url(url).into(),
             raw_table: cfg.raw_table.clone(),
             series_table: cfg.series_table.clone(),
             expenses_table: cfg.expenses_table.clone(),
@@ -158,8 +204,19 @@ impl ClickHouse {
         fut: impl std::future::Future<Output = Result<T, clickhouse::error::Error>>,
     ) -> Result<T, ClickHouseError> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(ClickHouseError::Timeout(self.timeout)),
+            Ok(r) => r.map_err(|error| self.error(error)),
+            Err(_) => Err(ClickHouseError::Timeout {
+                url: self.url.clone(),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    /// A client error of this server.
+    pub fn error(&self, error: clickhouse::error::Error) -> ClickHouseError {
+        ClickHouseError::Client {
+            url: self.url.clone(),
+            error,
         }
     }
 
@@ -204,12 +261,12 @@ impl ClickHouse {
         loop {
             match self.migrate().await {
                 Ok(r) => {
-                    tracing::info!(server = %r.server_version, created = ?r.created, columns_added = ?r.columns_added, "clickhouse schema checked");
+                    tracing::info!(server = %r.server_version, created = %r.created.join(","), columns_added = %r.columns_added.join(","), "clickhouse schema checked");
                     return true;
                 }
                 Err(e) => {
                     let wait = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?wait, "clickhouse migrate failed; retrying");
+                    tracing::warn!(error = %e, retry_in = %human_wait(wait), "clickhouse migrate failed; retrying");
                     if *stop.borrow() {
                         return false;
                     }
@@ -465,7 +522,14 @@ mod tests {
     #[test]
     fn errors_about_the_data_are_told_from_availability() {
         use clickhouse::error::Error as E;
-        let bad = |m: &str| ClickHouseError::Client(E::BadResponse(m.into()));
+        let bad = |m: &str| ClickHouseError::Client {
+            url: "http://ch:8123".into(),
+            error: E::BadResponse(m.into()),
+        };
+        let timeout = || ClickHouseError::Timeout {
+            url: "http://ch:8123".into(),
+            after: Duration::from_secs(1),
+        };
         let old = bad("Code: 62, e.displayText() = DB::Exception: Max query size exceeded");
         assert_eq!(old.code(), Some(62));
         assert!(old.is_data_error());
@@ -476,8 +540,12 @@ mod tests {
         );
         assert!(!bad("Code: 60. DB::Exception: Table default.x doesn't exist").is_data_error());
         assert!(!bad("502 Bad Gateway").is_data_error());
-        assert!(!ClickHouseError::Timeout(Duration::from_secs(1)).is_data_error());
-        assert!(ClickHouseError::Timeout(Duration::from_secs(1)).is_timeout());
+        assert!(!timeout().is_data_error());
+        assert!(timeout().is_timeout());
+        assert_eq!(
+            timeout().to_string(),
+            "ClickHouse at http://ch:8123 did not answer within 1s"
+        );
         assert!(bad("Code: 159. DB::Exception: Timeout exceeded").is_timeout());
     }
 }

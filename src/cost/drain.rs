@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::clock::{month_of, unix_now, unix_now_ms, Backoff};
+use crate::clock::{human_wait, month_of, unix_now, unix_now_ms, Backoff};
 use crate::config::SpoolConfig;
 use crate::cost::batch::{
     series_of, sort_like_raw_table, touched_rows, HashedKeys, Part, Parts, SeenSeries,
@@ -197,7 +197,7 @@ impl Drain {
                     break;
                 }
                 let wait = backoff.next_delay();
-                tracing::warn!(error = %e, rows = rows.len(), retry_in = ?wait, "clickhouse insert failed; retrying");
+                tracing::warn!(error = %e, rows = rows.len(), retry_in = %human_wait(wait), "clickhouse insert failed; retrying");
                 self.publish_gauges();
                 if sleep_or_stop(wait, stop).await {
                     return Err(Stopped);
@@ -302,7 +302,7 @@ impl Drain {
                 metrics::counter!(t::SPOOL_READ_ERRORS).increment(1);
                 let wait = read_errors.backoff.next_delay();
                 if failures <= READ_ERRORS_LOGGED || failures % 100 == 0 {
-                    tracing::error!(error = %e, failures, retry_in = ?wait, "spool read failed");
+                    tracing::error!(error = %e, failures, retry_in = %human_wait(wait), "spool read failed");
                 }
                 sleep_or_stop(wait, stop).await;
                 None

@@ -50,7 +50,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::clock::{unix_now, Day, DAY_MS};
+use crate::clock::{unix_now, Day, HumanDuration, DAY_MS};
 use crate::config::{Charge, Config, Grain, RollupConfig};
 use crate::cost::clickhouse::{ClickHouse, ClickHouseError, ExpenseRow, StateRow};
 use crate::cost::names::{charged_metric, Resource};
@@ -174,7 +174,13 @@ impl Rollup {
                 Ok(r) => {
                     metrics::counter!(t::ROLLUP_PASSES, "result" => "ok").increment(1);
                     if r.buckets_changed > 0 {
-                        tracing::debug!(?r, "rollup pass");
+                        tracing::debug!(
+                            buckets_examined = r.buckets_examined,
+                            buckets_changed = r.buckets_changed,
+                            rows_written = r.rows_written,
+                            buckets_skipped = r.buckets_skipped,
+                            "rollup pass"
+                        );
                     }
                 }
                 Err(e) => {
@@ -557,7 +563,7 @@ impl RollupTask {
             }
             rollup.run(interval, stop_rx).await;
         });
-        tracing::info!(interval = ?cfg.rollup.interval, "rollup started");
+        tracing::info!(interval = %HumanDuration(cfg.rollup.interval), "rollup started");
         Ok(RollupTask { stop, task })
     }
 
@@ -583,11 +589,12 @@ mod tests {
         cfg.clickhouse.url = Some("http://127.0.0.1:1".into());
         let ch = ClickHouse::new(&cfg.clickhouse).unwrap();
         let r = Rollup::new(ch, &cfg.rollup);
-        let e = RollupError::ClickHouse(ClickHouseError::Client(
-            clickhouse::error::Error::BadResponse(
+        let e = RollupError::ClickHouse(ClickHouseError::Client {
+            url: "http://127.0.0.1:1".into(),
+            error: clickhouse::error::Error::BadResponse(
                 "Code: 62, e.displayText() = DB::Exception: Max query size exceeded".into(),
             ),
-        ));
+        });
         assert!(e.is_data_error());
         for _ in 1..MAX_BUCKET_FAILURES {
             assert!(!r.failed(7, "a", &e));
@@ -599,7 +606,10 @@ mod tests {
         }
         assert!(r.failed(7, "a", &e), "skipped after {MAX_BUCKET_FAILURES}");
         assert!(!r.failed(7, "a", &e), "and counted afresh afterwards");
-        let down = RollupError::ClickHouse(ClickHouseError::Timeout(Duration::from_secs(1)));
+        let down = RollupError::ClickHouse(ClickHouseError::Timeout {
+            url: "http://127.0.0.1:1".into(),
+            after: Duration::from_secs(1),
+        });
         assert!(!down.is_data_error());
     }
 }
