@@ -1,10 +1,10 @@
-//! The configuration tree: one serde struct, loaded from an optional TOML file,
-//! then overridden by command-line flags and `RWGATE_*` environment variables
-//! (see `cli.rs`). Every field is documented here; `rwgate check-config` prints
-//! the effective tree with secrets redacted.
+//! The configuration tree: one serde struct, filled from an optional TOML file,
+//! `RWGATE_<PATH>` environment variables and the command line (the loader is
+//! `settings.rs`). Every field is documented here; `rwgate check-config`
+//! prints the effective tree with secrets redacted.
 //!
-//! Durations are written as people write them (`500ms`, `30s`, `5m`), sizes as
-//! `16MiB` or plain bytes.
+//! Durations are written as people write them (`500ms`, `30s`, `1h 30m`,
+//! `365d`), sizes as `16MiB` or plain bytes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -613,55 +613,6 @@ mod tests {
         }
     }
 
-    /// A value for `s` other than its default, valid for its type.
-    fn other_value(s: &Setting, default: &serde_json::Value) -> String {
-        use serde_json::Value as J;
-        match (s.kind, default) {
-            (Kind::Bool, J::Bool(b)) => (!b).to_string(),
-            (Kind::Integer, J::Number(n)) => (n.as_u64().unwrap() + 1).to_string(),
-            (Kind::NumberOrText, J::String(size)) => {
-                (size.parse::<Size>().unwrap().bytes() + 1).to_string()
-            }
-            (Kind::Choice(names), J::String(d)) => {
-                names.iter().find(|n| *n != d).unwrap().to_string()
-            }
-            (Kind::List, _) => "a,b".into(),
-            (Kind::Text, J::String(d)) if humantime::parse_duration(d).is_ok() => {
-                format!("{d} 1s")
-            }
-            (Kind::Text, J::String(d)) if d.parse::<std::net::SocketAddr>().is_ok() => {
-                "127.0.0.1:9".into()
-            }
-            (Kind::Text, J::String(d)) => format!("{d}_2"),
-            (Kind::Text, J::Null) => "2024".into(),
-            other => panic!("no test value for {}: {other:?}", s.path),
-        }
-    }
-
-    /// Every setting is read from its environment variable and from `--set`,
-    /// and lands where its path says, with the type it has.
-    #[test]
-    fn every_setting_is_read_from_the_environment_and_the_command_line() {
-        let defaults = serde_json::to_value(Config::default()).unwrap();
-        let at = |tree: &serde_json::Value, path: &str| {
-            tree.pointer(&format!("/{}", path.replace('.', "/")))
-                .cloned()
-                .unwrap()
-        };
-        let all = all();
-        assert!(all.len() > 70, "{}", all.len());
-        for s in &all {
-            let raw = other_value(s, &at(&defaults, &s.path));
-            let env = from_env(|name| (name == s.env_name()).then(|| raw.clone())).unwrap();
-            assert_eq!(env.len(), 1, "{}", s.path);
-            for given in [env[0].clone(), given(&s.path, &raw)] {
-                let c = load_text(None, &[given]).unwrap_or_else(|e| panic!("{}: {e}", s.path));
-                let got = at(&serde_json::to_value(&c).unwrap(), &s.path);
-                assert_ne!(got, at(&defaults, &s.path), "{} = {raw}", s.path);
-            }
-        }
-    }
-
     #[test]
     fn values_take_the_type_of_their_setting() {
         let c = load_text(

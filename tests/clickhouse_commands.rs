@@ -1,5 +1,5 @@
 //! `rwgate migrate`, `reconcile` and `rollup` as an operator runs them,
-//! against a real ClickHouse 18.16: they need the ClickHouse settings and
+//! against a real ClickHouse (18.16 and 26.9): they need the ClickHouse settings and
 //! nothing of the serving path (no auth settings at all here, while
 //! `auth.mode` defaults to `rest`); their output and errors are one line,
 //! with no debug syntax and no colour codes.
@@ -15,9 +15,10 @@ const ACCOUNT: &str = "0b000000-0000-4000-8000-000000000001";
 /// 2024-03-03T00:00:00Z.
 const DAY: i64 = 1_709_424_000;
 
-#[tokio::test]
-async fn migrate_and_reconcile_need_only_the_clickhouse_settings() {
-    let ch = ClickHouseServer::start();
+on_both_engines!(migrate_and_reconcile_need_only_the_clickhouse_settings);
+
+async fn migrate_and_reconcile_need_only_the_clickhouse_settings(engine: Engine) {
+    let ch = ClickHouseServer::start_engine(engine);
     // A database named like a number: the setting is a name, whatever it
     // looks like.
     ch.exec("CREATE DATABASE `2024`").await;
@@ -32,7 +33,7 @@ async fn migrate_and_reconcile_need_only_the_clickhouse_settings() {
     let (code, out, err) = run_rwgate(&migrate, &[]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.starts_with("clickhouse 18.16")
+        out.starts_with(&format!("clickhouse {}", engine.version_prefix()))
             && out.ends_with(": tables created: kubecost_samples, kubecost_series, expenses, rwgate_rollup_state, kubecost_touched; columns added: none\n"),
         "{out}"
     );
