@@ -18,8 +18,8 @@ the way `src/Server/HTTPHandler.cpp` does, with the engine doing all SQL:
 - Credentials: X-ClickHouse-User/-Key, HTTP Basic, or user=/password=, never
   two of them; one user (default: `default`, no password).
 - `INSERT INTO t[(cols)] FORMAT F` / `VALUES` with the data after it: the
-  data goes to the engine's parser for F untouched (chdb's streaming insert),
-  so RowBinary stays byte-exact.
+  data goes to the engine's parser for F untouched (`FROM INFILE` a file of
+  it), so RowBinary stays byte-exact.
 - Bodies: `decompress=1` (ClickHouse's native blocks: CityHash128 checksum,
   verified; LZ4 or none) and Content-Encoding gzip/deflate/xz/bz2/lz4.
   Answers: `compress=1` (native LZ4 blocks of 1 MiB) and, when
@@ -48,6 +48,7 @@ import lzma
 import os
 import re
 import struct
+import tempfile
 import sys
 import threading
 import traceback
@@ -125,6 +126,8 @@ class Engine:
     def __init__(self, path):
         self.lock = threading.Lock()
         self.sess = chdb.session.Session(path)
+        self.tmp = path.rstrip("/") + ".insert"  # the data of one INSERT at a time
+        os.makedirs(self.tmp, exist_ok=True)
         # chdb turns implicit_select on; a server has it off ("1+1" is an error).
         self.sess.query("SET implicit_select = 0")
         self.version = self.scalar("SELECT version()")
@@ -192,13 +195,16 @@ class Engine:
                     raise self.error("SYNTAX_ERROR", "You have excessive ';' symbol before data for INSERT")
                 data = data[1:] if data.startswith(b"\r") else data
                 data = data[1:] if data.startswith(b"\n") else data
-            ins = self.sess.send_insert("INSERT INTO " + m["target"].encode("latin-1").decode(), fmt_in)
+            # FROM INFILE, not chdb's streaming insert: that one reports
+            # success when the table refuses the block (a MATERIALIZED throwIf).
+            fd, path = tempfile.mkstemp(dir=self.tmp)
             try:
-                ins.append(data)
-            except BaseException:
-                ins.cancel()
-                raise
-            ins.finish()
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                self.sess.query(f"INSERT INTO {m['target'].encode('latin-1').decode()} "
+                                f"FROM INFILE {quote(path)} FORMAT {fmt_in}")
+            finally:
+                os.unlink(path)
             return b""
         try:
             sql = text.decode()
@@ -220,7 +226,7 @@ class Engine:
 
     def from_engine(self, msg):
         """chdb's message, in the server's shape (chdb nests and prefixes it)."""
-        msg = msg.removeprefix("Streaming insert finish failed: ")
+        msg = re.sub(r" \(in file/uri [^)]*\)|: While executing File|: data for INSERT was parsed from file", "", msg)
         m = re.match(r"Code: (\d+)\. ", msg)
         if not m:
             return self.error("NOT_IMPLEMENTED", f"chdb front: unexpected engine error: {msg}")

@@ -236,6 +236,22 @@ async fn a_compressed_insert_is_checked_before_anything_is_written(engine: Engin
     );
 }
 
+on_both_engines!(a_block_the_table_refuses_is_refused_whole);
+async fn a_block_the_table_refuses_is_refused_whole(engine: Engine) {
+    let ch = ClickHouseServer::start_engine(engine);
+    ch.exec(
+        "CREATE TABLE t (n UInt64, s String, chk UInt8 MATERIALIZED throwIf(s = 'row-7')) \
+         ENGINE = MergeTree ORDER BY n",
+    )
+    .await;
+    let insert = "query=INSERT%20INTO%20t(n,s)%20FORMAT%20RowBinary";
+    let a = send(post(&ch, insert, row_binary(0..10))).await;
+    assert_eq!((a.status, a.code), (500, Some(395)), "{}", a.text());
+    let a = send(post(&ch, insert, row_binary(8..10))).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(count(&ch).await, 2);
+}
+
 /// What the server answers in compressed form. Modern only: 18.16 has
 /// `enable_http_compression` off by default, and Debian's 18.16 answers
 /// `compress=1` with an empty body (a Poco assertion in its log), which is

@@ -54,9 +54,13 @@ impl Drop for Rwgate {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_loses_and_doubles_nothing() {
-    let ch = ClickHouseServer::start();
+on_both_engines!(
+    kill_9_mid_stream_loses_and_doubles_nothing,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn kill_9_mid_stream_loses_and_doubles_nothing(engine: Engine) {
+    let ch = ClickHouseServer::start_engine(engine);
     let sink = Sink::start().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();

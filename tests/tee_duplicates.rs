@@ -79,9 +79,13 @@ fn expected(s: &Scenario) -> BTreeMap<(String, i64), f64> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_replicas_disorder_and_gaps_do_not_change_money() {
-    let ch = ClickHouseServer::start();
+on_both_engines!(
+    retries_replicas_disorder_and_gaps_do_not_change_money,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn retries_replicas_disorder_and_gaps_do_not_change_money(engine: Engine) {
+    let ch = ClickHouseServer::start_engine(engine);
     let sink = Sink::start().await;
     let spool = tempfile::tempdir().unwrap();
     let mut cfg = tee_config(&sink.url(), &ch.url(), spool.path().into());

@@ -1,5 +1,6 @@
 //! A synthetic day of three namespaces through rwgate into a real
-//! ClickHouse 18.16: exact money, every raw sample exactly once, whole rows.
+//! ClickHouse (18.16 and 26.9): exact money, every raw sample exactly once,
+//! whole rows.
 
 mod common;
 
@@ -21,9 +22,13 @@ fn rate(i: usize, k: i64) -> f64 {
         + ((k / 37) % 5) as f64 * 0.01
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn synthetic_day_is_charged_exactly() {
-    let ch = ClickHouseServer::start();
+on_both_engines!(
+    synthetic_day_is_charged_exactly,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn synthetic_day_is_charged_exactly(engine: Engine) {
+    let ch = ClickHouseServer::start_engine(engine);
     let sink = Sink::start().await;
     let spool = tempfile::tempdir().unwrap();
     let gw = Gateway::start(tee_config(&sink.url(), &ch.url(), spool.path().into())).await;

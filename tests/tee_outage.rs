@@ -19,9 +19,13 @@ fn rate(i: usize, k: i64) -> f64 {
     [0.3, 0.7, 1.9][i] + (k % 7) as f64 * 0.05
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clickhouse_outage_loses_nothing_and_blocks_nothing() {
-    let mut ch = ClickHouseServer::start();
+on_both_engines!(
+    clickhouse_outage_loses_nothing_and_blocks_nothing,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn clickhouse_outage_loses_nothing_and_blocks_nothing(engine: Engine) {
+    let mut ch = ClickHouseServer::start_engine(engine);
     let prom = Prometheus::start().await;
     let spool = tempfile::tempdir().unwrap();
     let gw = Gateway::start(tee_config(

@@ -2,7 +2,7 @@
 //! ClickHouse refuses for its content is isolated by splitting the batch and
 //! goes to the dead-letter file (counted), the rest is inserted exactly once
 //! and the spool drains. Samples with absurd timestamps are not teed.
-//! Real ClickHouse 18.16.
+//! Real ClickHouse, 18.16 and 26.9.
 
 mod common;
 
@@ -20,9 +20,13 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through() {
-    let ch = ClickHouseServer::start();
+on_both_engines!(
+    a_poison_row_is_dead_lettered_and_the_rest_goes_through,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through(engine: Engine) {
+    let ch = ClickHouseServer::start_engine(engine);
     let sink = Sink::start().await;
     let spool = tempfile::tempdir().expect("temp dir");
     let mut cfg = tee_config(&sink.url(), &ch.url(), spool.path().into());
