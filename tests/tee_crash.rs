@@ -61,6 +61,7 @@ on_both_engines!(
 );
 async fn kill_9_mid_stream_loses_and_doubles_nothing(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);
+    ch.migrate().await;
     let sink = Sink::start().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();

@@ -86,6 +86,7 @@ on_both_engines!(
 );
 async fn retries_replicas_disorder_and_gaps_do_not_change_money(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);
+    ch.migrate().await;
     let sink = Sink::start().await;
     let spool = tempfile::tempdir().unwrap();
     let mut cfg = tee_config(&sink.url(), &ch.url(), spool.path().into());

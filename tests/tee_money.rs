@@ -29,6 +29,7 @@ on_both_engines!(
 );
 async fn synthetic_day_is_charged_exactly(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);
+    ch.migrate().await;
     let sink = Sink::start().await;
     let spool = tempfile::tempdir().unwrap();
     let gw = Gateway::start(tee_config(&sink.url(), &ch.url(), spool.path().into())).await;

@@ -26,6 +26,7 @@ on_both_engines!(
 );
 async fn clickhouse_outage_loses_nothing_and_blocks_nothing(engine: Engine) {
     let mut ch = ClickHouseServer::start_engine(engine);
+    ch.migrate().await;
     let prom = Prometheus::start().await;
     let spool = tempfile::tempdir().unwrap();
     let gw = Gateway::start(tee_config(

@@ -41,13 +41,7 @@ async fn long_namespace_values_do_not_wedge_the_rollup_for_everyone(engine: Engi
     cfg.rollup.enabled = false; // passes driven by hand
     let rcfg = cfg.rollup.clone();
     let chcfg = cfg.clickhouse.clone();
-    // The tables exist before the first poll below (the gateway's own
-    // migrate runs in the background and may come later on a busy machine).
-    ClickHouse::new(&chcfg)
-        .expect("client")
-        .migrate()
-        .await
-        .expect("migrate");
+    ch.migrate().await;
     let gw = Gateway::start(cfg).await;
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);

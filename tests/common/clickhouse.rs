@@ -214,6 +214,21 @@ impl ClickHouseServer {
             .join("\n")
     }
 
+    /// Creates rwgate's tables (`migrate`, default names) so that a test may
+    /// poll them at once: a gateway's own migrate at start-up runs in the
+    /// background and can come later on a busy machine.
+    pub async fn migrate(&self) {
+        let cfg = rwgate::config::ClickHouseConfig {
+            url: Some(self.url()),
+            ..Default::default()
+        };
+        rwgate::cost::clickhouse::ClickHouse::new(&cfg)
+            .expect("client")
+            .migrate()
+            .await
+            .expect("migrate");
+    }
+
     /// Runs one statement; panics with the server's message on failure.
     pub async fn exec(&self, sql: &str) -> String {
         let resp = client()
