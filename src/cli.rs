@@ -346,6 +346,14 @@ pub const CLICKHOUSE: &[Flag] = &[
     ),
 ];
 
+/// Where the operator endpoints are served (`serve` and `rollup`).
+pub const OPERATOR: &[Flag] = &[flag(
+    "metrics-listen",
+    "metrics_listen",
+    "ADDR",
+    "Serve /metrics and the health endpoints on this address (plain HTTP); /metrics then leaves the ingest port",
+)];
+
 /// The spool's flags.
 pub const SPOOL: &[Flag] = &[flag("spool-dir", "spool.dir", "DIR", "Spool directory")];
 
@@ -411,6 +419,7 @@ pub struct Serve;
 impl FlagGroup for Serve {
     const GROUPS: &'static [&'static [Flag]] = &[
         SERVING,
+        OPERATOR,
         PROCESS,
         CLICKHOUSE,
         SPOOL,
@@ -439,7 +448,8 @@ impl FlagGroup for Reconcile {
 #[derive(Debug, Clone)]
 pub struct Rollup;
 impl FlagGroup for Rollup {
-    const GROUPS: &'static [&'static [Flag]] = &[CLICKHOUSE, EXPENSES, ROLLUP_LOOP, PROCESS, LOG];
+    const GROUPS: &'static [&'static [Flag]] =
+        &[CLICKHOUSE, EXPENSES, ROLLUP_LOOP, PROCESS, OPERATOR, LOG];
 }
 
 /// The named flags given, in the order of their group.

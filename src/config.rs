@@ -30,6 +30,12 @@ pub const DEFAULT_TENANT_LABELS: [&str; 2] = ["cloud_account_id", "tenant_id"];
 pub struct Config {
     /// Address to listen on (`host:port`).
     pub listen: SocketAddr,
+    /// A second address (`host:port`, plain HTTP) for the operator
+    /// endpoints: `/metrics`, `/-/healthy` and `/-/ready`. When set, `/metrics`
+    /// is served only there (the ingest port answers it 404) while the health
+    /// endpoints stay on both; unset, the ingest port serves all three.
+    /// `rwgate rollup` serves the three here too (it serves nothing else).
+    pub metrics_listen: Option<SocketAddr>,
     /// TLS termination. Both `cert` and `key` set: serve HTTPS (ALPN h2 and
     /// http/1.1); neither set: plain HTTP (a TLS ingress terminates in front).
     pub tls: TlsConfig,
@@ -59,6 +65,7 @@ impl Default for Config {
             listen: DEFAULT_LISTEN
                 .parse()
                 .expect("valid default listen address"),
+            metrics_listen: None,
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
@@ -733,6 +740,16 @@ impl Config {
 
     /// Listening, TLS, limits, auth, tenancy, filter and upstream.
     pub fn validate_serving(&self) -> Result<(), ConfigError> {
+        if let Some(m) = self.metrics_listen {
+            let l = self.listen;
+            let overlap = m.ip() == l.ip() || m.ip().is_unspecified() || l.ip().is_unspecified();
+            if m.port() != 0 && m.port() == l.port() && overlap {
+                return Err(invalid(
+                    "metrics_listen",
+                    format!("{m} is the ingest address {l}; use another port"),
+                ));
+            }
+        }
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => {
                 return Err(invalid("tls.key", "tls.cert is set but tls.key is not"))

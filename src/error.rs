@@ -15,6 +15,10 @@ use crate::upstream::UpstreamError;
 pub enum ApiError {
     #[error("not found: remote_write goes to POST /storage/api/v2/write, /api/v1/write or /api/v1/receive")]
     NotFound,
+    #[error("not found: this port serves GET /metrics, /-/healthy and /-/ready")]
+    NotOperatorPath,
+    #[error("not found: /metrics is served on the metrics_listen port")]
+    MetricsElsewhere,
     /// The methods the path allows, as the `Allow` header lists them.
     #[error("method not allowed: use {0}")]
     MethodNotAllowed(&'static str),
@@ -64,7 +68,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            NotFound => StatusCode::NOT_FOUND,
+            NotFound | NotOperatorPath | MetricsElsewhere => StatusCode::NOT_FOUND,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             MissingTenant | InvalidTenant | BodyRead(_) => StatusCode::BAD_REQUEST,
             UnsupportedEncoding(_) | UnsupportedContentType(_) => {
@@ -98,7 +102,7 @@ impl ApiError {
     pub fn reason(&self) -> &'static str {
         use ApiError::*;
         match self {
-            NotFound => "not_found",
+            NotFound | NotOperatorPath | MetricsElsewhere => "not_found",
             MethodNotAllowed(_) => "method",
             MissingTenant => "missing_tenant",
             InvalidTenant => "invalid_tenant",

@@ -64,8 +64,26 @@ fn main() -> ExitCode {
         }),
         Command::Rollup(_) => run(cfg, |cfg| async move {
             let grace = cfg.limits.shutdown_grace;
+            // With metrics_listen, the rollup's metrics and health are served
+            // there; the recorder is installed before the loop starts.
+            let operator = match cfg.metrics_listen {
+                Some(addr) => {
+                    let listener = rwgate::server::bind_metrics(addr).await?;
+                    rwgate::telemetry::metrics_handle();
+                    tracing::info!(metrics_listen = %addr, "serving operator endpoints");
+                    Some(listener)
+                }
+                None => None,
+            };
             let rollup = rwgate::cost::rollup::RollupTask::start(&cfg)?;
-            shutdown_signal().await;
+            match operator {
+                Some(listener) => {
+                    let timeout = cfg.limits.header_read_timeout;
+                    rwgate::server::serve_operator(listener, timeout, || true, shutdown_signal())
+                        .await
+                }
+                None => shutdown_signal().await,
+            }
             rollup.shutdown(grace).await;
             Ok(())
         }),

@@ -59,6 +59,9 @@ pub struct State {
     log_limiter: LogLimiter,
     /// The ClickHouse tee, when `clickhouse.url` is set.
     tee: Option<Tee>,
+    /// Whether the ingest port serves `/metrics` (not when `metrics_listen`
+    /// serves it).
+    metrics_on_ingest: bool,
 }
 
 impl State {
@@ -80,16 +83,40 @@ impl State {
             ready: AtomicBool::new(false),
             log_limiter: LogLimiter::new(cfg.log.max_rejections_per_sec),
             tee: None,
+            metrics_on_ingest: true,
             cfg,
         })
     }
 }
 
-/// Serves on `listener` until `shutdown` completes, then stops accepting,
-/// lets in-flight requests finish within `limits.shutdown_grace`, and returns.
+/// Serves on `listener` (and on `metrics_listen`, when set) until `shutdown`
+/// completes, then stops accepting, lets in-flight requests finish within
+/// `limits.shutdown_grace`, and returns.
 pub async fn run(
     cfg: Config,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => Some(bind_metrics(addr).await?),
+        None => None,
+    };
+    serve(cfg, listener, metrics, shutdown).await
+}
+
+/// Binds `metrics_listen`.
+pub async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (metrics_listen): {e}"))
+}
+
+/// [`run`] with the listeners given: remote-write on `listener`; with
+/// `metrics`, the operator endpoints there too and `/metrics` only there.
+pub async fn serve(
+    cfg: Config,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -101,6 +128,7 @@ pub async fn run(
     let header_timeout = cfg.limits.header_read_timeout;
     let max_connections = cfg.limits.max_connections;
     let mut state = State::new(cfg)?;
+    state.metrics_on_ingest = metrics.is_none();
     if state.cfg.clickhouse.url.is_some() {
         state.tee = Some(Tee::start(&state.cfg).await?);
     }
@@ -114,6 +142,7 @@ pub async fn run(
     state.ready.store(true, Ordering::Release);
     tracing::info!(
         listen = %listener.local_addr()?,
+        metrics_listen = ?metrics.as_ref().and_then(|l| l.local_addr().ok()),
         tls = tls.is_some(),
         upstream = %state.cfg.upstream.url,
         auth = %state.cfg.auth.mode,
@@ -143,18 +172,47 @@ pub async fn run(
             async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
         })
     };
-    connection::accept_loop(
+    // Both listeners stop accepting when `shutdown` completes.
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {
+        let _ = rx.changed().await;
+    };
+    let operator = async {
+        let Some(listener) = &metrics else { return };
+        // Plain HTTP: scrapers and kubelet probes present no client certificate.
+        let serving = Serving::new(None, header_timeout);
+        let limit = Arc::new(Semaphore::new(OPERATOR_MAX_CONNECTIONS));
+        let make = |_peer| {
+            let state = state.clone();
+            service_fn(move |req| {
+                let ready = state.ready.load(Ordering::Acquire);
+                let resp = answer_operator(&req, &state.metrics, ready);
+                async move { Ok::<_, Infallible>(resp) }
+            })
+        };
+        let stop = until_stopped(stopped.clone());
+        connection::accept_loop(listener, &serving, limit, &graceful, make, stop).await;
+    };
+    let ingest = connection::accept_loop(
         &listener,
         &serving,
         connections,
         &graceful,
         ingest,
-        shutdown,
-    )
-    .await;
+        until_stopped(stopped.clone()),
+    );
+    tokio::join!(
+        async {
+            shutdown.await;
+            drop(stop);
+        },
+        ingest,
+        operator,
+    );
 
     // Shutdown, in order: stop accepting, fail readiness, drain connections.
     drop(listener);
+    drop(metrics);
     housekeeping.abort();
     state.ready.store(false, Ordering::Release);
     tracing::info!(grace = %crate::clock::HumanDuration(grace), "shutting down: finishing in-flight requests");
@@ -178,7 +236,6 @@ type Resp = Response<Full<Bytes>>;
 async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let started = Instant::now();
     let path = req.uri().path();
-    let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
     let (route, resp) = match path {
         p if WRITE_PATHS.contains(&p) => {
             let route = path_label(p);
@@ -188,12 +245,49 @@ async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp
                 (route, error_response(&ApiError::MethodNotAllowed("POST")))
             }
         }
-        "/metrics" | "/-/healthy" | "/-/ready" if !read_only => (
+        "/metrics" if !state.metrics_on_ingest => {
+            ("other", error_response(&ApiError::MetricsElsewhere))
+        }
+        p if OPERATOR_PATHS.contains(&p) => {
+            let ready = state.ready.load(Ordering::Acquire);
+            operator(req.method(), p, &state.metrics, ready)
+        }
+        _ => ("other", error_response(&ApiError::NotFound)),
+    };
+    record(route, &resp, started);
+    resp
+}
+
+/// Counts an answered request.
+fn record(route: &'static str, resp: &Resp, started: Instant) {
+    metrics::counter!(t::REQUESTS, "route" => route, "status" => status_label(resp.status()))
+        .increment(1);
+    metrics::histogram!(t::REQUEST_DURATION, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// The operator endpoints, on whichever port serves them.
+const OPERATOR_PATHS: [&str; 3] = ["/metrics", "/-/healthy", "/-/ready"];
+
+/// Connections open at once on `metrics_listen` (scrapers and probes: few).
+const OPERATOR_MAX_CONNECTIONS: usize = 64;
+
+/// `/metrics`, `/-/healthy` or `/-/ready` (`path` is one of them).
+fn operator(
+    method: &Method,
+    path: &str,
+    metrics: &PrometheusHandle,
+    ready: bool,
+) -> (&'static str, Resp) {
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return (
             "operator",
             error_response(&ApiError::MethodNotAllowed("GET, HEAD")),
-        ),
+        );
+    }
+    match path {
         "/metrics" => {
-            let mut r = text(StatusCode::OK, state.metrics.render());
+            let mut r = text(StatusCode::OK, metrics.render());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -201,20 +295,51 @@ async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp
             ("metrics", r)
         }
         "/-/healthy" => ("healthy", text(StatusCode::OK, "OK\n".into())),
-        "/-/ready" if state.ready.load(Ordering::Acquire) => {
-            ("ready", text(StatusCode::OK, "ready\n".into()))
-        }
-        "/-/ready" => (
+        _ if ready => ("ready", text(StatusCode::OK, "ready\n".into())),
+        _ => (
             "ready",
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
         ),
-        _ => ("other", error_response(&ApiError::NotFound)),
+    }
+}
+
+/// One request on a port that serves only the operator endpoints.
+fn answer_operator(req: &Request<Incoming>, metrics: &PrometheusHandle, ready: bool) -> Resp {
+    let started = Instant::now();
+    let path = req.uri().path();
+    let (route, resp) = if OPERATOR_PATHS.contains(&path) {
+        operator(req.method(), path, metrics, ready)
+    } else {
+        ("other", error_response(&ApiError::NotOperatorPath))
     };
-    metrics::counter!(t::REQUESTS, "route" => route, "status" => status_label(resp.status()))
-        .increment(1);
-    metrics::histogram!(t::REQUEST_DURATION, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    record(route, &resp, started);
     resp
+}
+
+/// Serves only the operator endpoints on `listener` until `shutdown`
+/// completes (the `rollup` role's `metrics_listen`); `/-/ready` answers
+/// `ready()`.
+pub async fn serve_operator(
+    listener: TcpListener,
+    header_timeout: std::time::Duration,
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()>,
+) {
+    let metrics = t::metrics_handle();
+    let serving = Serving::new(None, header_timeout);
+    let limit = Arc::new(Semaphore::new(OPERATOR_MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    let make = |_peer| {
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        service_fn(move |req| {
+            let resp = answer_operator(&req, &metrics, ready());
+            async move { Ok::<_, Infallible>(resp) }
+        })
+    };
+    connection::accept_loop(&listener, &serving, limit, &graceful, make, shutdown).await;
+    drop(listener);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), graceful.shutdown()).await;
 }
 
 /// One remote-write request, top to bottom.

@@ -126,6 +126,11 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     out.starts_with("HTTP/1.").then_some(body)
 }
 
+/// The body of `GET url`, if it answered at all.
+pub async fn get_text(url: &str) -> Option<String> {
+    client().get(url).send().await.ok()?.text().await.ok()
+}
+
 /// An HTTP client for tests: no proxies (loopback only), short timeouts.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -1000,25 +1005,44 @@ pub fn test_config(upstream_url: &str) -> Config {
 /// on port 0 and a oneshot as its shutdown signal (sent on drop).
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The `metrics_listen` port, when started with one.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Gateway {
     pub async fn start(cfg: Config) -> Gateway {
+        Gateway::start_with(cfg, false).await
+    }
+
+    /// rwgate with a `metrics_listen` port of its own (`metrics_addr`), which
+    /// [`Gateway::metrics`] then reads.
+    pub async fn start_with_metrics_listener(cfg: Config) -> Gateway {
+        Gateway::start_with(cfg, true).await
+    }
+
+    async fn start_with(cfg: Config, metrics_listener: bool) -> Gateway {
         rwgate::telemetry::init_logging(rwgate::config::LogFormat::Text, "info");
         cfg.validate().expect("test config is valid");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind rwgate listener");
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let listener = bind().await.expect("bind rwgate listener");
         let addr = listener.local_addr().expect("rwgate addr");
+        let metrics = match metrics_listener {
+            true => Some(bind().await.expect("bind the metrics listener")),
+            false => None,
+        };
+        let metrics_addr = metrics
+            .as_ref()
+            .map(|l| l.local_addr().expect("metrics addr"));
         let tls = cfg.tls.cert.is_some();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(rwgate::run(cfg, listener, async move {
+        let task = tokio::spawn(rwgate::server::serve(cfg, listener, metrics, async move {
             let _ = rx.await;
         }));
         let gw = Gateway {
             addr,
+            metrics_addr,
             shutdown: Some(tx),
             task: Some(task),
         };
@@ -1050,16 +1074,15 @@ impl Gateway {
         self.url("/api/v1/write")
     }
 
+    /// Where `/metrics` is served.
+    pub fn metrics_url(&self) -> String {
+        let addr = self.metrics_addr.unwrap_or(self.addr);
+        format!("http://{addr}/metrics")
+    }
+
     /// The value of the first line of metric `name` (any labels), if any.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = client()
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = get_text(&self.metrics_url()).await?;
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
             .and_then(|l| l.rsplit(' ').next())
@@ -1083,7 +1106,7 @@ impl Gateway {
     /// The text of `/metrics`.
     pub async fn metrics(&self) -> String {
         let r = client()
-            .get(self.url("/metrics"))
+            .get(self.metrics_url())
             .send()
             .await
             .expect("GET /metrics");
@@ -1271,11 +1294,23 @@ pub struct RwgateProcess {
 
 impl RwgateProcess {
     pub async fn start(args: &[&str]) -> RwgateProcess {
+        RwgateProcess::start_on("serve", "--listen", args).await
+    }
+
+    /// `rwgate <command> --metrics-listen 127.0.0.1:<port> <args>`, waited
+    /// on until `/-/ready` answers on that port (`port`, then).
+    pub async fn start_with_metrics_listen(command: &str, args: &[&str]) -> RwgateProcess {
+        RwgateProcess::start_on(command, "--metrics-listen", args).await
+    }
+
+    /// `rwgate <command> <port_flag> 127.0.0.1:<port> <args>`, waited on
+    /// until `/-/ready` answers on that port.
+    async fn start_on(command: &str, port_flag: &str, args: &[&str]) -> RwgateProcess {
         let dir = tempfile::tempdir().expect("tempdir for rwgate");
         let make = |port: u16| {
             let mut cmd = rwgate_cmd();
-            cmd.arg("serve")
-                .arg("--listen")
+            cmd.arg(command)
+                .arg(port_flag)
                 .arg(format!("127.0.0.1:{port}"))
                 .args(args);
             cmd
