@@ -2,22 +2,25 @@
 //! credentials from the platform REST API (`rest`, as diproxy did), a tenants
 //! file (`static`), or taken on trust (`none`).
 //!
-//! REST answers are cached, positive and negative, and a REST outage is served
-//! from a stale cache entry where one exists; otherwise it is a 503 (retryable),
-//! never a 4xx that would make Prometheus drop the data.
+//! REST answers are cached, positive and negative (`moka`, whose
+//! `try_get_with` also makes concurrent misses share one lookup), and a REST
+//! outage is served from a stale cache entry where one exists; otherwise it
+//! is a 503 (retryable), never a 4xx that would make Prometheus drop the data.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
+use moka::future::Cache;
+use moka::Expiry;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::client::{http_client, HttpClient};
+use crate::client::{http_client, read_capped, HttpClient};
 use crate::config::{AuthConfig, AuthMode};
 use crate::filter::Allowlist;
 use crate::telemetry as t;
@@ -49,7 +52,7 @@ pub enum AuthError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Answer {
     /// Base64 of `user:password`, compared with `Authorization: Basic ...`.
-    Credentials(String),
+    Credentials(Arc<str>),
     Unknown,
     NoCredentials,
 }
@@ -125,21 +128,18 @@ impl Authenticator {
                         message: "the cluster secret file is empty".into(),
                     });
                 }
-                Source::Rest(Box::new(RestSource {
-                    client: http_client(8, None),
-                    base: cfg
-                        .rest_url
-                        .clone()
-                        .unwrap_or_default()
-                        .trim_end_matches('/')
-                        .to_string(),
+                let base = cfg
+                    .rest_url
+                    .as_deref()
+                    .unwrap_or_default()
+                    .trim_end_matches('/')
+                    .to_string();
+                Source::Rest(Box::new(RestSource::new(
+                    http_client(8, None),
+                    base,
                     secret,
-                    cache: DashMap::new(),
-                    negative: DashMap::new(),
-                    inflight: DashMap::new(),
-                    outage: std::sync::Mutex::new(None),
-                    cfg: cfg.clone(),
-                }))
+                    cfg,
+                )))
             }
         };
         Ok(Authenticator { source })
@@ -246,21 +246,49 @@ fn check_basic(authorization: Option<&[u8]>, credentials: &str) -> Result<(), Au
     }
 }
 
-struct CacheEntry {
+/// A cached answer and when the REST API gave it.
+#[derive(Debug, Clone)]
+struct Cached {
     answer: Answer,
     fetched: Instant,
+}
+
+/// How long an entry of [`RestSource::answers`] lives: `cache_ttl` for
+/// credentials, `negative_cache_ttl` for the rest, counted from the lookup
+/// (an entry recalled from [`RestSource::known`] keeps its age).
+struct AnswerTtl {
+    positive: Duration,
+    negative: Duration,
+}
+
+impl Expiry<String, Cached> for AnswerTtl {
+    fn expire_after_create(
+        &self,
+        _account: &String,
+        c: &Cached,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        let ttl = match c.answer {
+            Answer::Credentials(_) => self.positive,
+            Answer::Unknown | Answer::NoCredentials => self.negative,
+        };
+        Some(ttl.saturating_sub(c.fetched.elapsed()))
+    }
 }
 
 struct RestSource {
     client: HttpClient,
     base: String,
     secret: String,
-    /// Known accounts (credentials), kept up to `cache_ttl + stale_ttl`.
-    cache: DashMap<String, CacheEntry>,
-    /// Unknown accounts and accounts without credentials.
-    negative: DashMap<String, CacheEntry>,
-    /// One lookup per account at a time: concurrent misses wait for it.
-    inflight: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Every fresh answer. Concurrent misses for one account share one
+    /// lookup (`try_get_with`); a lookup whose requests are all cancelled is
+    /// dropped with them, leaving nothing behind.
+    answers: Cache<String, Cached>,
+    /// Credentials alone, kept `cache_ttl + stale_ttl`: served during an
+    /// outage, and recalled without a lookup when made-up account ids
+    /// pushed a real tenant out of `answers` (only accounts that exist ever
+    /// enter this cache, so made-up ids cannot evict real tenants from it).
+    known: Cache<String, Cached>,
     /// When and why the REST API last failed. For `auth.outage_backoff` after
     /// it, lookups are not sent: stale entries are served, others get 503.
     outage: std::sync::Mutex<Option<(Instant, String)>>,
@@ -279,74 +307,100 @@ struct AccountConfig {
     credentials: Option<String>,
 }
 
+/// Largest REST API answer read: a cloud account without details is a few
+/// KiB; anything longer is a misbehaving API, treated as an outage.
+const MAX_REST_ANSWER_BYTES: usize = 1 << 20;
+
 impl RestSource {
-    fn fresh(&self, account: &str) -> Option<Answer> {
-        if let Some(e) = self.cache.get(account) {
-            return (e.fetched.elapsed() < self.cfg.cache_ttl).then(|| e.answer.clone());
+    fn new(client: HttpClient, base: String, secret: String, cfg: &AuthConfig) -> RestSource {
+        let capacity = cfg.cache_capacity as u64;
+        RestSource {
+            client,
+            base,
+            secret,
+            answers: Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(AnswerTtl {
+                    positive: cfg.cache_ttl,
+                    negative: cfg.negative_cache_ttl,
+                })
+                .build(),
+            known: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(cfg.cache_ttl + cfg.stale_ttl)
+                .build(),
+            outage: std::sync::Mutex::new(None),
+            cfg: cfg.clone(),
         }
-        let e = self.negative.get(account)?;
-        (e.fetched.elapsed() < self.cfg.negative_cache_ttl).then(|| e.answer.clone())
     }
 
     async fn lookup(&self, account: &str) -> Result<Answer, AuthError> {
-        if let Some(a) = self.fresh(account) {
-            metrics::counter!(t::AUTH_CACHE, "result" => "hit").increment(1);
-            return Ok(a);
-        }
-        let lock = self
-            .inflight
-            .entry(account.to_string())
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-            .clone();
-        let guard = lock.lock().await;
-        // Someone else may have fetched it while we waited.
-        if let Some(a) = self.fresh(account) {
-            metrics::counter!(t::AUTH_CACHE, "result" => "hit").increment(1);
-            return Ok(a);
-        }
-        // Or the REST API failed just now (for any account): asking again at
-        // once would make every request pay its timeout, and a hanging API
-        // would use up the concurrency limit for everyone.
-        let result = match self.recent_outage() {
-            Some(detail) => Err(detail),
-            None => {
-                metrics::counter!(t::AUTH_CACHE, "result" => "miss").increment(1);
-                let result = self.fetch(account).await;
-                if let Err(detail) = &result {
-                    if let Ok(mut o) = self.outage.lock() {
-                        *o = Some((Instant::now(), detail.clone()));
-                    }
+        let looked_up = AtomicBool::new(false);
+        let answer = self
+            .answers
+            .try_get_with_by_ref(account, self.recall_or_fetch(account, &looked_up))
+            .await;
+        match answer {
+            Ok(c) => {
+                if !looked_up.load(Ordering::Relaxed) {
+                    metrics::counter!(t::AUTH_CACHE, "result" => "hit").increment(1);
                 }
-                result
+                Ok(c.answer)
             }
-        };
-        drop(guard);
-        self.inflight
-            .remove_if(account, |_, l| Arc::strong_count(l) <= 2);
-        match result {
+            // Outage: stale credentials beat refusing data. (A stale
+            // "unknown" is not used: the account may exist by now, and a
+            // 422 would make the sender drop its data.)
+            Err(detail) => match self.known.get(account).await {
+                Some(c) => {
+                    metrics::counter!(t::AUTH_CACHE, "result" => "stale").increment(1);
+                    tracing::warn!(account, error = %detail, "REST API unavailable, using cached credentials");
+                    Ok(c.answer)
+                }
+                None => {
+                    tracing::error!(account, error = %detail, "REST API unavailable and nothing cached");
+                    Err(AuthError::Unavailable(detail.to_string()))
+                }
+            },
+        }
+    }
+
+    /// The answer for an account missing from `answers`: its credentials
+    /// from `known` while they are fresh, or else a REST lookup, unless the
+    /// REST API failed within `auth.outage_backoff` (asking again at once
+    /// would make every request pay its timeout, and a hanging API would use
+    /// up the concurrency limit for everyone).
+    async fn recall_or_fetch(
+        &self,
+        account: &str,
+        looked_up: &AtomicBool,
+    ) -> Result<Cached, String> {
+        if let Some(c) = self.known.get(account).await {
+            if c.fetched.elapsed() < self.cfg.cache_ttl {
+                return Ok(c);
+            }
+        }
+        if let Some(detail) = self.recent_outage() {
+            return Err(detail);
+        }
+        looked_up.store(true, Ordering::Relaxed);
+        metrics::counter!(t::AUTH_CACHE, "result" => "miss").increment(1);
+        let fetched = Instant::now();
+        match self.fetch(account).await {
             Ok(answer) => {
-                self.insert(account, answer.clone());
-                Ok(answer)
+                let c = Cached { answer, fetched };
+                match c.answer {
+                    Answer::Credentials(_) => {
+                        self.known.insert(account.to_string(), c.clone()).await
+                    }
+                    Answer::Unknown | Answer::NoCredentials => self.known.invalidate(account).await,
+                }
+                Ok(c)
             }
             Err(detail) => {
-                // Outage: stale credentials beat refusing data. (A stale
-                // "unknown" is not used: the account may exist by now, and a
-                // 422 would make the sender drop its data.)
-                let stale = self.cache.get(account).and_then(|e| {
-                    (e.fetched.elapsed() < self.cfg.cache_ttl + self.cfg.stale_ttl)
-                        .then(|| e.answer.clone())
-                });
-                match stale {
-                    Some(a) => {
-                        metrics::counter!(t::AUTH_CACHE, "result" => "stale").increment(1);
-                        tracing::warn!(account, error = %detail, "REST API unavailable, using cached credentials");
-                        Ok(a)
-                    }
-                    None => {
-                        tracing::error!(account, error = %detail, "REST API unavailable and nothing cached");
-                        Err(AuthError::Unavailable(detail))
-                    }
+                if let Ok(mut o) = self.outage.lock() {
+                    *o = Some((Instant::now(), detail.clone()));
                 }
+                Err(detail)
             }
         }
     }
@@ -357,33 +411,6 @@ impl RestSource {
         o.as_ref()
             .filter(|(at, _)| at.elapsed() < self.cfg.outage_backoff)
             .map(|(_, detail)| detail.clone())
-    }
-
-    /// Caches an answer. Known accounts and unknown ones are kept apart, so
-    /// that requests with made-up account ids (each a REST lookup and a
-    /// negative entry) can never evict the credentials of real tenants.
-    fn insert(&self, account: &str, answer: Answer) {
-        let entry = CacheEntry {
-            answer,
-            fetched: Instant::now(),
-        };
-        let (map, keep_for) = match entry.answer {
-            Answer::Credentials(_) => {
-                self.negative.remove(account);
-                (&self.cache, self.cfg.cache_ttl + self.cfg.stale_ttl)
-            }
-            _ => {
-                self.cache.remove(account);
-                (&self.negative, self.cfg.negative_cache_ttl)
-            }
-        };
-        if map.len() >= self.cfg.cache_capacity {
-            map.retain(|_, e| e.fetched.elapsed() < keep_for);
-            if map.len() >= self.cfg.cache_capacity {
-                map.clear();
-            }
-        }
-        map.insert(account.to_string(), entry);
     }
 
     /// One REST lookup. `Err` means the source could not answer (outage or
@@ -401,13 +428,15 @@ impl RestSource {
         let call = async {
             let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
+            let body = read_capped(resp.into_body(), MAX_REST_ANSWER_BYTES)
                 .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>((status, body))
+                .map_err(|e| e.to_string())?;
+            if !body.complete {
+                return Err(format!(
+                    "REST API answer is longer than {MAX_REST_ANSWER_BYTES} bytes"
+                ));
+            }
+            Ok::<_, String>((status, body.bytes))
         };
         let (status, body) = tokio::time::timeout(self.cfg.rest_timeout, call)
             .await
@@ -427,7 +456,7 @@ impl RestSource {
                     .and_then(|c| c.credentials)
                     .filter(|c| !c.is_empty())
                 {
-                    Some(c) => Ok(Answer::Credentials(c)),
+                    Some(c) => Ok(Answer::Credentials(c.into())),
                     None => Ok(Answer::NoCredentials),
                 }
             }
@@ -491,29 +520,40 @@ mod tests {
         assert!(e.to_string().contains("tenant[0].allowlist"), "{e}");
     }
 
-    #[test]
-    fn unknown_accounts_cannot_evict_known_ones() {
+    /// Made-up ids fill `answers` (and push entries out of it), but a real
+    /// tenant's credentials stay in `known` and are recalled from there
+    /// without a lookup.
+    #[tokio::test]
+    async fn unknown_accounts_cannot_evict_known_ones() {
         let cfg = AuthConfig {
             cache_capacity: 2,
             ..AuthConfig::default()
         };
-        let rest = RestSource {
-            client: http_client(1, None),
-            base: String::new(),
-            secret: String::new(),
-            cache: DashMap::new(),
-            negative: DashMap::new(),
-            inflight: DashMap::new(),
-            outage: std::sync::Mutex::new(None),
-            cfg,
+        // Nothing listens there: a lookup would fail and record an outage.
+        let rest = RestSource::new(
+            http_client(1, None),
+            "http://127.0.0.1:1".into(),
+            "s".into(),
+            &cfg,
+        );
+        let real = Cached {
+            answer: Answer::Credentials("c".into()),
+            fetched: Instant::now(),
         };
-        rest.insert(ID, Answer::Credentials("c".into()));
-        for i in 0..10 {
-            rest.insert(&format!("made-up-{i}"), Answer::Unknown);
+        rest.known.insert(ID.to_string(), real.clone()).await;
+        rest.answers.insert(ID.to_string(), real).await;
+        for i in 0..50 {
+            let made_up = Cached {
+                answer: Answer::Unknown,
+                fetched: Instant::now(),
+            };
+            rest.answers.insert(format!("made-up-{i}"), made_up).await;
         }
-        assert_eq!(rest.fresh(ID), Some(Answer::Credentials("c".into())));
-        assert!(rest.negative.len() <= 2);
-        assert_eq!(rest.fresh("made-up-9"), Some(Answer::Unknown));
+        rest.answers.run_pending_tasks().await;
+        rest.known.run_pending_tasks().await;
+        assert!(rest.answers.entry_count() <= 2);
+        assert_eq!(rest.lookup(ID).await, Ok(Answer::Credentials("c".into())));
+        assert_eq!(rest.recent_outage(), None, "answered without a lookup");
     }
 
     #[test]

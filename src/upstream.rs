@@ -6,12 +6,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 
-use crate::client::{http_client, HttpClient};
+use crate::client::{http_client, read_capped, HttpClient};
 use crate::clock::Backoff;
 use crate::config::UpstreamConfig;
 use crate::telemetry as t;
+
+/// Most bytes of an upstream answer read (its first line is the reason
+/// passed back; Thanos and Prometheus answer a line or two).
+const MAX_ANSWER_BYTES: usize = 4096;
 
 /// Why a forward failed, as the sender must see it.
 #[derive(Debug, thiserror::Error)]
@@ -168,10 +172,12 @@ impl Upstream {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+            // Only the start of an answer is read: the reason is its first
+            // line. A longer answer's connection is closed, not pooled.
+            let body = read_capped(resp.into_body(), MAX_ANSWER_BYTES).await;
             let reason = match (status.is_success(), body) {
                 (true, _) => String::new(),
-                (false, Ok(b)) => one_line(&b),
+                (false, Ok(b)) => one_line(&b.bytes),
                 (false, Err(e)) => format!("(unreadable body: {e})"),
             };
             Ok::<_, String>(Attempt::Status(status, retry_after, reason))

@@ -14,6 +14,8 @@
 //!   again) beside it in [`clickhouse`].
 //! - [`Sink`]: a remote-write receiver that answers 204 and counts, for tests
 //!   about the tee rather than the upstream.
+//! - [`HugeAnswer`]: a server whose every answer is a body of any size, made
+//!   as it is sent (the upstream or REST API that answers too much).
 //! - [`Gateway`]: rwgate itself, in-process through `rwgate::run` with its own
 //!   listener and shutdown signal; tests that need process behaviour (signals,
 //!   exit codes) run the built binary instead.
@@ -64,6 +66,18 @@ pub fn free_port() -> u16 {
     l.local_addr()
         .expect("local addr of a bound listener")
         .port()
+}
+
+/// A size field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...) in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in kB in /proc/{pid}/status"));
+    kib << 10
 }
 
 pub fn now_ms() -> i64 {
@@ -975,6 +989,103 @@ impl Sink {
 }
 
 impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A server answering every request with `status` and a body of a first
+/// line and `total` bytes of filler, made as it is sent, counting the bytes
+/// handed to the connection: how much of a huge answer the client read
+/// before it hung up (plus what the socket buffers held).
+pub struct HugeAnswer {
+    pub addr: SocketAddr,
+    sent: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The body of a [`HugeAnswer`], produced frame by frame.
+struct Filler {
+    first: Option<Bytes>,
+    chunk: Bytes,
+    left: u64,
+    sent: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for Filler {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let data = match self.first.take() {
+            Some(first) => first,
+            None if self.left == 0 => return std::task::Poll::Ready(None),
+            None => {
+                let n = self.left.min(self.chunk.len() as u64) as usize;
+                self.left -= n as u64;
+                self.chunk.slice(..n)
+            }
+        };
+        self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data))))
+    }
+}
+
+impl HugeAnswer {
+    pub async fn start(status: u16, first_line: &str, total: u64) -> HugeAnswer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind huge-answer server");
+        let addr = listener.local_addr().expect("huge-answer addr");
+        let sent = Arc::new(AtomicU64::new(0));
+        let first = Bytes::from(format!("{first_line}\n"));
+        let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+        let counter = sent.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (first, chunk, counter) = (first.clone(), chunk.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                            let len = first.len() as u64 + total;
+                            let body = Filler {
+                                left: total,
+                                first: Some(first.clone()),
+                                chunk: chunk.clone(),
+                                sent: counter.clone(),
+                            };
+                            async move {
+                                let _ = req.into_body().collect().await;
+                                let resp = http::Response::builder()
+                                    .status(status)
+                                    .header("content-length", len)
+                                    .body(body)
+                                    .expect("valid huge answer");
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        HugeAnswer { addr, sent, task }
+    }
+
+    /// Body bytes handed to connections so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for HugeAnswer {
     fn drop(&mut self) {
         self.task.abort();
     }
