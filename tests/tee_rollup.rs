@@ -172,6 +172,19 @@ async fn migrate_adds_missing_columns_and_keeps_data(engine: Engine) {
         r.created,
         ["kubecost_series", "rwgate_rollup_state", "kubecost_touched"]
     );
+    // Where rows are validated, an insert must name every column without a
+    // default: the legacy label columns get one (metadata only).
+    let modern = engine == Engine::Modern;
+    assert_eq!(r.validation, modern, "{r:?}");
+    let defaults: &[&str] = if modern {
+        &[
+            "kubecost_samples.label_names",
+            "kubecost_samples.label_values",
+        ]
+    } else {
+        &[]
+    };
+    assert_eq!(r.defaults_added, defaults);
     // Today's rows go into the older raw table (label columns left empty).
     ch.insert::<RawRow>(&ch.raw_table, &[raw(T10, 2.5)])
         .await
@@ -208,7 +221,9 @@ async fn migrate_adds_missing_columns_and_keeps_data(engine: Engine) {
     // Idempotent.
     let again = ch.migrate().await.unwrap();
     assert!(
-        again.created.is_empty() && again.columns_added.is_empty(),
+        again.created.is_empty()
+            && again.columns_added.is_empty()
+            && again.defaults_added.is_empty(),
         "{again:?}"
     );
 }

@@ -1,16 +1,36 @@
 //! ClickHouse: the client, the schema (`rwgate migrate`) and the row types.
 //!
-//! Everything here works on ClickHouse 18.16 (Debian's, used by the tests)
-//! and on modern servers (21.x+): only `String`, `Float64`, `Int8`, `Int64`,
-//! `UInt64`, `DateTime`, `Nullable` and `Array` columns; no `DateTime64`,
-//! `Map`, JSON, `async_insert` or server-side query parameters. The
-//! `clickhouse` crate runs with `with_validation(false)` (plain `RowBinary`;
-//! 18.16 has no `RowBinaryWithNamesAndTypes`), so a Rust field of the wrong
-//! type would silently corrupt a column: the row structs below mirror the
-//! DDL next to them field by field, and the integration tests read whole rows
-//! back as JSON (independently of these structs).
+//! Everything here works on ClickHouse 18.16 (Debian's) and on modern
+//! servers (the tests run 18.16 and 26.9; the platform runs 24.12, older
+//! installs 21.10): only `String`, `Float64`, `Int8`, `Int64`, `UInt64`,
+//! `DateTime`, `Nullable` and `Array` columns; no `DateTime64`, `Map`, JSON,
+//! `async_insert` or server-side query parameters.
+//!
+//! # Row validation
+//!
+//! The `clickhouse` crate can check every row against the server's schema
+//! (`RowBinaryWithNamesAndTypes`, and `DESCRIBE TABLE` before an insert): a
+//! Rust field of the wrong type or name is then an error instead of a
+//! silently corrupted column. 18.16 has neither that format nor the
+//! `describe_include_subcolumns` setting the crate sends, so validation is
+//! decided per server, once, by [`ClickHouse::check_server`] (run by
+//! `migrate`, by every insert and by each rollup pass before its queries):
+//! it asks for `DESCRIBE TABLE system.one` exactly as the crate does before
+//! a validated insert. Answered, rows are validated from then on; refused as
+//! an unknown format or setting (18.16), plain `RowBinary` it is. Until it
+//! has run, and on servers without it, [`ClickHouse::client`] is the plain
+//! client, so the row structs below still mirror their DDL field by field,
+//! and the integration tests read whole rows back as JSON (independently of
+//! these structs) on both engines.
+//!
+//! With validation, column names must match field names: a query's columns
+//! are named (aliases, or `#[serde(rename)]` on the field) like the struct
+//! it is read into, and an insert's struct must name every column that has
+//! no default (see `migrate` for tables made by older versions). A schema
+//! mismatch is not a data error (retrying the same rows elsewhere cannot
+//! help, dropping them would lose them): it is retried and logged.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clickhouse::{Client, Compression, Row, RowWrite};
@@ -150,7 +170,11 @@ const DATA_ERROR_CODES: &[u32] = &[
 /// A configured client plus the table names.
 #[derive(Clone)]
 pub struct ClickHouse {
-    pub client: Client,
+    /// Validation off: what every server reads.
+    plain: Client,
+    /// The client [`check_server`](Self::check_server) chose and whether
+    /// it validates (where the server supports it), shared by clones.
+    checked: Arc<OnceLock<(Client, bool)>>,
     /// The server's URL without credentials, for messages.
     pub url: Arc<str>,
     pub raw_table: String,
@@ -168,7 +192,7 @@ impl ClickHouse {
         let mut client = Client::default()
             .with_url(url)
             .with_database(&cfg.database)
-            // 18.16 has no RowBinaryWithNamesAndTypes; see the module doc.
+            // Until check_server has seen the server; see the module doc.
             .with_validation(false)
             .with_compression(if cfg.compress {
                 Compression::Lz4
@@ -187,7 +211,8 @@ impl ClickHouse {
             client = client.with_password(pw.trim_end_matches(['\r', '\n']));
         }
         Ok(ClickHouse {
-            client,
+            plain: client,
+            checked: Arc::new(OnceLock::new()),
             url: redact_url(url).into(),
             raw_table: cfg.raw_table.clone(),
             series_table: cfg.series_table.clone(),
@@ -220,9 +245,60 @@ impl ClickHouse {
         }
     }
 
+    /// The client for queries and inserts: validating rows once
+    /// [`check_server`](Self::check_server) found the server able to.
+    pub fn client(&self) -> &Client {
+        self.checked.get().map_or(&self.plain, |(c, _)| c)
+    }
+
+    /// Whether rows are validated: `None` until
+    /// [`check_server`](Self::check_server) has run.
+    pub fn validates(&self) -> Option<bool> {
+        self.checked.get().map(|&(_, v)| v)
+    }
+
+    /// Decides, once, whether rows are validated (see the module doc).
+    /// Fails only if the server did not answer, so that the caller retries.
+    pub async fn check_server(&self) -> Result<(), ClickHouseError> {
+        if self.checked.get().is_some() {
+            return Ok(());
+        }
+        /// `DESCRIBE TABLE`'s columns, as the crate reads them.
+        #[derive(Row, Deserialize)]
+        #[allow(dead_code)] // read to be checked, not used
+        struct Describe {
+            name: String,
+            r#type: String,
+            default_type: String,
+            default_expression: String,
+            comment: String,
+            codec_expression: String,
+            ttl_expression: String,
+        }
+        let validating = self.plain.clone().with_validation(true);
+        let probe = validating
+            .query("DESCRIBE TABLE system.one")
+            .with_setting("describe_include_subcolumns", "0")
+            .fetch_all::<Describe>();
+        use clickhouse::error::Error as E;
+        let chosen = match self.timed(probe).await {
+            Ok(_) => (validating, true),
+            // UNKNOWN_FORMAT, UNKNOWN_SETTING (18.16), or an answer the
+            // crate cannot read as a schema.
+            Err(e) if matches!(e.code(), Some(73 | 115)) => (self.plain.clone(), false),
+            Err(ClickHouseError::Client {
+                error: E::SchemaMismatch(_) | E::InvalidColumnsHeader(_) | E::Unsupported(_),
+                ..
+            }) => (self.plain.clone(), false),
+            Err(e) => return Err(e),
+        };
+        let _ = self.checked.set(chosen);
+        Ok(())
+    }
+
     /// The server version, e.g. `18.16.1`.
     pub async fn version(&self) -> Result<String, ClickHouseError> {
-        self.timed(self.client.query("SELECT version()").fetch_one::<String>())
+        self.timed(self.plain.query("SELECT version()").fetch_one::<String>())
             .await
     }
 
@@ -236,9 +312,10 @@ impl ClickHouse {
         if rows.is_empty() {
             return Ok(());
         }
+        self.check_server().await?;
         let work = async {
             let mut insert = self
-                .client
+                .client()
                 .insert::<T>(table)
                 .await?
                 .with_timeouts(Some(self.timeout), Some(self.timeout));
@@ -261,7 +338,7 @@ impl ClickHouse {
         loop {
             match self.migrate().await {
                 Ok(r) => {
-                    tracing::info!(server = %r.server_version, created = %r.created.join(","), columns_added = %r.columns_added.join(","), "clickhouse schema checked");
+                    tracing::info!(server = %r.server_version, validation = r.validation, created = %r.created.join(","), columns_added = %r.columns_added.join(","), defaults_added = %r.defaults_added.join(","), "clickhouse schema checked");
                     return true;
                 }
                 Err(e) => {
@@ -280,16 +357,21 @@ impl ClickHouse {
     }
 
     /// Creates what is missing; adds missing `k8s_*` columns to an existing
-    /// expenses table. Never drops or rewrites anything. Idempotent.
+    /// expenses table; where rows are validated, gives the label columns of
+    /// a raw table made before the series table a default (`[]`, what the
+    /// server fills in anyway; metadata only), since a validated insert must
+    /// otherwise name them. Never drops or rewrites anything. Idempotent.
     pub async fn migrate(&self) -> Result<MigrateReport, ClickHouseError> {
         let version = self.version().await?;
+        self.check_server().await?;
         let mut report = MigrateReport {
             server_version: version,
+            validation: self.validates() == Some(true),
             ..MigrateReport::default()
         };
         let existing: Vec<String> = self
             .timed(
-                self.client
+                self.client()
                     .query("SELECT name FROM system.tables WHERE database = currentDatabase()")
                     .fetch_all::<String>(),
             )
@@ -305,13 +387,13 @@ impl ClickHouse {
             (&self.touched_table, touched_table_ddl(&self.touched_table)),
         ] {
             if !existing.contains(name) {
-                self.timed(self.client.query(&ddl).execute()).await?;
+                self.timed(self.client().query(&ddl).execute()).await?;
                 report.created.push(name.clone());
             }
         }
         let columns: Vec<String> = self
             .timed(
-                self.client
+                self.client()
                     .query(
                         "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = ?",
                     )
@@ -325,12 +407,37 @@ impl ClickHouse {
                     "ALTER TABLE {} ADD COLUMN {col} Nullable(String)",
                     self.expenses_table
                 );
-                self.timed(self.client.query(&sql).execute()).await?;
+                self.timed(self.client().query(&sql).execute()).await?;
                 report
                     .columns_added
                     .push(format!("{}.{col}", self.expenses_table));
             }
         }
+        if report.validation {
+            let no_default: Vec<String> = self
+                .timed(
+                    self.client()
+                        .query(
+                            "SELECT name FROM system.columns WHERE database = currentDatabase() \
+                             AND table = ? AND default_kind = '' AND name IN ('label_names', 'label_values')",
+                        )
+                        .bind(self.raw_table.as_str())
+                        .fetch_all::<String>(),
+                )
+                .await?;
+            for col in no_default {
+                let sql = format!(
+                    "ALTER TABLE {} MODIFY COLUMN {col} DEFAULT []",
+                    self.raw_table
+                );
+                self.timed(self.client().query(&sql).execute()).await?;
+                report
+                    .defaults_added
+                    .push(format!("{}.{col}", self.raw_table));
+            }
+        }
+        // Inserts cache each table's schema: drop what this may have changed.
+        self.client().clear_cached_metadata().await;
         Ok(report)
     }
 }
@@ -339,8 +446,12 @@ impl ClickHouse {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct MigrateReport {
     pub server_version: String,
+    /// Rows are validated on this server (see the module doc).
+    pub validation: bool,
     pub created: Vec<String>,
     pub columns_added: Vec<String>,
+    /// `table.column`s given a default so that validated inserts may omit them.
+    pub defaults_added: Vec<String>,
 }
 
 /// The columns the platform's older `expenses` tables may lack.

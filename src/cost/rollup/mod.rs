@@ -110,12 +110,16 @@ struct BucketRow {
     bucket: i64,
 }
 
+// Field names are the queries' column names (validated where the server
+// supports it; see `cost::clickhouse`).
 #[derive(Debug, Row, Deserialize)]
 struct SampleRow {
     account: String,
     namespace: String,
+    #[serde(rename = "p")]
     pod: String,
     ts: i64,
+    #[serde(rename = "v")]
     value: f64,
 }
 
@@ -123,14 +127,18 @@ struct SampleRow {
 struct KeyRow {
     account: String,
     namespace: String,
+    #[serde(rename = "p")]
     pod: String,
 }
 
 #[derive(Debug, Row, Deserialize)]
 struct ExistingRow {
+    #[serde(rename = "cloud_account_id")]
     account: String,
     resource_id: String,
+    #[serde(rename = "c")]
     cost: f64,
+    #[serde(rename = "s")]
     signs: i64,
 }
 impl Rollup {
@@ -194,6 +202,7 @@ impl Rollup {
     /// One incremental pass: buckets touched since the watermark.
     pub async fn pass(&self) -> Result<PassReport, RollupError> {
         let started = Instant::now();
+        self.ch.check_server().await?;
         let pass_start = unix_now() as u32;
         let watermark = self.watermark().await?;
         let since = watermark.map_or(0, |w| w.saturating_sub(self.overlap.as_secs() as u32));
@@ -208,7 +217,7 @@ impl Rollup {
         );
         let touched: Vec<BucketRow> = self
             .ch
-            .timed(self.ch.client.query(&sql).fetch_all::<BucketRow>())
+            .timed(self.ch.client().query(&sql).fetch_all::<BucketRow>())
             .await?;
         let report = self.derive(touched, None).await?;
         self.set_watermark(pass_start).await?;
@@ -225,6 +234,7 @@ impl Rollup {
         to: Day,
         account: Option<&str>,
     ) -> Result<PassReport, RollupError> {
+        self.ch.check_server().await?;
         let from_ms = from.start_ms();
         let to_ms = to.start_ms() + DAY_MS;
         let mut sql = format!(
@@ -239,7 +249,7 @@ impl Rollup {
         }
         let touched: Vec<BucketRow> = self
             .ch
-            .timed(self.ch.client.query(&sql).fetch_all::<BucketRow>())
+            .timed(self.ch.client().query(&sql).fetch_all::<BucketRow>())
             .await?;
         let last = to_ms / self.rule.bucket_ms;
         self.derive(touched, Some(last)).await
@@ -395,7 +405,7 @@ impl Rollup {
             Charge::Pod => " AND pod != ''",
         };
         let sql = format!(
-            "SELECT account, namespace, {pod_expr} AS p, ts, max(value) \
+            "SELECT account, namespace, {pod_expr} AS p, ts, max(value) AS v \
              FROM {raw} WHERE metric = {m} AND account IN {accts} \
              AND ts >= {lead_in} AND ts < {end} AND isFinite(value) AND namespace != ''{pod_filter} \
              GROUP BY account, namespace, p, ts ORDER BY account, namespace, p, ts",
@@ -404,7 +414,7 @@ impl Rollup {
         );
         let samples: Vec<SampleRow> = self
             .ch
-            .timed(self.ch.client.query(&sql).fetch_all::<SampleRow>())
+            .timed(self.ch.client().query(&sql).fetch_all::<SampleRow>())
             .await?;
         let mut series: BTreeMap<Resource, Vec<(i64, f64)>> = BTreeMap::new();
         for s in samples {
@@ -442,7 +452,7 @@ impl Rollup {
             );
             let rows: Vec<KeyRow> = self
                 .ch
-                .timed(self.ch.client.query(&sql).fetch_all::<KeyRow>())
+                .timed(self.ch.client().query(&sql).fetch_all::<KeyRow>())
                 .await?;
             // MD5 matches are re-checked by the exact key here.
             has_earlier.extend(rows.into_iter().map(|k| Resource {
@@ -466,7 +476,7 @@ impl Rollup {
         );
         let existing: Vec<ExistingRow> = self
             .ch
-            .timed(self.ch.client.query(&sql).fetch_all::<ExistingRow>())
+            .timed(self.ch.client().query(&sql).fetch_all::<ExistingRow>())
             .await?;
         let existing: HashMap<(String, String), (f64, i64)> = existing
             .into_iter()
@@ -514,7 +524,7 @@ impl Rollup {
         );
         let rows: Vec<StateRow> = self
             .ch
-            .timed(self.ch.client.query(&sql).fetch_all::<StateRow>())
+            .timed(self.ch.client().query(&sql).fetch_all::<StateRow>())
             .await?;
         Ok(rows
             .into_iter()
