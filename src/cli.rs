@@ -293,6 +293,12 @@ pub const SERVING: &[Flag] = &[
     ),
     flag("tls-key", "tls.key", "FILE", "PEM private key"),
     flag(
+        "tls-client-ca",
+        "tls.client_ca",
+        "FILE",
+        "PEM CA certificates; set, clients must present a certificate signed by one (mutual TLS)",
+    ),
+    flag(
         "max-body-bytes",
         "limits.max_body_bytes",
         "SIZE",

@@ -135,8 +135,8 @@ where
 fn check_files(c: &Config) -> anyhow::Result<()> {
     rwgate::auth::Authenticator::from_config(&c.auth)
         .map_err(|e| anyhow::anyhow!("invalid auth: {e}"))?;
-    if let (Some(cert), Some(key)) = (&c.tls.cert, &c.tls.key) {
-        rwgate::tls::acceptor(cert, key)?;
+    if c.tls.cert.is_some() {
+        rwgate::tls::server_config(&c.tls)?;
     }
     rwgate::tls::client_config(&c.upstream.tls)?;
     Ok(())

@@ -120,9 +120,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let tls = match (&cfg.tls.cert, &cfg.tls.key) {
-        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
-        _ => None,
+    // Dropped (stopping its certificate reloads) when serving ends.
+    let tls = if cfg.tls.cert.is_some() {
+        Some(crate::tls::ServerTls::start(&cfg.tls)?)
+    } else {
+        None
     };
     let grace = cfg.limits.shutdown_grace;
     let header_timeout = cfg.limits.header_read_timeout;
@@ -149,7 +151,7 @@ pub async fn serve(
         "rwgate serving"
     );
 
-    let serving = Serving::new(tls, header_timeout);
+    let serving = Serving::new(tls.as_ref().map(|t| t.acceptor.clone()), header_timeout);
     let graceful = GracefulShutdown::new();
 
     // Idle tenants' rate-limit buckets are forgotten once a minute.

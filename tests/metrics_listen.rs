@@ -110,20 +110,7 @@ async fn metrics_move_to_their_own_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_flag_moves_metrics() {
     let up = FakeUpstream::start(Vec::new()).await;
-    let ingest = free_port();
-    let listen = format!("127.0.0.1:{ingest}");
-    let rw = RwgateProcess::start_with_metrics_listen(
-        "serve",
-        &[
-            "--auth",
-            "none",
-            "--upstream-url",
-            &up.url(),
-            "--listen",
-            &listen,
-        ],
-    )
-    .await;
+    let (rw, listen) = RwgateProcess::serve_with_metrics_listen(&up.url(), &[]).await;
     let http = client();
     let resp = http.get(rw.url("/metrics")).send().await.expect("GET");
     assert_eq!(resp.status(), 200);

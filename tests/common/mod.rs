@@ -491,6 +491,7 @@ pub struct TestPki {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     _dir: TempDir,
 }
 
@@ -518,13 +519,10 @@ impl TestPki {
         );
         let issuer = Issuer::new(ca_params, ca_key);
         let leaf = |names: Vec<String>, cn: &str, file: &str| {
-            let key = KeyPair::generate().expect("leaf key");
-            let mut params = CertificateParams::new(names).expect("leaf params");
-            params.distinguished_name.push(DnType::CommonName, cn);
-            let cert = params.signed_by(&key, &issuer).expect("sign a leaf");
+            let (cert, key) = issue(&issuer, names, cn);
             (
-                write(&format!("{file}.crt"), cert.pem()),
-                write(&format!("{file}.key"), key.serialize_pem()),
+                write(&format!("{file}.crt"), cert),
+                write(&format!("{file}.key"), key),
             )
         };
         let (server_cert, server_key) = leaf(
@@ -539,8 +537,19 @@ impl TestPki {
             server_key,
             client_cert,
             client_key,
+            issuer,
             _dir: dir,
         }
+    }
+
+    /// A new server certificate for 127.0.0.1 and localhost with common
+    /// name `cn`, signed by the CA: (certificate PEM, key PEM).
+    pub fn server_pair(&self, cn: &str) -> (String, String) {
+        issue(
+            &self.issuer,
+            vec!["127.0.0.1".into(), "localhost".into()],
+            cn,
+        )
     }
 
     /// A test client trusting the CA and presenting the client certificate.
@@ -558,6 +567,146 @@ impl TestPki {
             .build()
             .expect("build an mTLS client")
     }
+}
+
+/// A leaf certificate for `names` with common name `cn`, signed by
+/// `issuer`: (certificate PEM, key PEM).
+fn issue(
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    names: Vec<String>,
+    cn: &str,
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("leaf key");
+    let mut params = rcgen::CertificateParams::new(names).expect("leaf params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let cert = params.signed_by(&key, issuer).expect("sign a leaf");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// The DER of the first certificate in PEM text.
+pub fn first_cert_der(pem: &str) -> Vec<u8> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .expect("a certificate in the PEM")
+        .expect("valid PEM")
+        .to_vec()
+}
+
+/// A TLS connection to `addr` (as `localhost`) from a rustls client that
+/// trusts the CA in `ca` (PEM) and, with `identity`, presents that client
+/// certificate and key. ALPN `http/1.1`. Fails as the handshake does.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_pem = std::fs::read(ca).expect("read the CA");
+    for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
+        roots.add(cert.expect("CA PEM")).expect("add the CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => {
+            let certs = rustls_pemfile::certs(&mut &std::fs::read(cert).expect("read cert")[..])
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client cert PEM");
+            let key = rustls_pemfile::private_key(&mut &std::fs::read(key).expect("read key")[..])
+                .expect("client key PEM")
+                .expect("a client key");
+            builder
+                .with_client_auth_cert(certs, key)
+                .expect("client identity")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    // With TLS 1.3 the server judges a client certificate after the
+    // client's side of the handshake is done: a refusal shows on the first
+    // read, not here.
+    tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+}
+
+/// Sends `request` (HTTP/1.1, keep-alive) on `stream` and reads one answer
+/// whose body is `Content-Length` long; returns the status and body.
+pub async fn tls_exchange<S>(stream: &mut S, request: &str) -> std::io::Result<(u16, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                let status = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                return Ok((status, body.to_string()));
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::Error::other("no answer within 10s"))??;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before the answer",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Runs `curl` with `args` (bounded by `--max-time 10`) and returns (exit
+/// code, stdout, stderr). curl is installed by scripts/install-deps.sh.
+pub async fn curl(args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args([
+                "--silent",
+                "--show-error",
+                "--max-time",
+                "10",
+                "--noproxy",
+                "*",
+            ])
+            .args(&args)
+            .output()
+            .expect("run curl (scripts/install-deps.sh installs it)");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("join curl")
 }
 
 // ---------------------------------------------------------------------------
@@ -1164,8 +1313,13 @@ impl Gateway {
             .danger_accept_invalid_certs(true)
             .build()
             .expect("build probe client");
-        let scheme = if tls { "https" } else { "http" };
-        let url = format!("{scheme}://{addr}/-/ready");
+        // Through the metrics port when there is one (plain HTTP, as kubelet
+        // probes go when the ingest port requires client certificates).
+        let url = match metrics_addr {
+            Some(m) => format!("http://{m}/-/ready"),
+            None if tls => format!("https://{addr}/-/ready"),
+            None => format!("http://{addr}/-/ready"),
+        };
         wait_for("rwgate /-/ready", START_TIMEOUT, || async {
             match http.get(&url).send().await {
                 Ok(r) if r.status() == 200 => Some(()),
@@ -1412,6 +1566,28 @@ impl RwgateProcess {
     /// on until `/-/ready` answers on that port (`port`, then).
     pub async fn start_with_metrics_listen(command: &str, args: &[&str]) -> RwgateProcess {
         RwgateProcess::start_on(command, "--metrics-listen", args).await
+    }
+
+    /// `rwgate serve` without auth forwarding to `upstream_url`, with
+    /// `--metrics-listen` (`port`) and `--listen` on fresh ports, plus
+    /// `args`; returns the ingest address too.
+    pub async fn serve_with_metrics_listen(
+        upstream_url: &str,
+        args: &[&str],
+    ) -> (RwgateProcess, SocketAddr) {
+        let ingest = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let listen = ingest.to_string();
+        let mut all = vec![
+            "--auth",
+            "none",
+            "--upstream-url",
+            upstream_url,
+            "--listen",
+            &listen,
+        ];
+        all.extend_from_slice(args);
+        let rw = RwgateProcess::start_with_metrics_listen("serve", &all).await;
+        (rw, ingest)
     }
 
     /// `rwgate <command> <port_flag> 127.0.0.1:<port> <args>`, waited on
