@@ -133,9 +133,14 @@ pub struct LimitsConfig {
     pub max_label_name_bytes: usize,
     /// Longest label value, in bytes.
     pub max_label_value_bytes: usize,
-    /// Requests processed at once; more are shed with 503 so that memory
-    /// stays bounded under overload.
+    /// Requests processed at once, from the moment their headers are read
+    /// (body reading counts); more are shed with 503 so that memory stays
+    /// bounded under overload.
     pub max_concurrent_requests: usize,
+    /// Share of `max_concurrent_requests` one tenant may hold at once
+    /// (at least one request); beyond it, that tenant's requests are shed
+    /// with 503, so one tenant's slow bodies cannot turn everyone away.
+    pub tenant_max_concurrent_share: f64,
     /// Decompressed bytes all requests may hold at once (each request counts
     /// its declared size before decompressing); beyond it, 503. Bounds memory
     /// under many concurrent large requests.
@@ -148,18 +153,37 @@ pub struct LimitsConfig {
     /// `queue_config.retry_on_http_429` is set (off by default), so leave headroom.
     pub tenant_samples_per_sec: u32,
     /// Samples a tenant may send at once above its rate (the bucket size);
-    /// keep it above the senders' largest request (`max_samples_per_send`).
+    /// keep it above the senders' largest request (`max_samples_per_send`):
+    /// a request with more samples than this can never pass and is answered
+    /// 413 naming this setting.
     pub tenant_burst_samples: u32,
     /// Time allowed to receive a request's headers.
     #[serde(with = "human_duration")]
     pub header_read_timeout: Duration,
-    /// Time allowed to receive a request's body.
+    /// Time allowed to receive a request's body (within `request_timeout`).
     #[serde(with = "human_duration")]
     pub body_read_timeout: Duration,
-    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    /// The one deadline of a write request, from its headers to its answer:
+    /// body read, auth, upstream attempts and their backoff all fit inside
+    /// it (beyond it, 504). Keep it below the senders' `remote_timeout`
+    /// (Prometheus: 30s), so that they get an answer rather than time out.
+    #[serde(with = "human_duration")]
+    pub request_timeout: Duration,
+    /// On SIGTERM/SIGINT, the one deadline of the whole shutdown: finishing
+    /// in-flight requests, stopping the rollup and the drain, and flushing
+    /// the spool. Keep it (plus a preStop delay) below the pod's
+    /// `terminationGracePeriodSeconds`.
     #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
 }
+
+/// Default of `limits.request_timeout`: below Prometheus' default 30s
+/// `remote_timeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(25);
+/// Default of `limits.tenant_max_concurrent_share`.
+pub const DEFAULT_TENANT_MAX_CONCURRENT_SHARE: f64 = 0.5;
+/// Default of `upstream.max_retry_after`.
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -171,12 +195,14 @@ impl Default for LimitsConfig {
             max_label_name_bytes: 1024,
             max_label_value_bytes: 4096,
             max_concurrent_requests: 256,
+            tenant_max_concurrent_share: DEFAULT_TENANT_MAX_CONCURRENT_SHARE,
             max_decoded_bytes_in_flight: Size(256 << 20),
             max_connections: 10_000,
             tenant_samples_per_sec: 0,
             tenant_burst_samples: 200_000,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             shutdown_grace: Duration::from_secs(25),
         }
     }
@@ -304,6 +330,12 @@ pub struct UpstreamConfig {
     /// Largest backoff between retries.
     #[serde(with = "human_duration")]
     pub retry_max_backoff: Duration,
+    /// Longest `Retry-After` passed back to the sender when the upstream
+    /// asks for a pause (429 or 5xx). rwgate itself waits as long as the
+    /// upstream asks before retrying, when that fits within
+    /// `limits.request_timeout`; otherwise it answers at once.
+    #[serde(with = "human_duration")]
+    pub max_retry_after: Duration,
     /// Idle pooled connections kept per upstream host.
     pub pool_max_idle: usize,
     /// TLS towards an `https` upstream.
@@ -335,6 +367,7 @@ impl Default for UpstreamConfig {
             max_retries: 2,
             retry_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(2),
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
             pool_max_idle: 64,
             tls: UpstreamTlsConfig::default(),
         }
@@ -820,6 +853,15 @@ impl Config {
                 "limits.max_concurrent_requests",
                 "must be greater than 0",
             ));
+        }
+        if !(l.tenant_max_concurrent_share > 0.0 && l.tenant_max_concurrent_share <= 1.0) {
+            return Err(invalid(
+                "limits.tenant_max_concurrent_share",
+                "must be greater than 0 and at most 1",
+            ));
+        }
+        if l.request_timeout.is_zero() {
+            return Err(invalid("limits.request_timeout", "must be greater than 0"));
         }
         match self.auth.mode {
             AuthMode::Rest => {

@@ -46,8 +46,14 @@ pub enum ApiError {
     Tee(#[from] SpoolError),
     #[error("rate limit: this account sends more samples per second than allowed; retry later")]
     RateLimited { retry_after: Duration },
+    #[error("rate limit: this request has {samples} samples, more than this account may send at once (limits.tenant_burst_samples = {burst}); send smaller batches (queue_config.max_samples_per_send)")]
+    OverBurst { samples: u64, burst: u32 },
     #[error("overloaded: too many requests in flight; retry later")]
     Overloaded,
+    #[error("overloaded: this account has its share of the requests in flight (limits.tenant_max_concurrent_share); retry later")]
+    TenantOverloaded,
+    #[error("the request did not finish within {} (limits.request_timeout); retry later", crate::clock::HumanDuration(*.limit))]
+    DeadlineExceeded { limit: Duration },
     #[error("shutting down; retry later")]
     ShuttingDown,
 }
@@ -74,7 +80,7 @@ impl ApiError {
             UnsupportedEncoding(_) | UnsupportedContentType(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
-            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTooLarge { .. } | OverBurst { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Auth(e) => match e {
                 AuthError::UnknownAccount | AuthError::NoCredentials => {
                     StatusCode::UNPROCESSABLE_ENTITY
@@ -94,7 +100,10 @@ impl ApiError {
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Not 408: Prometheus drops a batch answered with any 4xx but 429
             // (and 429 too unless retry_on_http_429 is set).
-            BodyTimeout | Tee(_) | Overloaded | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            BodyTimeout | Tee(_) | Overloaded | TenantOverloaded | ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -122,8 +131,11 @@ impl ApiError {
             Upstream(UpstreamError::RateLimited { .. }) => "upstream_rate_limited",
             Upstream(UpstreamError::Unavailable { .. }) => "upstream_unavailable",
             RateLimited { .. } => "rate_limited",
+            OverBurst { .. } => "over_burst",
             Tee(_) => "tee",
             Overloaded => "overloaded",
+            TenantOverloaded => "tenant_overloaded",
+            DeadlineExceeded { .. } => "deadline",
             ShuttingDown => "shutting_down",
         }
     }
@@ -133,6 +145,7 @@ impl ApiError {
             ApiError::Upstream(UpstreamError::RateLimited { retry_after }) => {
                 Some(retry_after.unwrap_or(Duration::from_secs(1)))
             }
+            ApiError::Upstream(UpstreamError::Unavailable { retry_after, .. }) => *retry_after,
             ApiError::RateLimited { retry_after } => Some(*retry_after),
             _ => None,
         };

@@ -9,6 +9,8 @@
 //!   count of what hyper refuses by itself; then
 //! - [`server`]: routes, and holds the write handler, which reads top to
 //!   bottom:
+//! - [`admission`]: the concurrency limit and each tenant's share of it,
+//!   held (body reading included) until the answer or a cancellation.
 //! - [`auth`]: the `Cloud-Account-Id` and its credentials (REST API, tenants
 //!   file, or trust), cached.
 //! - [`protocol`]: which remote-write protocol the body is, from
@@ -31,6 +33,7 @@
 //! logging), and, with the `loadgen` feature, `loadgen` (realistic payloads
 //! shared by `benches/` and `rwgate-loadgen`).
 
+pub mod admission;
 pub mod auth;
 pub mod cli;
 pub mod client;

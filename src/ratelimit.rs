@@ -12,6 +12,17 @@ use crate::config::LimitsConfig;
 
 pub struct TenantLimiter {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
+    burst: u32,
+}
+
+/// Why a request's samples were not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    /// Over the tenant's rate: retry after this long.
+    Wait(Duration),
+    /// More samples than the bucket holds: this request can never pass as
+    /// it is, however long the sender waits.
+    OverBurst { samples: u64, burst: u32 },
 }
 
 impl TenantLimiter {
@@ -20,23 +31,36 @@ impl TenantLimiter {
             let burst = NonZeroU32::new(cfg.tenant_burst_samples).unwrap_or(rate);
             RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
         });
-        TenantLimiter { limiter }
+        TenantLimiter {
+            limiter,
+            burst: cfg.tenant_burst_samples,
+        }
     }
 
-    /// Takes `samples` tokens from the tenant's bucket, or says how long to wait.
-    pub fn check(&self, tenant: &str, samples: u64) -> Result<(), Duration> {
+    /// Takes `samples` tokens from the tenant's bucket, or says how long to
+    /// wait (or that waiting cannot help).
+    pub fn check(&self, tenant: &str, samples: u64) -> Result<(), Exceeded> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        let Some(n) = NonZeroU32::new(samples.min(u64::from(u32::MAX)) as u32) else {
+        let over_burst = Exceeded::OverBurst {
+            samples,
+            burst: self.burst,
+        };
+        let Ok(n) = u32::try_from(samples) else {
+            return Err(over_burst);
+        };
+        let Some(n) = NonZeroU32::new(n) else {
             return Ok(());
         };
         // `to_owned` only on this path; the limit is off by default.
         match limiter.check_key_n(&tenant.to_owned(), n) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(not_until.wait_time_from(DefaultClock::default().now())),
+            Ok(Err(not_until)) => Err(Exceeded::Wait(
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )),
             // Larger than the whole bucket: it can never pass at once.
-            Err(_) => Err(Duration::from_secs(1)),
+            Err(_) => Err(over_burst),
         }
     }
 
@@ -68,7 +92,9 @@ mod tests {
         };
         let l = TenantLimiter::new(&cfg);
         assert!(l.check("a", 1000).is_ok());
-        let wait = l.check("a", 500).unwrap_err();
+        let Err(Exceeded::Wait(wait)) = l.check("a", 500) else {
+            panic!("over the rate: wait");
+        };
         assert!(
             wait > Duration::from_secs(4) && wait <= Duration::from_secs(5),
             "{wait:?}"
@@ -77,6 +103,13 @@ mod tests {
             l.check("b", 1000).is_ok(),
             "another tenant has its own bucket"
         );
-        assert!(l.check("c", 5000).is_err(), "larger than the bucket");
+        assert_eq!(
+            l.check("c", 5000),
+            Err(Exceeded::OverBurst {
+                samples: 5000,
+                burst: 1000
+            }),
+            "larger than the bucket"
+        );
     }
 }

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::connection::{self, Serving};
@@ -29,7 +30,7 @@ use crate::error::ApiError;
 use crate::filter::Allowlist;
 use crate::pipeline::{self, Params, ScratchPool};
 use crate::protocol::{self, Protocol};
-use crate::ratelimit::TenantLimiter;
+use crate::ratelimit::{Exceeded, TenantLimiter};
 use crate::telemetry::{self as t, LogLimiter};
 use crate::upstream::Upstream;
 use crate::wire::ShapeLimits;
@@ -48,8 +49,8 @@ pub struct State {
     upstream: Upstream,
     allowlist: Allowlist,
     scratch: ScratchPool,
-    /// Write requests processed at once; beyond this, shed with 503.
-    permits: Arc<Semaphore>,
+    /// Write requests processed at once, in all and per tenant.
+    admission: Admission,
     /// Decompressed bytes held by requests at once, in KiB permits (the
     /// declared snappy length is known before decompressing); beyond it, 503.
     decoded_budget: Semaphore,
@@ -76,7 +77,7 @@ impl State {
             upstream,
             allowlist,
             scratch: ScratchPool::new(SCRATCH_KEEP_BYTES),
-            permits: Arc::new(Semaphore::new(cfg.limits.max_concurrent_requests)),
+            admission: Admission::new(&cfg.limits),
             decoded_budget: Semaphore::new(kib(cfg.limits.max_decoded_bytes_in_flight.bytes())),
             rate: TenantLimiter::new(&cfg.limits),
             metrics: t::metrics_handle(),
@@ -353,13 +354,20 @@ async fn write(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp 
     };
     let span = tracing::info_span!("write", tenant = %account);
     async {
-        // 2. Shed load beyond the concurrency limit rather than queue it.
-        let Ok(_permit) = state.permits.clone().try_acquire_owned() else {
-            return reject(state, &ApiError::Overloaded, Some(&account), peer);
+        // 2. Shed load beyond the concurrency limit, or beyond the tenant's
+        // share of it, rather than queue it. The place is held until the
+        // answer (body reading included) and given back on drop, also when
+        // the sender hangs up and hyper drops this future.
+        let _admitted = match state.admission.admit(&account) {
+            Ok(a) => a,
+            Err(e) => return reject(state, &e, Some(&account), peer),
         };
-        metrics::gauge!(t::IN_FLIGHT).increment(1.0);
-        let result = accept(state, req, &account).await;
-        metrics::gauge!(t::IN_FLIGHT).decrement(1.0);
+        // 3. Everything else within one deadline.
+        let limit = state.cfg.limits.request_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let result = tokio::time::timeout_at(deadline, accept(state, req, &account, deadline))
+            .await
+            .unwrap_or(Err(ApiError::DeadlineExceeded { limit }));
         match result {
             Ok(()) => Response::builder()
                 .status(StatusCode::NO_CONTENT)
@@ -372,10 +380,15 @@ async fn write(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp 
     .await
 }
 
-async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<(), ApiError> {
+async fn accept(
+    state: &State,
+    req: Request<Incoming>,
+    account: &str,
+    deadline: tokio::time::Instant,
+) -> Result<(), ApiError> {
     let cfg = &state.cfg;
 
-    // 3. Authenticate, then check the body is something we can read.
+    // 4. Authenticate, then check the body is something we can read.
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -384,7 +397,7 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
     // Remote-Write 1.0 is the one protocol decoded today.
     let Protocol::RemoteWrite1 = protocol::negotiate(req.headers())?;
 
-    // 4. Read the body within its size and time limits.
+    // 5. Read the body within its size and time limits.
     let limit = cfg.limits.max_body_bytes.bytes();
     if let Some(len) = content_length(&req) {
         if len > limit {
@@ -401,7 +414,7 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
         Ok(Ok(b)) => b.to_bytes(),
     };
 
-    // 5. Decode, filter, enforce tenancy, re-encode (CPU only, no awaits).
+    // 6. Decode, filter, enforce tenancy, re-encode (CPU only, no awaits).
     let allowlist = tenant.allowlist.as_deref().unwrap_or(&state.allowlist);
     let params = Params {
         account,
@@ -429,7 +442,10 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
     state
         .rate
         .check(account, out.samples_received)
-        .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+        .map_err(|limited| match limited {
+            Exceeded::Wait(retry_after) => ApiError::RateLimited { retry_after },
+            Exceeded::OverBurst { samples, burst } => ApiError::OverBurst { samples, burst },
+        })?;
     metrics::counter!(t::SAMPLES_RECEIVED).increment(out.samples_received);
     if out.series_dropped > 0 {
         metrics::counter!(t::SERIES_DROPPED, "reason" => "allowlist").increment(out.series_dropped);
@@ -440,7 +456,7 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
         metrics::counter!(t::METADATA_DROPPED).increment(out.metadata_dropped);
     }
 
-    // 6. Forward what is left (nothing left means nothing to send) and, at
+    // 7. Forward what is left (nothing left means nothing to send) and, at
     // the same time, make the cost samples durable. The tee append happens
     // whatever the upstream says: samples Thanos refuses as too old are
     // exactly the history the tee must keep. 2xx only when both succeeded.
@@ -450,7 +466,7 @@ async fn accept(state: &State, req: Request<Incoming>, account: &str) -> Result<
         if out.series_kept == 0 {
             return Ok(());
         }
-        state.upstream.send(account, body).await?;
+        state.upstream.send(account, body, deadline).await?;
         metrics::counter!(t::SAMPLES_FORWARDED).increment(out.samples_kept);
         Ok::<(), ApiError>(())
     };
@@ -501,7 +517,7 @@ fn reject(state: &State, e: &ApiError, account: Option<&str>, peer: SocketAddr) 
     metrics::counter!(t::REJECTED, "reason" => e.reason()).increment(1);
     if state.log_limiter.allow() {
         let detail = match e {
-            ApiError::Upstream(crate::upstream::UpstreamError::Unavailable { detail }) => {
+            ApiError::Upstream(crate::upstream::UpstreamError::Unavailable { detail, .. }) => {
                 detail.as_str()
             }
             ApiError::Auth(crate::auth::AuthError::Unavailable(detail)) => detail.as_str(),

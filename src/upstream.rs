@@ -2,7 +2,9 @@
 //! bounded, jittered retries. The retry decision lives in one function,
 //! [`retry_action`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
@@ -28,9 +30,13 @@ pub enum UpstreamError {
     #[error("upstream is rate limiting; retry later")]
     RateLimited { retry_after: Option<Duration> },
     /// 5xx, timeouts or connection errors, after all retries. `detail` is for
-    /// the log, not the client.
+    /// the log, not the client; `retry_after` is the upstream's own
+    /// `Retry-After`, capped by `upstream.max_retry_after`.
     #[error("upstream unavailable; retry later")]
-    Unavailable { detail: String },
+    Unavailable {
+        detail: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// What to do after one attempt.
@@ -86,10 +92,21 @@ impl Upstream {
     }
 
     /// POSTs a snappy-compressed `WriteRequest` for `account`, retrying as
-    /// [`retry_action`] says.
-    pub async fn send(&self, account: &str, body: Bytes) -> Result<(), UpstreamError> {
+    /// [`retry_action`] says, and not past `deadline`: no retry starts whose
+    /// wait would end after it (an attempt still running then is cut by the
+    /// request's deadline in the handler, which answers 504). An upstream `Retry-After`
+    /// sets the wait before the next attempt; one longer than what is left
+    /// of the deadline ends the retries at once, and is passed back to the
+    /// sender (capped by `upstream.max_retry_after`).
+    pub async fn send(
+        &self,
+        account: &str,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<(), UpstreamError> {
         let tenant = HeaderValue::from_str(account).map_err(|_| UpstreamError::Unavailable {
             detail: "account id is not a valid header value".into(),
+            retry_after: None,
         })?;
         let mut attempt = 0u32;
         let mut backoff = Backoff::new(self.cfg.retry_backoff, self.cfg.retry_max_backoff);
@@ -97,7 +114,7 @@ impl Upstream {
             let started = Instant::now();
             let result = self.attempt(&tenant, body.clone()).await;
             metrics::histogram!(t::UPSTREAM_DURATION).record(started.elapsed().as_secs_f64());
-            let (retry_after, last) = match result {
+            let (rate_limited, retry_after, detail) = match result {
                 Attempt::Status(status, retry_after, reason) => {
                     metrics::counter!(t::UPSTREAM_RESPONSES, "status" => status_class(status))
                         .increment(1);
@@ -107,32 +124,38 @@ impl Upstream {
                         Action::Fail => {
                             return Err(UpstreamError::Unavailable {
                                 detail: format!("upstream answered {status}: {reason}"),
+                                retry_after: None,
                             })
                         }
-                        Action::Retry if status == StatusCode::TOO_MANY_REQUESTS => {
-                            (retry_after, UpstreamError::RateLimited { retry_after })
-                        }
                         Action::Retry => (
-                            None,
-                            UpstreamError::Unavailable {
-                                detail: format!("upstream answered {status}: {reason}"),
-                            },
+                            status == StatusCode::TOO_MANY_REQUESTS,
+                            retry_after,
+                            format!("upstream answered {status}: {reason}"),
                         ),
                     }
                 }
                 Attempt::Error(detail) => {
                     metrics::counter!(t::UPSTREAM_RESPONSES, "status" => "error").increment(1);
-                    (None, UpstreamError::Unavailable { detail })
+                    (false, None, detail)
                 }
             };
-            if attempt >= self.cfg.max_retries {
+            let wait = retry_after.unwrap_or_else(|| backoff.next_delay());
+            let passed_back = retry_after.map(|d| d.min(self.cfg.max_retry_after));
+            let last = if rate_limited {
+                UpstreamError::RateLimited {
+                    retry_after: passed_back,
+                }
+            } else {
+                UpstreamError::Unavailable {
+                    detail,
+                    retry_after: passed_back,
+                }
+            };
+            if attempt >= self.cfg.max_retries || Instant::now() + wait >= deadline {
                 return Err(last);
             }
             attempt += 1;
             metrics::counter!(t::UPSTREAM_RETRIES).increment(1);
-            let wait = retry_after
-                .filter(|d| *d <= self.cfg.retry_max_backoff)
-                .unwrap_or_else(|| backoff.next_delay());
             tokio::time::sleep(wait).await;
         }
     }
@@ -166,6 +189,7 @@ impl Upstream {
                 msg
             })?;
             let status = resp.status();
+            // Seconds only: Thanos and Mimir send no HTTP-dates.
             let retry_after = resp
                 .headers()
                 .get(http::header::RETRY_AFTER)

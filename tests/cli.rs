@@ -276,6 +276,7 @@ fn other_value(setting: &Setting, default: &serde_json::Value) -> String {
     match (setting.kind, default) {
         (Kind::Bool, J::Bool(b)) => (!b).to_string(),
         (Kind::Integer, J::Number(n)) => (n.as_u64().expect("unsigned") + 1).to_string(),
+        (Kind::Float, J::Number(n)) => (n.as_f64().expect("a number") / 2.0).to_string(),
         (Kind::NumberOrText, J::String(size)) => {
             (size.parse::<Size>().expect("a size").bytes() + 4096).to_string()
         }

@@ -17,13 +17,18 @@ fn batch(n: usize) -> Vec<u8> {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tenant_over_its_rate_gets_429_with_retry_after() {
-    let prom = Prometheus::start().await;
+/// rwgate in front of `prom` with a limit of 1 sample/s and a burst of 20.
+async fn limited_gateway(prom: &Prometheus) -> Gateway {
     let mut cfg = test_config(&prom.write_url());
     cfg.limits.tenant_samples_per_sec = 1;
     cfg.limits.tenant_burst_samples = 20;
-    let gw = Gateway::start(cfg).await;
+    Gateway::start(cfg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_over_its_rate_gets_429_with_retry_after() {
+    let prom = Prometheus::start().await;
+    let gw = limited_gateway(&prom).await;
     let http = client();
     let url = gw.url("/api/v1/write");
 
@@ -74,5 +79,37 @@ async fn tenant_over_its_rate_gets_429_with_retry_after() {
             .count()
     };
     assert_eq!((count(A), count(B)), (15, 15));
+    gw.stop().await;
+}
+
+/// A request with more samples than the bucket holds can never pass: it
+/// got 429 forever (the sender retried it without end). Now 413 names the
+/// setting, and the tenant's bucket is untouched by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_the_burst_is_413_naming_the_setting() {
+    let prom = Prometheus::start().await;
+    let gw = limited_gateway(&prom).await;
+    let http = client();
+    let url = gw.url("/api/v1/write");
+
+    let too_big = rw_post(&http, &url, Some(A), batch(21))
+        .send()
+        .await
+        .expect("send");
+    assert!(too_big.headers().get("retry-after").is_none());
+    assert_eq!(
+        status_body(too_big).await,
+        (
+            413,
+            "rate limit: this request has 21 samples, more than this account may send at once \
+             (limits.tenant_burst_samples = 20); send smaller batches (queue_config.max_samples_per_send)\n"
+                .to_string()
+        )
+    );
+    let fits = rw_post(&http, &url, Some(A), batch(20))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(status_body(fits).await, (204, String::new()));
     gw.stop().await;
 }

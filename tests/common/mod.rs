@@ -782,6 +782,9 @@ impl VmAgent {
 /// A request as a test server saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// When the request arrived (tokio's clock: paused time in tests that
+    /// pause it).
+    pub at: tokio::time::Instant,
     pub method: http::Method,
     pub uri: http::Uri,
     pub headers: http::HeaderMap,
@@ -824,6 +827,7 @@ impl TestServer {
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
                             let seen = Seen {
+                                at: tokio::time::Instant::now(),
                                 method: parts.method,
                                 uri: parts.uri,
                                 headers: parts.headers,
@@ -1522,6 +1526,90 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
         .expect("raw answer within 10s")
         .expect("read raw answer");
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A remote-write POST sent by hand over one connection, its body held
+/// back after the first bytes: a slow sender, or one that hangs up.
+pub struct SlowPost {
+    stream: tokio::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+impl SlowPost {
+    /// Sends the headers of a POST of `body` to `path` for `account` and the
+    /// first `sent` bytes of the body.
+    pub async fn start(
+        addr: SocketAddr,
+        path: &str,
+        account: &str,
+        body: &[u8],
+        sent: usize,
+    ) -> SlowPost {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect for a slow post");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: rwgate\r\nContent-Type: application/x-protobuf\r\n\
+             Content-Encoding: snappy\r\nCloud-Account-Id: {account}\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.expect("write head");
+        stream
+            .write_all(&body[..sent])
+            .await
+            .expect("write body start");
+        SlowPost {
+            stream,
+            rest: body[sent..].to_vec(),
+        }
+    }
+
+    /// Sends the rest of the body.
+    pub async fn finish_body(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let rest = std::mem::take(&mut self.rest);
+        self.stream.write_all(&rest).await.expect("write body rest");
+    }
+
+    /// Reads the answer's status line and body (bounded: 60 s, as the
+    /// clock goes; a test on paused time passes it only by rwgate's timers).
+    pub async fn answer(&mut self) -> (u16, String) {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read = async {
+            loop {
+                let n = self.stream.read(&mut buf).await.expect("read answer");
+                out.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&out);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len || n == 0 {
+                        let status = head
+                            .split(' ')
+                            .nth(1)
+                            .and_then(|c| c.parse().ok())
+                            .expect("status code");
+                        return (status, body.to_string());
+                    }
+                }
+                assert!(n > 0, "connection closed without an answer: {text}");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .expect("an answer within 60s")
+    }
 }
 
 /// Tenant ids used across tests.
