@@ -1,8 +1,13 @@
 //! Compiles `proto/*.proto` with protox (a pure-Rust protobuf compiler), so no
-//! system `protoc` is needed to build rwgate.
+//! system `protoc` is needed to build rwgate: the Remote-Write 1.0 messages
+//! (`prometheus.*`) and the 2.0 ones (`io.prometheus.write.v2.*`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/remote.proto", "proto/types.proto"];
+    let files = [
+        "proto/remote.proto",
+        "proto/types.proto",
+        "proto/io/prometheus/write/v2/types.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -46,6 +46,7 @@ pub mod filter;
 #[cfg(any(test, feature = "loadgen"))]
 pub mod loadgen;
 pub mod pipeline;
+pub mod prompb_v2;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;
@@ -54,6 +55,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod wire;
+pub mod wire_v2;
 
 /// Types generated from `proto/` by prost (the Remote-Write 1.0 reference
 /// messages; the hot path uses [`wire`] instead).

@@ -16,10 +16,10 @@ use std::cmp::Ordering;
 use std::fmt;
 
 /// Wire types.
-const VARINT: u8 = 0;
-const FIXED64: u8 = 1;
-const LEN: u8 = 2;
-const FIXED32: u8 = 5;
+pub(crate) const VARINT: u8 = 0;
+pub(crate) const FIXED64: u8 = 1;
+pub(crate) const LEN: u8 = 2;
+pub(crate) const FIXED32: u8 = 5;
 
 /// A byte range `[start, end)` into the decompressed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -131,35 +131,35 @@ pub enum DecodeError {
     LabelValueTooLong { len: usize, limit: usize },
 }
 
-fn malformed(what: &'static str, at: usize) -> DecodeError {
+pub(crate) fn malformed(what: &'static str, at: usize) -> DecodeError {
     DecodeError::Malformed { what, at }
 }
 
 /// A cursor over protobuf fields.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
-    pos: usize,
+    pub(crate) pos: usize,
     /// Offset of `buf` in the whole request, for error positions and spans.
     base: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], base: usize) -> Self {
+    pub(crate) fn new(buf: &'a [u8], base: usize) -> Self {
         Reader { buf, pos: 0, base }
     }
 
     #[inline]
-    fn at(&self) -> usize {
+    pub(crate) fn at(&self) -> usize {
         self.base + self.pos
     }
 
     #[inline]
-    fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         self.pos >= self.buf.len()
     }
 
     #[inline(always)]
-    fn varint(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn varint(&mut self) -> Result<u64, DecodeError> {
         // Keys and most lengths fit in one byte: take that path first.
         if let Some(&b) = self.buf.get(self.pos) {
             if b < 0x80 {
@@ -188,7 +188,7 @@ impl<'a> Reader<'a> {
 
     /// Reads a field key: (field number, wire type).
     #[inline]
-    fn key(&mut self) -> Result<(u32, u8), DecodeError> {
+    pub(crate) fn key(&mut self) -> Result<(u32, u8), DecodeError> {
         let k = self.varint()?;
         let field = (k >> 3) as u32;
         if field == 0 {
@@ -199,7 +199,7 @@ impl<'a> Reader<'a> {
 
     /// Reads a length-delimited payload and returns its span (relative to base).
     #[inline]
-    fn len_delimited(&mut self) -> Result<(usize, usize), DecodeError> {
+    pub(crate) fn len_delimited(&mut self) -> Result<(usize, usize), DecodeError> {
         let len = self.varint()? as usize;
         let start = self.pos;
         let end = start
@@ -211,7 +211,7 @@ impl<'a> Reader<'a> {
     }
 
     #[inline]
-    fn fixed64(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn fixed64(&mut self) -> Result<u64, DecodeError> {
         let b = self
             .buf
             .get(self.pos..self.pos + 8)
@@ -222,7 +222,7 @@ impl<'a> Reader<'a> {
 
     /// Skips a field of the given wire type.
     #[inline]
-    fn skip(&mut self, wire_type: u8) -> Result<(), DecodeError> {
+    pub(crate) fn skip(&mut self, wire_type: u8) -> Result<(), DecodeError> {
         match wire_type {
             VARINT => {
                 self.varint()?;
@@ -550,12 +550,12 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 #[inline]
-fn label_msg_len(name: usize, value: usize) -> usize {
+pub(crate) fn label_msg_len(name: usize, value: usize) -> usize {
     1 + varint_len(name as u64) + name + 1 + varint_len(value as u64) + value
 }
 
 #[inline]
-fn put_label(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn put_label(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     let len = label_msg_len(name.len(), value.len());
     out.push((1 << 3) | LEN); // TimeSeries.labels
     put_varint(out, len as u64);
@@ -612,14 +612,31 @@ impl Injected {
             .dedup_by(|a, b| a.0.get(bytes) == b.0.get(bytes));
     }
 
+    /// How many labels there are.
     #[inline]
-    fn name(&self, i: usize) -> &[u8] {
+    pub(crate) fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    #[inline]
+    pub(crate) fn name(&self, i: usize) -> &[u8] {
         self.labels[i].0.get(&self.bytes)
     }
 
     #[inline]
-    fn field(&self, i: usize) -> &[u8] {
+    pub(crate) fn field(&self, i: usize) -> &[u8] {
         self.labels[i].1.get(&self.bytes)
+    }
+
+    /// The value of label `i` (after its name: the value's key, length, bytes).
+    pub(crate) fn value(&self, i: usize) -> &[u8] {
+        let (name, field) = self.labels[i];
+        let at = name.end as usize + 1;
+        let mut r = Reader::new(&self.bytes[at..field.end as usize], at);
+        match r.varint() {
+            Ok(len) => &self.bytes[field.end as usize - len as usize..field.end as usize],
+            Err(_) => &[],
+        }
     }
 }
 
