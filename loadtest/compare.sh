@@ -16,6 +16,12 @@
 #                                  second rwgate teeing into a real ClickHouse
 #                                  (clickhouse-server), same loads alternating,
 #                                  then the max of each (about 10 minutes)
+#   --protocol=2.0                 with any of the above: rwgate is sent
+#                                  Remote-Write 2.0 bodies of the same series
+#                                  (vmagent, which takes only 1.0, still gets
+#                                  1.0); k6 then counts the samples rwgate's
+#                                  X-Prometheus-Remote-Write-Samples-Written
+#                                  confirms, and fails the run on a mismatch
 #
 # Work: requests of 1,000 series x 10 labels, one sample each, two thirds
 # kept by the default allowlist (rwgate-loadgen). rwgate enforces the tenant
@@ -52,8 +58,10 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HERE="$ROOT/loadtest"
 MODE=full
 SOAK=0
+PROTOCOL=1.0
 for arg in "$@"; do
     case "$arg" in
+        --protocol=1.0 | --protocol=2.0) PROTOCOL=${arg#--protocol=} ;;
         --smoke) MODE=smoke ;;
         --soak) SOAK=1 ;;
         --tee) MODE=tee ;;
@@ -139,10 +147,17 @@ else
     (cd "$ROOT" && cargo build --bins --features loadgen --quiet)
     BIN="$ROOT/target/debug"
 fi
+# PAYLOADS go to rwgate in $PROTOCOL; PAYLOADS_V1 (the same series, 1.0) to
+# vmagent.
 PAYLOADS="$WORK/payloads"
-"$BIN/rwgate-loadgen" --out "$PAYLOADS" --requests 16 --series "$SERIES" --labels 10 --tenants 4 >&2
+PAYLOADS_V1="$WORK/payloads-v1"
+"$BIN/rwgate-loadgen" --out "$PAYLOADS" --requests 16 --series "$SERIES" --labels 10 --tenants 4 \
+    --protocol "$PROTOCOL" >&2
+"$BIN/rwgate-loadgen" --out "$PAYLOADS_V1" --requests 16 --series "$SERIES" --labels 10 --tenants 4 \
+    --protocol 1.0 >&2
 mkdir -p "$OUT"
-RESULTS="$OUT/results-$(date -u +%Y%m%dT%H%M%SZ)-$MODE.jsonl"
+RESULTS="$OUT/results-$(date -u +%Y%m%dT%H%M%SZ)-$MODE-rw$PROTOCOL.jsonl"
+log "rwgate is sent Remote-Write $PROTOCOL"
 : >"$RESULTS"
 
 # --- the sink: nginx answering 204 --------------------------------------------
@@ -422,7 +437,7 @@ py wait-http "http://127.0.0.1:$VM_PORT/health" 20
 
 log "warm-up"
 measure 0 warmup rwgate "$RW_PID" "$RW_URL" 50 5s >/dev/null || true
-measure 0 warmup vmagent "$VM_PID" "$VM_URL" 50 5s >/dev/null || true
+measure 0 warmup vmagent "$VM_PID" "$VM_URL" 50 5s PAYLOADS="$PAYLOADS_V1" >/dev/null || true
 
 # --- same offered load, alternating targets, RUNS times --------------------------
 for run in $(seq "$RUNS"); do
@@ -432,7 +447,7 @@ for run in $(seq "$RUNS"); do
             if [ "$target" = rwgate ]; then
                 measure "$run" load rwgate "$RW_PID" "$RW_URL" "$rate" "$DURATION" P99_MS=1000 || true
             else
-                measure "$run" load vmagent "$VM_PID" "$VM_URL" "$rate" "$DURATION" P99_MS=1000 || true
+                measure "$run" load vmagent "$VM_PID" "$VM_URL" "$rate" "$DURATION" P99_MS=1000 PAYLOADS="$PAYLOADS_V1" || true
             fi
         done
     done
@@ -441,11 +456,11 @@ done
 # --- max sustainable samples/s ---------------------------------------------------
 declare -A MAX=([rwgate]=0 [vmagent]=0)
 for target in rwgate vmagent; do
-    pid=$RW_PID url=$RW_URL
-    [ "$target" = vmagent ] && pid=$VM_PID url=$VM_URL
+    pid=$RW_PID url=$RW_URL payloads=$PAYLOADS
+    [ "$target" = vmagent ] && pid=$VM_PID url=$VM_URL payloads=$PAYLOADS_V1
     for rate in $MAX_RATES; do
         log "max search: $target at $rate requests/s, p99 < $P99_MS ms"
-        if measure 1 max "$target" "$pid" "$url" "$rate" 15s VUS=64; then
+        if measure 1 max "$target" "$pid" "$url" "$rate" 15s VUS=64 PAYLOADS="$payloads"; then
             MAX[$target]=$rate
         else
             break
@@ -458,7 +473,7 @@ HALF=$(((MAX[rwgate] > 0 ? MAX[rwgate] : 100) / 2))
 log "half of rwgate's max: $HALF requests/s"
 measure 1 half-max sink "" "$SINK_URL" "$HALF" "$DURATION" P99_MS=1000 || true
 measure 1 half-max rwgate "$RW_PID" "$RW_URL" "$HALF" "$DURATION" P99_MS=1000 || true
-measure 1 half-max vmagent "$VM_PID" "$VM_URL" "$HALF" "$DURATION" P99_MS=1000 || true
+measure 1 half-max vmagent "$VM_PID" "$VM_URL" "$HALF" "$DURATION" P99_MS=1000 PAYLOADS="$PAYLOADS_V1" || true
 # Again with k6 confined to the last CPU, so that the load generator's bursts
 # do not run on every core the gateway (or the sink) uses.
 if [ "$(nproc)" -ge 2 ]; then
@@ -466,7 +481,7 @@ if [ "$(nproc)" -ge 2 ]; then
     log "half of max again, k6 pinned to CPU $(($(nproc) - 1))"
     measure 1 half-max-k6-pinned sink "" "$SINK_URL" "$HALF" "$DURATION" P99_MS=1000 || true
     measure 1 half-max-k6-pinned rwgate "$RW_PID" "$RW_URL" "$HALF" "$DURATION" P99_MS=1000 || true
-    measure 1 half-max-k6-pinned vmagent "$VM_PID" "$VM_URL" "$HALF" "$DURATION" P99_MS=1000 || true
+    measure 1 half-max-k6-pinned vmagent "$VM_PID" "$VM_URL" "$HALF" "$DURATION" P99_MS=1000 PAYLOADS="$PAYLOADS_V1" || true
     K6_PREFIX=(env)
 fi
 

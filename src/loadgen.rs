@@ -12,12 +12,15 @@
 //! Out of every 30 series, 3 are `cloudtuner_kubecost_*` (10% of samples),
 //! 17 are other allowlisted names and 10 are dropped: the default allowlist
 //! keeps two thirds. Generation is deterministic for a given seed.
+//!
+//! Every request exists as Remote-Write 1.0 and, the same series, as 2.0
+//! ([`snappy_request_v2`]), so the two protocols are measured on the same work.
 
 use prost::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::prompb;
+use crate::{prompb, prompb_v2};
 
 /// The shape of generated requests.
 #[derive(Debug, Clone)]
@@ -205,6 +208,15 @@ pub fn snappy_request(p: &Profile, tenant: &str, seed: u64) -> Vec<u8> {
         .expect("snappy compresses any input below 4 GiB")
 }
 
+/// The same request as [`snappy_request`], as Remote-Write 2.0: the same
+/// series, labels interned into a symbol table.
+pub fn snappy_request_v2(p: &Profile, tenant: &str, seed: u64) -> Vec<u8> {
+    let raw = prompb_v2::Request::from_v1(&write_request(p, tenant, seed)).encode_to_vec();
+    snap::raw::Encoder::new()
+        .compress_vec(&raw)
+        .expect("snappy compresses any input below 4 GiB")
+}
+
 /// A tenant id (UUID v4 shape) derived from an index, stable across runs.
 pub fn tenant_id(i: usize) -> String {
     let mut rng = StdRng::seed_from_u64(0x7e4a_4700 + i as u64);
@@ -253,6 +265,12 @@ mod tests {
         let body = snappy_request(&p, &tenant_id(0), 1);
         let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
         assert_eq!(prompb::WriteRequest::decode(raw.as_slice()).unwrap(), req);
+        let v2 = snap::raw::Decoder::new()
+            .decompress_vec(&snappy_request_v2(&p, &tenant_id(0), 1))
+            .unwrap();
+        let v2 = prompb_v2::Request::decode(v2.as_slice()).unwrap();
+        assert_eq!(v2, prompb_v2::Request::from_v1(&req));
+        assert!(v2.encoded_len() < raw.len(), "2.0 bodies are smaller");
         assert_ne!(tenant_id(0), tenant_id(1));
         assert!(uuid::Uuid::parse_str(&tenant_id(3)).is_ok());
     }

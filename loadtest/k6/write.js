@@ -15,7 +15,10 @@
 //   PASSWORD  if set, sends `Authorization: Basic base64(<tenant>:<PASSWORD>)`
 //   SUMMARY   path of a JSON summary to write (optional)
 //
-// Each response of 2xx counts its samples into `samples_accepted`.
+// The protocol's headers (Remote-Write 1.0 or 2.0) come from the manifest.
+// Each response of 2xx counts its samples into `samples_accepted`: for 2.0,
+// the count the gateway gives in `X-Prometheus-Remote-Write-Samples-Written`;
+// a 2xx whose count differs from what was sent counts into `written_mismatch`.
 
 import http from 'k6/http';
 import encoding from 'k6/encoding';
@@ -27,13 +30,15 @@ if (!DIR || !TARGET) {
   throw new Error('set PAYLOADS and TARGET');
 }
 const manifest = JSON.parse(open(`${DIR}/manifest.json`));
+// Manifests written before the protocol was recorded are Remote-Write 1.0.
+const protocolHeaders = manifest.headers || {
+  'Content-Type': 'application/x-protobuf',
+  'Content-Encoding': 'snappy',
+  'X-Prometheus-Remote-Write-Version': '0.1.0',
+};
+const V2 = manifest.protocol === '2.0';
 const requests = manifest.requests.map((r) => {
-  const headers = {
-    'Content-Type': 'application/x-protobuf',
-    'Content-Encoding': 'snappy',
-    'X-Prometheus-Remote-Write-Version': '0.1.0',
-    'Cloud-Account-Id': r.tenant,
-  };
+  const headers = Object.assign({}, protocolHeaders, { 'Cloud-Account-Id': r.tenant });
   if (__ENV.PASSWORD) {
     headers.Authorization = `Basic ${encoding.b64encode(`${r.tenant}:${__ENV.PASSWORD}`)}`;
   }
@@ -42,6 +47,7 @@ const requests = manifest.requests.map((r) => {
 
 const samplesAccepted = new Counter('samples_accepted');
 const shed = new Counter('responses_503');
+const writtenMismatch = new Counter('written_mismatch');
 
 const VUS = parseInt(__ENV.VUS || '32', 10);
 const scenario =
@@ -61,6 +67,7 @@ export const options = {
   scenarios: { write: scenario },
   thresholds: {
     http_req_failed: [`rate<${__ENV.MAX_ERROR_RATE || '0.01'}`],
+    written_mismatch: ['count<1'],
     http_req_duration: [`p(99)<${__ENV.P99_MS || '100'}`],
   },
   summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(99)', 'max'],
@@ -70,7 +77,15 @@ export default function () {
   const r = requests[(__ITER * 7 + __VU) % requests.length];
   const res = http.post(TARGET, r.body, { headers: r.headers });
   if (res.status >= 200 && res.status < 300) {
-    samplesAccepted.add(r.samples);
+    if (V2) {
+      const written = parseInt(res.headers['X-Prometheus-Remote-Write-Samples-Written'] || '0', 10);
+      samplesAccepted.add(written);
+      if (written !== r.samples) {
+        writtenMismatch.add(1);
+      }
+    } else {
+      samplesAccepted.add(r.samples);
+    }
   } else if (res.status === 503) {
     shed.add(1);
   }
@@ -89,6 +104,8 @@ export function handleSummary(data) {
     dropped_iterations: num(m.dropped_iterations, 'count'),
     samples_accepted: num(m.samples_accepted, 'count'),
     responses_503: num(m.responses_503, 'count'),
+    written_mismatch: num(m.written_mismatch, 'count'),
+    protocol: manifest.protocol || '1.0',
     p50_ms: num(d, 'med'),
     p90_ms: num(d, 'p(90)'),
     p99_ms: num(d, 'p(99)'),
@@ -99,7 +116,7 @@ export function handleSummary(data) {
     ),
   };
   const line =
-    `k6: ${out.requests} requests, ${(out.failed_rate * 100).toFixed(2)}% failed, ` +
+    `k6: ${out.requests} Remote-Write ${out.protocol} requests, ${(out.failed_rate * 100).toFixed(2)}% failed, ` +
     `${out.dropped_iterations} dropped, ${out.samples_accepted} samples accepted, ` +
     `p50 ${out.p50_ms.toFixed(2)} ms, p99 ${out.p99_ms.toFixed(2)} ms, ` +
     `thresholds ${out.thresholds_ok ? 'ok' : 'FAILED'}\n`;

@@ -1,6 +1,8 @@
 //! Writes realistic remote-write request files for the k6 load tests in
-//! `loadtest/`: snappy-compressed `prometheus.WriteRequest` bodies, one per
-//! file, and a `manifest.json` naming each file's tenant and sample count.
+//! `loadtest/`: snappy-compressed `prometheus.WriteRequest` bodies
+//! (Remote-Write 1.0) or `io.prometheus.write.v2.Request` bodies (2.0, the
+//! same series), one per file, and a `manifest.json` naming the protocol's
+//! headers and each file's tenant and sample count.
 //!
 //! The payloads come from `rwgate::loadgen`, the generator the criterion
 //! benches use, so the benches and the load tests measure the same requests.
@@ -11,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use rwgate::loadgen::{self, Profile};
+use rwgate::wire_v2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,6 +42,9 @@ struct Args {
     /// Seed of the generator (same seed, same files, apart from timestamps).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Remote-Write version of the bodies: 1.0 or 2.0 (same series either way).
+    #[arg(long, default_value = "1.0", value_parser = ["1.0", "2.0"])]
+    protocol: String,
 }
 
 fn main() -> ExitCode {
@@ -69,12 +75,22 @@ fn run(a: &Args) -> Result<(), String> {
     std::fs::create_dir_all(&a.out)
         .map_err(|e| format!("cannot create {}: {e}", a.out.display()))?;
     let tenants: Vec<String> = (0..a.tenants).map(loadgen::tenant_id).collect();
+    let v2 = a.protocol == "2.0";
+    let (content_type, version) = if v2 {
+        (wire_v2::CONTENT_TYPE, wire_v2::VERSION)
+    } else {
+        ("application/x-protobuf", "0.1.0")
+    };
     let mut entries = Vec::with_capacity(a.requests);
     let mut total_bytes = 0usize;
     for i in 0..a.requests {
         let tenant = &tenants[i % tenants.len()];
-        let body =
-            loadgen::snappy_request(&profile, tenant, a.seed.wrapping_mul(1_000_003) + i as u64);
+        let seed = a.seed.wrapping_mul(1_000_003) + i as u64;
+        let body = if v2 {
+            loadgen::snappy_request_v2(&profile, tenant, seed)
+        } else {
+            loadgen::snappy_request(&profile, tenant, seed)
+        };
         let file = format!("req-{i:05}.bin");
         let path = a.out.join(&file);
         std::fs::write(&path, &body)
@@ -89,6 +105,12 @@ fn run(a: &Args) -> Result<(), String> {
         }));
     }
     let manifest = serde_json::json!({
+        "protocol": a.protocol,
+        "headers": {
+            "Content-Type": content_type,
+            "Content-Encoding": "snappy",
+            "X-Prometheus-Remote-Write-Version": version,
+        },
         "profile": {
             "series": a.series,
             "labels": profile.labels,
@@ -102,8 +124,9 @@ fn run(a: &Args) -> Result<(), String> {
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
     std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     println!(
-        "wrote {} requests ({} series x {} labels, {} tenants, {} KiB avg) to {}",
+        "wrote {} Remote-Write {} requests ({} series x {} labels, {} tenants, {} KiB avg) to {}",
         a.requests,
+        a.protocol,
         a.series,
         profile.labels,
         a.tenants,
