@@ -340,6 +340,71 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// TLS towards an `https` upstream.
     pub tls: UpstreamTlsConfig,
+    /// The newest remote-write protocol the upstream takes: `"1.0"` (every
+    /// released Thanos): Remote-Write 2.0 requests are converted to 1.0;
+    /// `"2.0"` (Mimir, Prometheus 3.8 and later): they are forwarded as 2.0,
+    /// with the tenant labels set. 1.0 requests are forwarded as 1.0 either
+    /// way.
+    pub protocol: RemoteWriteVersion,
+}
+
+/// A remote-write protocol version, written `"1.0"` or `"2.0"` (the
+/// numbers 1.0 and 2.0 are read too, so `--set upstream.protocol=2.0` works).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RemoteWriteVersion {
+    /// `prometheus.WriteRequest`.
+    #[default]
+    V1,
+    /// `io.prometheus.write.v2.Request`.
+    V2,
+}
+
+impl RemoteWriteVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoteWriteVersion::V1 => "1.0",
+            RemoteWriteVersion::V2 => "2.0",
+        }
+    }
+}
+
+impl Serialize for RemoteWriteVersion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for RemoteWriteVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RemoteWriteVersion;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"1.0\" or \"2.0\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v.trim() {
+                    "1.0" | "1" => Ok(RemoteWriteVersion::V1),
+                    "2.0" | "2" => Ok(RemoteWriteVersion::V2),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                match v {
+                    1.0 => Ok(RemoteWriteVersion::V1),
+                    2.0 => Ok(RemoteWriteVersion::V2),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Float(v), &self)),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                self.visit_f64(v as f64)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// TLS towards the upstream (PEM files). Unset, an `https` upstream's
@@ -370,6 +435,7 @@ impl Default for UpstreamConfig {
             max_retry_after: DEFAULT_MAX_RETRY_AFTER,
             pool_max_idle: 64,
             tls: UpstreamTlsConfig::default(),
+            protocol: RemoteWriteVersion::V1,
         }
     }
 }
@@ -1087,6 +1153,22 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_protocol_reads_as_people_write_it() {
+        for (text, want) in [
+            ("\"1.0\"", RemoteWriteVersion::V1),
+            ("\"2.0\"", RemoteWriteVersion::V2),
+            ("2.0", RemoteWriteVersion::V2),
+            ("1", RemoteWriteVersion::V1),
+        ] {
+            let c = Config::from_toml(&format!("[upstream]\nprotocol = {text}\n"), "test").unwrap();
+            assert_eq!(c.upstream.protocol, want, "{text}");
+        }
+        assert_eq!(Config::default().upstream.protocol, RemoteWriteVersion::V1);
+        let err = Config::from_toml("[upstream]\nprotocol = \"3.0\"\n", "test").unwrap_err();
+        assert!(err.to_string().contains("\"1.0\" or \"2.0\""), "{err}");
+    }
 
     #[test]
     fn defaults_match_diproxy() {

@@ -28,7 +28,7 @@ pub enum ApiError {
     InvalidTenant,
     #[error("unsupported Content-Encoding {0:?}: send snappy")]
     UnsupportedEncoding(String),
-    #[error("unsupported Content-Type {0:?}: send application/x-protobuf (Remote-Write 1.0)")]
+    #[error("unsupported Content-Type {0:?}: send application/x-protobuf (Remote-Write 1.0) or application/x-protobuf;proto=io.prometheus.write.v2.Request (2.0)")]
     UnsupportedContentType(String),
     #[error("request body too large: more than {limit} bytes")]
     BodyTooLarge { limit: u64 },
@@ -44,6 +44,8 @@ pub enum ApiError {
     Upstream(#[from] UpstreamError),
     #[error("could not store cost samples durably: {0}; retry later")]
     Tee(#[from] SpoolError),
+    #[error("refused {refused} invalid series, the rest was written; the first: {first}")]
+    SeriesRefused { refused: u64, first: String },
     #[error("rate limit: this account sends more samples per second than allowed; retry later")]
     RateLimited { retry_after: Duration },
     #[error("rate limit: this request has {samples} samples, more than this account may send at once (limits.tenant_burst_samples = {burst}); send smaller batches (queue_config.max_samples_per_send)")]
@@ -76,7 +78,9 @@ impl ApiError {
         match self {
             NotFound | NotOperatorPath | MetricsElsewhere => StatusCode::NOT_FOUND,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            MissingTenant | InvalidTenant | BodyRead(_) => StatusCode::BAD_REQUEST,
+            MissingTenant | InvalidTenant | BodyRead(_) | SeriesRefused { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             UnsupportedEncoding(_) | UnsupportedContentType(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
@@ -130,6 +134,7 @@ impl ApiError {
             Upstream(UpstreamError::Rejected { .. }) => "upstream_rejected",
             Upstream(UpstreamError::RateLimited { .. }) => "upstream_rate_limited",
             Upstream(UpstreamError::Unavailable { .. }) => "upstream_unavailable",
+            SeriesRefused { .. } => "invalid_series",
             RateLimited { .. } => "rate_limited",
             OverBurst { .. } => "over_burst",
             Tee(_) => "tee",

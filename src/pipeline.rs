@@ -1,14 +1,17 @@
 //! The CPU work of one request, with no I/O: snappy-decompress (after checking
 //! the declared length), decode, filter, enforce tenancy, re-encode,
 //! snappy-compress, and pick out the samples to tee. Pure, so it is unit-tested
-//! and benchmarked directly.
+//! and benchmarked directly. [`process`] takes Remote-Write 1.0,
+//! [`process_v2`] takes 2.0 and gives 1.0 or 2.0 for the upstream.
 
 use std::cmp::Ordering;
 
+use crate::config::RemoteWriteVersion;
 use crate::cost::names::is_teed;
 use crate::cost::record::{Accepted, RecordBuilder, TeeRecord};
 use crate::filter::Allowlist;
-use crate::wire::{self, DecodeError, Decoded, Injected, ShapeLimits};
+use crate::wire::{self, DecodeError, Decoded, Injected, Sample, ShapeLimits};
+use crate::wire_v2::{self, DecodedV2, Family, Invalid, Written};
 
 /// Buffers reused from one request to the next (see [`ScratchPool`]).
 #[derive(Default)]
@@ -20,6 +23,11 @@ pub struct Scratch {
     inject: Injected,
     /// A tee record buffer (given back by [`ScratchPool::recycle_tee`]).
     tee: Vec<u8>,
+    decoded_v2: DecodedV2,
+    /// Metadata of the forwarded 2.0 series, folded for a 1.0 upstream.
+    families: Vec<Family>,
+    /// The tenant labels' symbols in a 2.0 body for the upstream.
+    tenant_symbols: Vec<(u32, u32)>,
 }
 
 /// What to do with a request.
@@ -50,6 +58,18 @@ pub struct Outcome {
     pub metadata_dropped: u64,
     /// The tee's spool record (empty when there is no tee or nothing to tee).
     pub tee: TeeRecord,
+    /// Remote-Write 2.0 only: what the kept series hold, and what the
+    /// allowlist dropped, by kind (the `*-Written` headers count both).
+    pub kept: Written,
+    pub dropped: Written,
+    /// Remote-Write 2.0 only: series refused as invalid (a partial write),
+    /// and the first one's reason.
+    pub series_refused: u64,
+    pub first_refusal: Option<Invalid>,
+    /// Those series by reason, indexed as [`Invalid::REASONS`].
+    pub refused_by_reason: [u64; Invalid::REASONS.len()],
+    /// Which protocol `body` is.
+    pub body_version: RemoteWriteVersion,
 }
 
 /// Why a body could not be processed.
@@ -78,19 +98,7 @@ pub fn process(
     p: &Params<'_>,
     scratch: &mut Scratch,
 ) -> Result<Outcome, PipelineError> {
-    let declared = declared_len(compressed)?;
-    if declared > p.max_decoded_bytes {
-        return Err(PipelineError::DecodedTooLarge {
-            declared,
-            limit: p.max_decoded_bytes,
-        });
-    }
-    scratch.decompressed.resize(declared as usize, 0);
-    let n = snap::raw::Decoder::new()
-        .decompress(compressed, &mut scratch.decompressed)
-        .map_err(|e| PipelineError::Snappy(e.to_string()))?;
-    scratch.decompressed.truncate(n);
-
+    decompress(compressed, p.max_decoded_bytes, &mut scratch.decompressed)?;
     let buf = &scratch.decompressed;
     let decoded = &mut scratch.decoded;
     wire::decode(buf, &p.limits, decoded)?;
@@ -125,7 +133,13 @@ pub fn process(
         wire::encode_series(encoded, buf, decoded, s, inject);
         if let (Some(tee), Some(name)) = (&mut tee, name) {
             if is_teed(name) {
-                collect_tee(buf, decoded, s, name, p, &mut tee_labels, tee)?;
+                let labels = decoded
+                    .labels_of(s)
+                    .iter()
+                    .map(|l| (l.name.get(buf), l.value.get(buf)));
+                collect_tee(labels, name, p, &mut tee_labels, tee, |f| {
+                    wire::for_each_sample(buf, s, f)
+                })?;
             }
         }
     }
@@ -133,36 +147,147 @@ pub fn process(
         out.tee = tee.finish();
     }
     if out.series_kept > 0 {
-        let c = &mut scratch.compressed;
-        c.resize(snap::raw::max_compress_len(encoded.len()), 0);
-        let n = snap::raw::Encoder::new()
-            .compress(encoded, c)
-            .map_err(|e| PipelineError::Snappy(e.to_string()))?;
-        out.body = c[..n].to_vec();
+        out.body = compress(encoded, &mut scratch.compressed)?;
+    }
+    Ok(out)
+}
+
+/// Snappy-decompresses `compressed` into `out`, refusing before allocating
+/// anything a body that declares more than `max` bytes.
+fn decompress(compressed: &[u8], max: u64, out: &mut Vec<u8>) -> Result<(), PipelineError> {
+    let declared = declared_len(compressed)?;
+    if declared > max {
+        return Err(PipelineError::DecodedTooLarge {
+            declared,
+            limit: max,
+        });
+    }
+    out.resize(declared as usize, 0);
+    let n = snap::raw::Decoder::new()
+        .decompress(compressed, out)
+        .map_err(|e| PipelineError::Snappy(e.to_string()))?;
+    out.truncate(n);
+    Ok(())
+}
+
+/// Snappy-compresses `encoded` (through the reused buffer `c`) into the
+/// body handed to the HTTP client.
+fn compress(encoded: &[u8], c: &mut Vec<u8>) -> Result<Vec<u8>, PipelineError> {
+    c.resize(snap::raw::max_compress_len(encoded.len()), 0);
+    let n = snap::raw::Encoder::new()
+        .compress(encoded, c)
+        .map_err(|e| PipelineError::Snappy(e.to_string()))?;
+    Ok(c[..n].to_vec())
+}
+
+/// [`process`] for a Remote-Write 2.0 body: the same guards, allowlist,
+/// tenancy and tee, and the kept series encoded as `upstream` takes them
+/// (1.0: converted, their metadata folded per metric family; 2.0: as they
+/// came, with the tenant labels set). Series that cannot be written are
+/// left out and counted ([`Outcome::series_refused`]): the rest goes on.
+pub fn process_v2(
+    compressed: &[u8],
+    p: &Params<'_>,
+    upstream: RemoteWriteVersion,
+    scratch: &mut Scratch,
+) -> Result<Outcome, PipelineError> {
+    decompress(compressed, p.max_decoded_bytes, &mut scratch.decompressed)?;
+    let buf = &scratch.decompressed;
+    let d = &mut scratch.decoded_v2;
+    wire_v2::decode(buf, &p.limits, d)?;
+
+    let inject = &mut scratch.inject;
+    inject.set(
+        p.tenant_labels
+            .iter()
+            .map(|n| (n.as_bytes(), p.account.as_bytes())),
+    );
+    let mut out = Outcome {
+        body_version: upstream,
+        ..Outcome::default()
+    };
+    let encoded = &mut scratch.encoded;
+    encoded.clear();
+    let families = &mut scratch.families;
+    families.clear();
+    let tenant_symbols = &mut scratch.tenant_symbols;
+    if upstream == RemoteWriteVersion::V2 {
+        wire_v2::encode_symbols(encoded, buf, d, inject, tenant_symbols);
+    }
+    let mut tee = p
+        .tee
+        .map(|a| RecordBuilder::with_buffer(a, std::mem::take(&mut scratch.tee)));
+    let mut tee_labels = Vec::new();
+    for s in &d.series {
+        out.series_received += 1;
+        if let Some(why) = s.invalid {
+            out.series_refused += 1;
+            out.refused_by_reason[why.index()] += 1;
+            out.first_refusal.get_or_insert(why);
+            continue;
+        }
+        let held = Written {
+            samples: u64::from(s.samples),
+            histograms: u64::from(s.histograms),
+            exemplars: u64::from(s.exemplars),
+        };
+        let samples = u64::from(s.samples + s.histograms);
+        out.samples_received += samples;
+        let name = d.name(buf, s);
+        if !p.allowlist.keeps(name) {
+            out.series_dropped += 1;
+            out.samples_dropped += samples;
+            out.dropped = out.dropped + held;
+            continue;
+        }
+        out.series_kept += 1;
+        out.samples_kept += samples;
+        out.kept = out.kept + held;
+        match upstream {
+            RemoteWriteVersion::V1 => {
+                wire_v2::encode_series_v1(encoded, buf, d, s, inject);
+                wire_v2::note_family(families, buf, d, s);
+            }
+            RemoteWriteVersion::V2 => {
+                wire_v2::encode_series_v2(encoded, buf, d, s, inject, tenant_symbols)
+            }
+        }
+        if let (Some(tee), Some(name)) = (&mut tee, name) {
+            if is_teed(name) {
+                collect_tee(d.label_pairs(buf, s), name, p, &mut tee_labels, tee, |f| {
+                    wire_v2::for_each_sample(buf, s, f)
+                })?;
+            }
+        }
+    }
+    if upstream == RemoteWriteVersion::V1 {
+        wire_v2::encode_metadata_v1(encoded, buf, d, families);
+    }
+    if let Some(tee) = tee {
+        out.tee = tee.finish();
+    }
+    if out.series_kept > 0 {
+        out.body = compress(encoded, &mut scratch.compressed)?;
     }
     Ok(out)
 }
 
 /// Appends one series to the tee record: its labels after tenancy
-/// enforcement, sorted, without `__name__`, borrowed from the body.
+/// enforcement, sorted, without `__name__`, borrowed from the body, and its
+/// samples (`samples` calls its argument for each).
 fn collect_tee<'b>(
-    buf: &'b [u8],
-    decoded: &Decoded,
-    s: &wire::SeriesRef,
+    series_labels: impl Iterator<Item = (&'b [u8], &'b [u8])>,
     name: &'b [u8],
     p: &'b Params<'_>,
     labels: &mut Vec<(&'b [u8], &'b [u8])>,
     tee: &mut RecordBuilder,
+    samples: impl FnOnce(&mut dyn FnMut(Sample)) -> Result<(), DecodeError>,
 ) -> Result<(), PipelineError> {
     labels.clear();
     labels.extend(
-        decoded
-            .labels_of(s)
-            .iter()
-            .map(|l| (l.name.get(buf), l.value.get(buf)))
-            .filter(|(n, _)| {
-                *n != b"__name__" && !p.tenant_labels.iter().any(|t| t.as_bytes() == *n)
-            }),
+        series_labels.filter(|(n, _)| {
+            *n != b"__name__" && !p.tenant_labels.iter().any(|t| t.as_bytes() == *n)
+        }),
     );
     // The decoder sorted the labels by name, so the tenant labels go in by
     // binary search rather than a sort per series. Only repeated
@@ -180,9 +305,7 @@ fn collect_tee<'b>(
         labels.insert(at, (t, p.account.as_bytes()));
     }
     tee.begin_series(p.account, name, labels);
-    wire::for_each_sample(buf, s, |sample| {
-        tee.sample(sample.timestamp_ms, sample.value)
-    })?;
+    samples(&mut |sample| tee.sample(sample.timestamp_ms, sample.value))?;
     tee.end_series();
     Ok(())
 }
@@ -424,5 +547,121 @@ mod tests {
                 .starts_with("invalid remote-write body: protobuf"),
             "{err}"
         );
+    }
+
+    fn snappy(raw: &[u8]) -> Vec<u8> {
+        snap::raw::Encoder::new().compress_vec(raw).unwrap()
+    }
+
+    /// The same series as 1.0 and as 2.0 give the same forwarded 1.0 body
+    /// and the same tee record, byte for byte.
+    #[test]
+    fn remote_write_2_forwards_and_tees_as_1_0_does() {
+        let allow = Allowlist::new(crate::config::DEFAULT_ALLOWLIST).unwrap();
+        let labels = vec!["cloud_account_id".to_string(), "tenant_id".to_string()];
+        let p = crate::loadgen::Profile {
+            series: 300,
+            samples: 2,
+            ..Default::default()
+        };
+        let v1 = crate::loadgen::write_request(&p, "spoofed", 7);
+        let v2 = crate::prompb_v2::Request::from_v1(&v1);
+        let params = params(&allow, &labels);
+        let one = process(&compress(&v1), &params, &mut Scratch::default()).unwrap();
+        let two = process_v2(
+            &snappy(&v2.encode_to_vec()),
+            &params,
+            RemoteWriteVersion::V1,
+            &mut Scratch::default(),
+        )
+        .unwrap();
+        assert_eq!(two.body_version, RemoteWriteVersion::V1);
+        assert_eq!(
+            snap::raw::Decoder::new().decompress_vec(&two.body).unwrap(),
+            snap::raw::Decoder::new().decompress_vec(&one.body).unwrap()
+        );
+        assert!(two.tee.kept > 0);
+        assert_eq!(two.tee.payload(), one.tee.payload());
+        assert_eq!(
+            (two.series_kept, two.series_dropped, two.samples_kept),
+            (one.series_kept, one.series_dropped, one.samples_kept)
+        );
+        assert_eq!(two.kept.samples + two.dropped.samples, 600);
+        assert_eq!((two.kept.histograms, two.kept.exemplars), (0, 0));
+        assert_eq!(two.series_refused, 0);
+    }
+
+    #[test]
+    fn remote_write_2_refuses_invalid_series_alone() {
+        use crate::prompb_v2::{self as v2, Symbols};
+        let allow = Allowlist::new(crate::config::DEFAULT_ALLOWLIST).unwrap();
+        let labels = vec!["tenant_id".to_string()];
+        let mut sym = Symbols::new();
+        let good = |sym: &mut Symbols, name: &str| v2::TimeSeries {
+            labels_refs: sym.refs(&[("__name__", name), ("tenant_id", "evil")]),
+            samples: vec![v2::Sample {
+                value: 1.0,
+                timestamp: 1,
+                start_timestamp: 0,
+            }],
+            ..Default::default()
+        };
+        let up = good(&mut sym, "up");
+        let dropped = good(&mut sym, "go_goroutines");
+        let mut odd = good(&mut sym, "up");
+        odd.labels_refs.pop();
+        let mut dup = good(&mut sym, "kube_pod_info");
+        dup.labels_refs.extend(sym.refs(&[("__name__", "up")]));
+        let req = v2::Request {
+            symbols: sym.into_table(),
+            timeseries: vec![odd, up, dup, dropped],
+        };
+        for upstream in [RemoteWriteVersion::V1, RemoteWriteVersion::V2] {
+            let out = process_v2(
+                &snappy(&req.encode_to_vec()),
+                &params(&allow, &labels),
+                upstream,
+                &mut Scratch::default(),
+            )
+            .unwrap();
+            assert_eq!(
+                (out.series_kept, out.series_dropped, out.series_refused),
+                (1, 1, 2)
+            );
+            assert_eq!(out.first_refusal, Some(Invalid::OddLabelRefs));
+            assert_eq!(
+                out.refused_by_reason[Invalid::DuplicateLabelName.index()],
+                1
+            );
+            assert_eq!((out.kept.samples, out.dropped.samples), (1, 1));
+            let raw = snap::raw::Decoder::new().decompress_vec(&out.body).unwrap();
+            let labels: Vec<(String, String)> = match upstream {
+                RemoteWriteVersion::V1 => {
+                    let fwd = prompb::WriteRequest::decode(raw.as_slice()).unwrap();
+                    assert_eq!(fwd.timeseries.len(), 1);
+                    fwd.timeseries[0]
+                        .labels
+                        .iter()
+                        .map(|l| (l.name.clone(), l.value.clone()))
+                        .collect()
+                }
+                RemoteWriteVersion::V2 => {
+                    let fwd = v2::Request::decode(raw.as_slice()).unwrap();
+                    assert_eq!(fwd.timeseries.len(), 1);
+                    fwd.labels_of(0)
+                        .unwrap()
+                        .into_iter()
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect()
+                }
+            };
+            assert_eq!(
+                labels,
+                [
+                    ("__name__".to_string(), "up".to_string()),
+                    ("tenant_id".to_string(), "acc".to_string())
+                ]
+            );
+        }
     }
 }

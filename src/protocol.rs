@@ -10,12 +10,17 @@ use crate::error::ApiError;
 const PROTOBUF: &str = "application/x-protobuf";
 /// The `proto` parameter of Remote-Write 1.0 (absent means 1.0 too).
 const PROTO_V1: &[u8] = b"prometheus.WriteRequest";
+/// The `proto` parameter of Remote-Write 2.0.
+const PROTO_V2: &[u8] = crate::wire_v2::PROTO.as_bytes();
 
 /// A remote-write protocol rwgate can decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// Remote-Write 1.0: snappy-compressed `prometheus.WriteRequest`.
     RemoteWrite1,
+    /// Remote-Write 2.0 (spec 2.0-rc.4): snappy-compressed
+    /// `io.prometheus.write.v2.Request`.
+    RemoteWrite2,
 }
 
 /// The protocol of a request, or 415 naming the header to fix.
@@ -23,7 +28,10 @@ pub enum Protocol {
 /// `Content-Encoding` must be `snappy` or absent (older senders omit it).
 /// `Content-Type` must be absent (the 1.0 default) or
 /// `application/x-protobuf`, whose `proto` parameter says the message:
-/// `prometheus.WriteRequest`, or no `proto` at all, is Remote-Write 1.0.
+/// `prometheus.WriteRequest`, or no `proto` at all, is Remote-Write 1.0;
+/// `io.prometheus.write.v2.Request` is 2.0 (message names are
+/// case-sensitive). A missing `Content-Encoding` is snappy for 2.0 too, as
+/// Prometheus' own receiver has it.
 /// Names are case-insensitive and values may be quoted, as RFC 9110 has it;
 /// other parameters are ignored. A header sent twice, or a `proto` given
 /// twice, is refused rather than guessed at.
@@ -58,6 +66,7 @@ pub fn negotiate(headers: &HeaderMap) -> Result<Protocol, ApiError> {
     match proto {
         None => Ok(Protocol::RemoteWrite1),
         Some((_, value)) if value.as_slice() == PROTO_V1 => Ok(Protocol::RemoteWrite1),
+        Some((_, value)) if value.as_slice() == PROTO_V2 => Ok(Protocol::RemoteWrite2),
         Some(_) => Err(unsupported()),
     }
 }
@@ -242,10 +251,31 @@ mod tests {
     }
 
     #[test]
-    fn everything_else_is_415() {
+    fn remote_write_2_by_its_proto() {
         for value in [
             "application/x-protobuf;proto=io.prometheus.write.v2.Request",
             "application/x-protobuf; proto=\"io.prometheus.write.v2.Request\"",
+            "Application/X-Protobuf;PROTO=io.prometheus.write.v2.Request;charset=utf-8",
+        ] {
+            assert_eq!(ct(value).ok(), Some(Protocol::RemoteWrite2), "{value:?}");
+            let snappy = headers(&[("content-type", value), ("content-encoding", "snappy")]);
+            assert_eq!(negotiate(&snappy).ok(), Some(Protocol::RemoteWrite2));
+            for enc in ["gzip", "zstd", "identity"] {
+                let other = headers(&[("content-type", value), ("content-encoding", enc)]);
+                assert!(
+                    matches!(negotiate(&other), Err(ApiError::UnsupportedEncoding(v)) if v == enc),
+                    "{value} {enc}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn everything_else_is_415() {
+        for value in [
+            "application/x-protobuf;proto=io.prometheus.write.v2.request",
+            "application/x-protobuf;proto=io.prometheus.write.v3.Request",
+            "application/x-protobuf;proto=io.prometheus.write.v2.Request;proto=prometheus.WriteRequest",
             "application/x-protobuf;proto=Prometheus.WriteRequest",
             "application/x-protobuf;proto=\"\"",
             "application/x-protobuf;proto=prometheus.WriteRequest;proto=io.prometheus.write.v2.Request",

@@ -32,8 +32,9 @@ use crate::pipeline::{self, Params, ScratchPool};
 use crate::protocol::{self, Protocol};
 use crate::ratelimit::{Exceeded, TenantLimiter};
 use crate::telemetry::{self as t, LogLimiter};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 use crate::wire::ShapeLimits;
+use crate::wire_v2::{Invalid, Written};
 
 /// The remote-write paths: diproxy's, and the two Prometheus/Thanos ones.
 pub const WRITE_PATHS: [&str; 3] = ["/storage/api/v2/write", "/api/v1/write", "/api/v1/receive"];
@@ -365,26 +366,42 @@ async fn write(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp 
         // 3. Everything else within one deadline.
         let limit = state.cfg.limits.request_timeout;
         let deadline = tokio::time::Instant::now() + limit;
-        let result = tokio::time::timeout_at(deadline, accept(state, req, &account, deadline))
-            .await
-            .unwrap_or(Err(ApiError::DeadlineExceeded { limit }));
-        match result {
+        let mut written = None;
+        let result = tokio::time::timeout_at(
+            deadline,
+            accept(state, req, &account, deadline, &mut written),
+        )
+        .await
+        .unwrap_or(Err(ApiError::DeadlineExceeded { limit }));
+        let mut resp = match result {
             Ok(()) => Response::builder()
                 .status(StatusCode::NO_CONTENT)
                 .body(Full::new(Bytes::new()))
                 .unwrap_or_default(),
             Err(e) => reject(state, &e, Some(&account), peer),
+        };
+        // Remote-Write 2.0 answers say what was written, success or not.
+        if let Some(w) = written {
+            w.insert_into(resp.headers_mut());
         }
+        resp
     }
     .instrument(span)
     .await
 }
 
+/// The request's work after the permit; `written` becomes `Some` once the
+/// request is known to be Remote-Write 2.0, and then counts what the
+/// answer's `X-Prometheus-Remote-Write-*-Written` headers give: samples,
+/// histograms and exemplars of the series the allowlist dropped (on purpose,
+/// and again on any retry) and of those the upstream acknowledged, from the
+/// moment the request passed its guards (a request refused whole wrote 0).
 async fn accept(
     state: &State,
     req: Request<Incoming>,
     account: &str,
     deadline: tokio::time::Instant,
+    written: &mut Option<Written>,
 ) -> Result<(), ApiError> {
     let cfg = &state.cfg;
 
@@ -394,8 +411,10 @@ async fn accept(
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
     let tenant = state.auth.authenticate(account, authorization).await?;
-    // Remote-Write 1.0 is the one protocol decoded today.
-    let Protocol::RemoteWrite1 = protocol::negotiate(req.headers())?;
+    let protocol = protocol::negotiate(req.headers())?;
+    if protocol == Protocol::RemoteWrite2 {
+        *written = Some(Written::default());
+    }
 
     // 5. Read the body within its size and time limits.
     let limit = cfg.limits.max_body_bytes.bytes();
@@ -435,7 +454,12 @@ async fn accept(
         return Err(ApiError::Overloaded);
     };
     let mut scratch = state.scratch.take();
-    let outcome = pipeline::process(&body, &params, &mut scratch);
+    let outcome = match protocol {
+        Protocol::RemoteWrite1 => pipeline::process(&body, &params, &mut scratch),
+        Protocol::RemoteWrite2 => {
+            pipeline::process_v2(&body, &params, cfg.upstream.protocol, &mut scratch)
+        }
+    };
     state.scratch.give(scratch);
     drop(budget);
     let mut out = outcome?;
@@ -455,6 +479,14 @@ async fn accept(
     if out.metadata_dropped > 0 {
         metrics::counter!(t::METADATA_DROPPED).increment(out.metadata_dropped);
     }
+    for (reason, n) in Invalid::REASONS.iter().zip(out.refused_by_reason) {
+        if n > 0 {
+            metrics::counter!(t::SERIES_DROPPED, "reason" => *reason).increment(n);
+        }
+    }
+    if let Some(w) = written {
+        *w = out.dropped;
+    }
 
     // 7. Forward what is left (nothing left means nothing to send) and, at
     // the same time, make the cost samples durable. The tee append happens
@@ -464,11 +496,15 @@ async fn accept(
     let record = std::mem::take(&mut out.tee);
     let forward = async {
         if out.series_kept == 0 {
-            return Ok(());
+            return Ok(None);
         }
-        state.upstream.send(account, body, deadline).await?;
+        let acked = state
+            .upstream
+            .send(account, body, out.body_version, deadline)
+            .await?;
         metrics::counter!(t::SAMPLES_FORWARDED).increment(out.samples_kept);
-        Ok::<(), ApiError>(())
+        // What a 2.0 upstream says it wrote, else everything sent.
+        Ok::<_, UpstreamError>(Some(acked.unwrap_or(out.kept)))
     };
     let tee = async {
         match &state.tee {
@@ -480,10 +516,28 @@ async fn accept(
         }
     };
     let (forwarded, teed) = tokio::join!(forward, tee);
+    if let Some(w) = written {
+        match &forwarded {
+            Ok(Some(acked)) => *w = *w + *acked,
+            Err(UpstreamError::Rejected {
+                written: Some(acked),
+                ..
+            }) => *w = *w + *acked,
+            _ => {}
+        }
+    }
     // A failed tee wins over an upstream 4xx: the sender must retry (503)
     // rather than drop the batch, or the cost samples would be lost.
     teed?;
     forwarded?;
+    // Series refused as invalid: the rest is written, the answer says how
+    // many were not (a partial write, per Remote-Write 2.0).
+    if let Some(first) = out.first_refusal {
+        return Err(ApiError::SeriesRefused {
+            refused: out.series_refused,
+            first: first.to_string(),
+        });
+    }
     Ok(())
 }
 

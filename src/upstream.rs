@@ -12,8 +12,9 @@ use http_body_util::Full;
 
 use crate::client::{http_client, read_capped, HttpClient};
 use crate::clock::Backoff;
-use crate::config::UpstreamConfig;
+use crate::config::{RemoteWriteVersion, UpstreamConfig};
 use crate::telemetry as t;
+use crate::wire_v2::{self, Written};
 
 /// Most bytes of an upstream answer read (its first line is the reason
 /// passed back; Thanos and Prometheus answer a line or two).
@@ -25,7 +26,12 @@ pub enum UpstreamError {
     /// The upstream refused the batch for good (400, 409, 413, 422): retrying
     /// it cannot succeed, so the status is passed back.
     #[error("upstream rejected the write: {reason}")]
-    Rejected { status: StatusCode, reason: String },
+    Rejected {
+        status: StatusCode,
+        reason: String,
+        /// What a 2.0 upstream says it wrote nonetheless.
+        written: Option<Written>,
+    },
     /// The upstream kept answering 429.
     #[error("upstream is rate limiting; retry later")]
     RateLimited { retry_after: Option<Duration> },
@@ -74,7 +80,12 @@ pub struct Upstream {
 }
 
 enum Attempt {
-    Status(StatusCode, Option<Duration>, String),
+    Status {
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        reason: String,
+        written: Option<Written>,
+    },
     Error(String),
 }
 
@@ -91,19 +102,24 @@ impl Upstream {
         })
     }
 
-    /// POSTs a snappy-compressed `WriteRequest` for `account`, retrying as
-    /// [`retry_action`] says, and not past `deadline`: no retry starts whose
-    /// wait would end after it (an attempt still running then is cut by the
-    /// request's deadline in the handler, which answers 504). An upstream `Retry-After`
-    /// sets the wait before the next attempt; one longer than what is left
-    /// of the deadline ends the retries at once, and is passed back to the
-    /// sender (capped by `upstream.max_retry_after`).
+    /// POSTs a snappy-compressed request for `account` (`version` says
+    /// which message `body` is), retrying as [`retry_action`] says, and not
+    /// past `deadline`: no retry starts whose wait would end after it (an
+    /// attempt still running then is cut by the request's deadline in the
+    /// handler, which answers 504). An upstream `Retry-After` sets the wait
+    /// before the next attempt; one longer than what is left of the deadline
+    /// ends the retries at once, and is passed back to the sender (capped by
+    /// `upstream.max_retry_after`). A 2.0 body's answer gives what the
+    /// upstream wrote; a 2.0 upstream that answers 2xx without saying so
+    /// does not take 2.0 (it decoded nothing, as a 1.0 receiver decodes a
+    /// 2.0 body), which is a 503.
     pub async fn send(
         &self,
         account: &str,
         body: Bytes,
+        version: RemoteWriteVersion,
         deadline: Instant,
-    ) -> Result<(), UpstreamError> {
+    ) -> Result<Option<Written>, UpstreamError> {
         let tenant = HeaderValue::from_str(account).map_err(|_| UpstreamError::Unavailable {
             detail: "account id is not a valid header value".into(),
             retry_after: None,
@@ -112,15 +128,36 @@ impl Upstream {
         let mut backoff = Backoff::new(self.cfg.retry_backoff, self.cfg.retry_max_backoff);
         loop {
             let started = Instant::now();
-            let result = self.attempt(&tenant, body.clone()).await;
+            let result = self.attempt(&tenant, body.clone(), version).await;
             metrics::histogram!(t::UPSTREAM_DURATION).record(started.elapsed().as_secs_f64());
             let (rate_limited, retry_after, detail) = match result {
-                Attempt::Status(status, retry_after, reason) => {
+                Attempt::Status {
+                    status,
+                    retry_after,
+                    reason,
+                    written,
+                } => {
                     metrics::counter!(t::UPSTREAM_RESPONSES, "status" => status_class(status))
                         .increment(1);
                     match retry_action(status) {
-                        Action::Done => return Ok(()),
-                        Action::Reject => return Err(UpstreamError::Rejected { status, reason }),
+                        Action::Done if version == RemoteWriteVersion::V2 && written.is_none() => {
+                            return Err(UpstreamError::Unavailable {
+                                detail: format!(
+                                    "upstream answered {status} to Remote-Write 2.0 without \
+                                     X-Prometheus-Remote-Write-*-Written headers: it does not \
+                                     take 2.0 (set upstream.protocol = \"1.0\")"
+                                ),
+                                retry_after: None,
+                            })
+                        }
+                        Action::Done => return Ok(written),
+                        Action::Reject => {
+                            return Err(UpstreamError::Rejected {
+                                status,
+                                reason,
+                                written,
+                            })
+                        }
                         Action::Fail => {
                             return Err(UpstreamError::Unavailable {
                                 detail: format!("upstream answered {status}: {reason}"),
@@ -160,13 +197,22 @@ impl Upstream {
         }
     }
 
-    async fn attempt(&self, tenant: &HeaderValue, body: Bytes) -> Attempt {
+    async fn attempt(
+        &self,
+        tenant: &HeaderValue,
+        body: Bytes,
+        version: RemoteWriteVersion,
+    ) -> Attempt {
+        let (content_type, rw_version) = match version {
+            RemoteWriteVersion::V1 => ("application/x-protobuf", "0.1.0"),
+            RemoteWriteVersion::V2 => (wire_v2::CONTENT_TYPE, wire_v2::VERSION),
+        };
         let req = Request::builder()
             .method(Method::POST)
             .uri(self.uri.clone())
-            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .header(http::header::CONTENT_TYPE, content_type)
             .header(http::header::CONTENT_ENCODING, "snappy")
-            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+            .header("X-Prometheus-Remote-Write-Version", rw_version)
             .header(
                 http::header::USER_AGENT,
                 concat!("rwgate/", env!("CARGO_PKG_VERSION")),
@@ -189,6 +235,7 @@ impl Upstream {
                 msg
             })?;
             let status = resp.status();
+            let written = Written::from_headers(resp.headers());
             // Seconds only: Thanos and Mimir send no HTTP-dates.
             let retry_after = resp
                 .headers()
@@ -204,7 +251,12 @@ impl Upstream {
                 (false, Ok(b)) => one_line(&b.bytes),
                 (false, Err(e)) => format!("(unreadable body: {e})"),
             };
-            Ok::<_, String>(Attempt::Status(status, retry_after, reason))
+            Ok::<_, String>(Attempt::Status {
+                status,
+                retry_after,
+                reason,
+                written,
+            })
         };
         match tokio::time::timeout(self.cfg.timeout, call).await {
             Ok(Ok(a)) => a,

@@ -49,6 +49,70 @@ pub const PROTO: &str = "io.prometheus.write.v2.Request";
 /// `X-Prometheus-Remote-Write-Version` of a 2.0 request.
 pub const VERSION: &str = "2.0.0";
 
+/// What a 2.0 receiver says it wrote, in the response headers the spec
+/// requires on success and on error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    pub samples: u64,
+    pub histograms: u64,
+    pub exemplars: u64,
+}
+
+/// `X-Prometheus-Remote-Write-*-Written` header names (in the lower case
+/// HTTP/2 requires; names are case-insensitive).
+pub const SAMPLES_WRITTEN: &str = "x-prometheus-remote-write-samples-written";
+pub const HISTOGRAMS_WRITTEN: &str = "x-prometheus-remote-write-histograms-written";
+pub const EXEMPLARS_WRITTEN: &str = "x-prometheus-remote-write-exemplars-written";
+
+impl std::ops::Add for Written {
+    type Output = Written;
+    fn add(self, o: Written) -> Written {
+        Written {
+            samples: self.samples + o.samples,
+            histograms: self.histograms + o.histograms,
+            exemplars: self.exemplars + o.exemplars,
+        }
+    }
+}
+
+impl Written {
+    /// The counts a response carries, `None` if it carries none of the
+    /// headers (a missing one counts 0, as the spec lets senders assume).
+    pub fn from_headers(h: &http::HeaderMap) -> Option<Written> {
+        let get = |name: &str| {
+            h.get(name)
+                .map(|v| v.to_str().ok().and_then(|t| t.trim().parse::<u64>().ok()))
+        };
+        let (s, hi, e) = (
+            get(SAMPLES_WRITTEN),
+            get(HISTOGRAMS_WRITTEN),
+            get(EXEMPLARS_WRITTEN),
+        );
+        if s.is_none() && hi.is_none() && e.is_none() {
+            return None;
+        }
+        Some(Written {
+            samples: s.flatten().unwrap_or(0),
+            histograms: hi.flatten().unwrap_or(0),
+            exemplars: e.flatten().unwrap_or(0),
+        })
+    }
+
+    /// Sets the three headers.
+    pub fn insert_into(&self, h: &mut http::HeaderMap) {
+        for (name, n) in [
+            (SAMPLES_WRITTEN, self.samples),
+            (HISTOGRAMS_WRITTEN, self.histograms),
+            (EXEMPLARS_WRITTEN, self.exemplars),
+        ] {
+            h.insert(
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from(n),
+            );
+        }
+    }
+}
+
 /// One label of a series: the indices of its name and value in the symbol
 /// table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,16 +203,31 @@ pub enum Invalid {
 }
 
 impl Invalid {
+    /// The metric labels of the reasons, by [`Invalid::index`].
+    pub const REASONS: [&'static str; 6] = [
+        "odd_labels_refs",
+        "symbol_out_of_range",
+        "empty_label_name",
+        "duplicate_label_name",
+        "missing_metric_name",
+        "malformed_series",
+    ];
+
+    /// The reason's place in [`Invalid::REASONS`].
+    pub fn index(&self) -> usize {
+        match self {
+            Invalid::OddLabelRefs => 0,
+            Invalid::SymbolOutOfRange { .. } => 1,
+            Invalid::EmptyLabelName => 2,
+            Invalid::DuplicateLabelName => 3,
+            Invalid::MissingName => 4,
+            Invalid::Malformed { .. } => 5,
+        }
+    }
+
     /// A short fixed label for metrics.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Invalid::OddLabelRefs => "odd_labels_refs",
-            Invalid::SymbolOutOfRange { .. } => "symbol_out_of_range",
-            Invalid::EmptyLabelName => "empty_label_name",
-            Invalid::DuplicateLabelName => "duplicate_label_name",
-            Invalid::MissingName => "missing_metric_name",
-            Invalid::Malformed { .. } => "malformed_series",
-        }
+        Self::REASONS[self.index()]
     }
 }
 

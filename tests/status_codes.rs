@@ -185,16 +185,16 @@ async fn request_errors_each_have_their_status_and_reason() {
     expect(
         with(
             "Content-Type",
-            "application/x-protobuf;proto=io.prometheus.write.v2.Request",
+            "application/x-protobuf;proto=io.prometheus.write.v3.Request",
         ),
         415,
-        "unsupported Content-Type \"application/x-protobuf;proto=io.prometheus.write.v2.Request\": send application/x-protobuf (Remote-Write 1.0)\n",
+        "unsupported Content-Type \"application/x-protobuf;proto=io.prometheus.write.v3.Request\": send application/x-protobuf (Remote-Write 1.0) or application/x-protobuf;proto=io.prometheus.write.v2.Request (2.0)\n",
     )
     .await;
     expect(
         with("Content-Type", "application/json"),
         415,
-        "unsupported Content-Type \"application/json\": send application/x-protobuf (Remote-Write 1.0)\n",
+        "unsupported Content-Type \"application/json\": send application/x-protobuf (Remote-Write 1.0) or application/x-protobuf;proto=io.prometheus.write.v2.Request (2.0)\n",
     )
     .await;
     // Parameter names are case-insensitive: an upper-case `PROTO` naming
@@ -202,10 +202,10 @@ async fn request_errors_each_have_their_status_and_reason() {
     expect(
         with(
             "Content-Type",
-            "application/x-protobuf; PROTO=io.prometheus.write.v2.Request",
+            "application/x-protobuf; PROTO=io.prometheus.write.v3.Request",
         ),
         415,
-        "unsupported Content-Type \"application/x-protobuf; PROTO=io.prometheus.write.v2.Request\": send application/x-protobuf (Remote-Write 1.0)\n",
+        "unsupported Content-Type \"application/x-protobuf; PROTO=io.prometheus.write.v3.Request\": send application/x-protobuf (Remote-Write 1.0) or application/x-protobuf;proto=io.prometheus.write.v2.Request (2.0)\n",
     )
     .await;
     // ... and two `proto`s are ambiguous.
@@ -215,7 +215,7 @@ async fn request_errors_each_have_their_status_and_reason() {
             "application/x-protobuf;proto=prometheus.WriteRequest;proto=io.prometheus.write.v2.Request",
         ),
         415,
-        "unsupported Content-Type \"application/x-protobuf;proto=prometheus.WriteRequest;proto=io.prometheus.write.v2.Request\": send application/x-protobuf (Remote-Write 1.0)\n",
+        "unsupported Content-Type \"application/x-protobuf;proto=prometheus.WriteRequest;proto=io.prometheus.write.v2.Request\": send application/x-protobuf (Remote-Write 1.0) or application/x-protobuf;proto=io.prometheus.write.v2.Request (2.0)\n",
     )
     .await;
 
