@@ -28,6 +28,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod clickhouse;
+pub mod v2;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -311,23 +312,33 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub async fn start() -> Prometheus {
-        Self::start_with(None, None).await
+        Self::start_with(None, None, &[]).await
+    }
+
+    /// With `--enable-feature` flags, e.g. `native-histograms` and
+    /// `exemplar-storage` (2.42 stores neither without them).
+    pub async fn start_with_features(features: &[&str]) -> Prometheus {
+        Self::start_with(None, None, features).await
     }
 
     /// Starts on `port` (a port the caller reserved, e.g. one rwgate already
     /// points at), without retrying elsewhere.
     pub async fn start_on(port: u16) -> Prometheus {
-        Self::start_with(Some(port), None).await
+        Self::start_with(Some(port), None, &[]).await
     }
 
     /// Serves HTTPS with `pki`'s server certificate and requires a client
     /// certificate signed by its CA (Prometheus' `--web.config.file`), as a
     /// Thanos receive set up for mutual TLS does.
     pub async fn start_mtls(pki: &TestPki) -> Prometheus {
-        Self::start_with(None, Some(pki)).await
+        Self::start_with(None, Some(pki), &[]).await
     }
 
-    async fn start_with(fixed: Option<u16>, pki: Option<&TestPki>) -> Prometheus {
+    async fn start_with(
+        fixed: Option<u16>,
+        pki: Option<&TestPki>,
+        features: &[&str],
+    ) -> Prometheus {
         let dir = tempfile::tempdir().expect("tempdir for prometheus");
         let cfg = dir.path().join("prometheus.yml");
         std::fs::write(&cfg, "global:\n  scrape_interval: 15s\n").expect("write prometheus.yml");
@@ -355,6 +366,9 @@ impl Prometheus {
                 .arg("--log.level=warn");
             if pki.is_some() {
                 cmd.arg(format!("--web.config.file={}", web.display()));
+            }
+            if !features.is_empty() {
+                cmd.arg(format!("--enable-feature={}", features.join(",")));
             }
             cmd
         };
@@ -437,6 +451,22 @@ impl Prometheus {
             },
         )
         .await
+    }
+
+    /// The `data` of a GET on an API path (`/api/v1/...`) with `query`.
+    pub async fn api(&self, path: &str, query: &[(&str, &str)]) -> serde_json::Value {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base()))
+            .query(query)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET prometheus {path}: {e}"));
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.bytes().await.expect("API answer"))
+                .expect("API answer is JSON");
+        assert_eq!(body["status"], "success", "{path} {query:?} failed: {body}");
+        body["data"].clone()
     }
 
     /// The value of a query whose answer is one number (0 if empty).
