@@ -11,6 +11,12 @@
 //! the tee on (its `cloudtuner_kubecost_*` tenth written to a spool record),
 //! and the writer's side of that record (decode, cut into row parts).
 //!
+//! Remote-Write 2.0 runs on the same series (`loadgen::snappy_request_v2`
+//! of the same seed): `stages/decode_v2` beside `stages/decode`,
+//! `stages/tenancy_encode_v2` (to 1.0) beside `stages/tenancy_encode`, and
+//! `pipeline/process_v2` (to a 1.0 upstream) and `pipeline/process_v2_to_v2`
+//! (to a 2.0 upstream) beside `pipeline/process`.
+//!
 //! Run: `cargo bench --bench pipeline` (add `-- floor` etc. to pick groups).
 
 use std::future::Future;
@@ -22,7 +28,7 @@ use criterion::measurement::Measurement;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use prost::Message;
 use rwgate::auth::Authenticator;
-use rwgate::config::DEFAULT_ALLOWLIST;
+use rwgate::config::{RemoteWriteVersion, DEFAULT_ALLOWLIST};
 use rwgate::cost::batch::Parts;
 use rwgate::cost::record::{decode_record, Accepted};
 use rwgate::filter::Allowlist;
@@ -30,6 +36,7 @@ use rwgate::loadgen::{self, Profile};
 use rwgate::pipeline::{self, Params, Scratch};
 use rwgate::prompb;
 use rwgate::wire::{self, Decoded, Injected, ShapeLimits};
+use rwgate::wire_v2::{self, DecodedV2};
 
 /// A waker for futures that never wait (`Waker::noop` needs Rust 1.85).
 struct NoopWaker;
@@ -43,6 +50,9 @@ struct Fixture {
     tenant: String,
     compressed: Vec<u8>,
     raw: Vec<u8>,
+    /// The same series as Remote-Write 2.0.
+    compressed_v2: Vec<u8>,
+    raw_v2: Vec<u8>,
     samples: u64,
     allow: Allowlist,
     labels: Vec<String>,
@@ -55,10 +65,16 @@ fn fixture() -> Fixture {
     let raw = snap::raw::Decoder::new()
         .decompress_vec(&compressed)
         .expect("generated payload decompresses");
+    let compressed_v2 = loadgen::snappy_request_v2(&p, &tenant, 42);
+    let raw_v2 = snap::raw::Decoder::new()
+        .decompress_vec(&compressed_v2)
+        .expect("generated payload decompresses");
     Fixture {
         tenant,
         compressed,
         raw,
+        compressed_v2,
+        raw_v2,
         samples: (p.series * p.samples) as u64,
         allow: Allowlist::new(DEFAULT_ALLOWLIST).expect("default allowlist compiles"),
         labels: TENANT_LABELS.iter().map(|s| s.to_string()).collect(),
@@ -127,6 +143,10 @@ fn stages<M: Measurement>(c: &mut Criterion<M>) {
     g.bench_function("decode", |b| {
         b.iter(|| wire::decode(black_box(&f.raw), &limits, &mut d).expect("valid"))
     });
+    let mut d2 = DecodedV2::default();
+    g.bench_function("decode_v2", |b| {
+        b.iter(|| wire_v2::decode(black_box(&f.raw_v2), &limits, &mut d2).expect("valid"))
+    });
 
     wire::decode(&f.raw, &limits, &mut d).expect("valid");
     g.bench_function("filter", |b| {
@@ -160,6 +180,30 @@ fn stages<M: Measurement>(c: &mut Criterion<M>) {
             out.len()
         })
     });
+
+    wire_v2::decode(&f.raw_v2, &limits, &mut d2).expect("valid");
+    let kept_v2: Vec<_> = d2
+        .series
+        .iter()
+        .filter(|s| f.allow.keeps(d2.name(&f.raw_v2, s)))
+        .copied()
+        .collect();
+    assert_eq!(kept_v2.len(), kept.len(), "the same series are kept");
+    g.bench_function("tenancy_encode_v2", |b| {
+        b.iter(|| {
+            out.clear();
+            let inject = Injected::new(
+                f.labels
+                    .iter()
+                    .map(|n| (n.as_bytes(), f.tenant.as_bytes()))
+                    .collect::<Vec<_>>(),
+            );
+            for s in &kept_v2 {
+                wire_v2::encode_series_v1(&mut out, &f.raw_v2, &d2, s, &inject);
+            }
+            out.len()
+        })
+    });
     g.finish();
 }
 
@@ -180,6 +224,19 @@ fn whole<M: Measurement>(c: &mut Criterion<M>) {
                 .len()
         })
     });
+    for (name, upstream) in [
+        ("process_v2", RemoteWriteVersion::V1),
+        ("process_v2_to_v2", RemoteWriteVersion::V2),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                pipeline::process_v2(black_box(&f.compressed_v2), &p, upstream, &mut scratch)
+                    .expect("valid")
+                    .body
+                    .len()
+            })
+        });
+    }
 
     // A static-tenants lookup: a hash-map hit and a constant-time compare,
     // the same work as a REST cache hit without the network.
