@@ -348,63 +348,16 @@ pub struct UpstreamConfig {
     pub protocol: RemoteWriteVersion,
 }
 
-/// A remote-write protocol version, written `"1.0"` or `"2.0"` (the
-/// numbers 1.0 and 2.0 are read too, so `--set upstream.protocol=2.0` works).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A remote-write protocol version, written `"1.0"` or `"2.0"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum RemoteWriteVersion {
     /// `prometheus.WriteRequest`.
     #[default]
+    #[serde(rename = "1.0")]
     V1,
     /// `io.prometheus.write.v2.Request`.
+    #[serde(rename = "2.0")]
     V2,
-}
-
-impl RemoteWriteVersion {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RemoteWriteVersion::V1 => "1.0",
-            RemoteWriteVersion::V2 => "2.0",
-        }
-    }
-}
-
-impl Serialize for RemoteWriteVersion {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for RemoteWriteVersion {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = RemoteWriteVersion;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("\"1.0\" or \"2.0\"")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                match v.trim() {
-                    "1.0" | "1" => Ok(RemoteWriteVersion::V1),
-                    "2.0" | "2" => Ok(RemoteWriteVersion::V2),
-                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
-                }
-            }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
-                match v {
-                    1.0 => Ok(RemoteWriteVersion::V1),
-                    2.0 => Ok(RemoteWriteVersion::V2),
-                    _ => Err(E::invalid_value(serde::de::Unexpected::Float(v), &self)),
-                }
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                self.visit_f64(v as f64)
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                self.visit_f64(v as f64)
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
 }
 
 /// TLS towards the upstream (PEM files). Unset, an `https` upstream's
@@ -1155,19 +1108,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upstream_protocol_reads_as_people_write_it() {
+    fn upstream_protocol_is_1_0_or_2_0() {
         for (text, want) in [
             ("\"1.0\"", RemoteWriteVersion::V1),
             ("\"2.0\"", RemoteWriteVersion::V2),
-            ("2.0", RemoteWriteVersion::V2),
-            ("1", RemoteWriteVersion::V1),
         ] {
-            let c = Config::from_toml(&format!("[upstream]\nprotocol = {text}\n"), "test").unwrap();
+            let c = crate::settings::from_toml(&format!("[upstream]\nprotocol = {text}\n"), "test")
+                .unwrap();
             assert_eq!(c.upstream.protocol, want, "{text}");
         }
         assert_eq!(Config::default().upstream.protocol, RemoteWriteVersion::V1);
-        let err = Config::from_toml("[upstream]\nprotocol = \"3.0\"\n", "test").unwrap_err();
-        assert!(err.to_string().contains("\"1.0\" or \"2.0\""), "{err}");
+        let err = crate::settings::from_toml("[upstream]\nprotocol = \"3.0\"\n", "test")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("upstream.protocol") && err.contains("1.0, 2.0"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! The tee from Remote-Write 2.0 input, into a real ClickHouse 18.16: the
-//! same cost series sent as 1.0 for one account and as 2.0 for another give
-//! the same raw samples, the same series rows and the same expense rows,
-//! to the last bit, and the money is the independent integral.
+//! The tee from Remote-Write 2.0 input, into a real ClickHouse (18.16 and
+//! 26.9): the same cost series sent as 1.0 for one account and as 2.0 for
+//! another give the same raw samples, the same series rows and the same
+//! expense rows, to the last bit, and the money is the independent integral.
 
 mod common;
 
@@ -53,9 +53,14 @@ fn hour(h: i64) -> Vec<Series> {
     series
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn money_from_2_0_is_the_money_from_1_0() {
-    let ch = ClickHouseServer::start();
+on_both_engines!(
+    money_from_2_0_is_the_money_from_1_0,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn money_from_2_0_is_the_money_from_1_0(engine: Engine) {
+    let ch = ClickHouseServer::start_engine(engine);
+    ch.migrate().await;
     let sink = Sink::start().await;
     let spool = tempfile::tempdir().expect("spool dir");
     let gw = Gateway::start(tee_config(&sink.url(), &ch.url(), spool.path().into())).await;
