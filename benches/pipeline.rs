@@ -97,6 +97,16 @@ fn params<'a>(f: &'a Fixture) -> Params<'a> {
     }
 }
 
+/// The tenant labels to set, built per request as the pipeline does.
+fn tenant(f: &Fixture) -> Injected {
+    Injected::new(
+        f.labels
+            .iter()
+            .map(|n| (n.as_bytes(), f.tenant.as_bytes()))
+            .collect::<Vec<_>>(),
+    )
+}
+
 /// Snappy-decompress the request and snappy-compress the same bytes: the work
 /// no implementation of the gateway can skip.
 fn floor<M: Measurement>(c: &mut Criterion<M>) {
@@ -168,12 +178,7 @@ fn stages<M: Measurement>(c: &mut Criterion<M>) {
     g.bench_function("tenancy_encode", |b| {
         b.iter(|| {
             out.clear();
-            let inject = Injected::new(
-                f.labels
-                    .iter()
-                    .map(|n| (n.as_bytes(), f.tenant.as_bytes()))
-                    .collect::<Vec<_>>(),
-            );
+            let inject = tenant(&f);
             for s in &kept {
                 wire::encode_series(&mut out, &f.raw, &d, s, &inject);
             }
@@ -192,12 +197,7 @@ fn stages<M: Measurement>(c: &mut Criterion<M>) {
     g.bench_function("tenancy_encode_v2", |b| {
         b.iter(|| {
             out.clear();
-            let inject = Injected::new(
-                f.labels
-                    .iter()
-                    .map(|n| (n.as_bytes(), f.tenant.as_bytes()))
-                    .collect::<Vec<_>>(),
-            );
+            let inject = tenant(&f);
             for s in &kept_v2 {
                 wire_v2::encode_series_v1(&mut out, &f.raw_v2, &d2, s, &inject);
             }

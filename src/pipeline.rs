@@ -104,11 +104,7 @@ pub fn process(
     wire::decode(buf, &p.limits, decoded)?;
 
     let inject = &mut scratch.inject;
-    inject.set(
-        p.tenant_labels
-            .iter()
-            .map(|n| (n.as_bytes(), p.account.as_bytes())),
-    );
+    set_tenant(inject, p);
     let mut out = Outcome {
         metadata_dropped: u64::from(decoded.metadata),
         ..Outcome::default()
@@ -143,11 +139,31 @@ pub fn process(
             }
         }
     }
+    finish(out, tee, encoded, &mut scratch.compressed)
+}
+
+/// Sets `inject` to the tenant labels: each of `p.tenant_labels`, the account.
+fn set_tenant(inject: &mut Injected, p: &Params<'_>) {
+    inject.set(
+        p.tenant_labels
+            .iter()
+            .map(|n| (n.as_bytes(), p.account.as_bytes())),
+    );
+}
+
+/// The end of a request's work: the tee record sealed, the kept series
+/// compressed (nothing kept, no body).
+fn finish(
+    mut out: Outcome,
+    tee: Option<RecordBuilder>,
+    encoded: &[u8],
+    compressed: &mut Vec<u8>,
+) -> Result<Outcome, PipelineError> {
     if let Some(tee) = tee {
         out.tee = tee.finish();
     }
     if out.series_kept > 0 {
-        out.body = compress(encoded, &mut scratch.compressed)?;
+        out.body = compress(encoded, compressed)?;
     }
     Ok(out)
 }
@@ -197,11 +213,7 @@ pub fn process_v2(
     wire_v2::decode(buf, &p.limits, d)?;
 
     let inject = &mut scratch.inject;
-    inject.set(
-        p.tenant_labels
-            .iter()
-            .map(|n| (n.as_bytes(), p.account.as_bytes())),
-    );
+    set_tenant(inject, p);
     let mut out = Outcome {
         body_version: upstream,
         ..Outcome::default()
@@ -263,13 +275,7 @@ pub fn process_v2(
     if upstream == RemoteWriteVersion::V1 {
         wire_v2::encode_metadata_v1(encoded, buf, d, families);
     }
-    if let Some(tee) = tee {
-        out.tee = tee.finish();
-    }
-    if out.series_kept > 0 {
-        out.body = compress(encoded, &mut scratch.compressed)?;
-    }
-    Ok(out)
+    finish(out, tee, encoded, &mut scratch.compressed)
 }
 
 /// Appends one series to the tee record: its labels after tenancy

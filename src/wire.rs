@@ -516,21 +516,27 @@ pub fn for_each_sample(
             continue;
         }
         let (ss, se) = r.len_delimited()?;
-        let mut sr = Reader::new(&buf[ss..se], ss);
-        let mut sample = Sample {
-            value: 0.0,
-            timestamp_ms: 0,
-        };
-        while !sr.done() {
-            match sr.key()? {
-                (1, FIXED64) => sample.value = f64::from_bits(sr.fixed64()?),
-                (2, VARINT) => sample.timestamp_ms = sr.varint()? as i64,
-                (_, wt) => sr.skip(wt)?,
-            }
-        }
-        f(sample);
+        f(read_sample(buf, ss, se)?);
     }
     Ok(())
+}
+
+/// One `Sample` message (the same in 1.0 and 2.0; other fields skipped).
+#[inline]
+pub(crate) fn read_sample(buf: &[u8], start: usize, end: usize) -> Result<Sample, DecodeError> {
+    let mut r = Reader::new(&buf[start..end], start);
+    let mut sample = Sample {
+        value: 0.0,
+        timestamp_ms: 0,
+    };
+    while !r.done() {
+        match r.key()? {
+            (1, FIXED64) => sample.value = f64::from_bits(r.fixed64()?),
+            (2, VARINT) => sample.timestamp_ms = r.varint()? as i64,
+            (_, wt) => r.skip(wt)?,
+        }
+    }
+    Ok(sample)
 }
 
 /// Protobuf size of a varint.

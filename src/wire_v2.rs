@@ -38,8 +38,8 @@ use std::cmp::Ordering;
 use std::fmt;
 
 use crate::wire::{
-    cmp_names, label_msg_len, malformed, put_label, put_varint, varint_len, DecodeError, Injected,
-    Reader, Sample, ShapeLimits, Span, FIXED64, LEN, VARINT,
+    cmp_names, label_msg_len, malformed, put_label, put_varint, read_sample, varint_len,
+    DecodeError, Injected, Reader, Sample, ShapeLimits, Span, FIXED64, LEN, VARINT,
 };
 
 /// The `Content-Type` of a 2.0 request (the media type with its `proto`).
@@ -819,20 +819,11 @@ pub fn for_each_sample(
         return Ok(());
     }
     for (_, payload) in fields_numbered(buf, s, s.sample_run, 2) {
-        let (ss, se) = (payload.start as usize, payload.end as usize);
-        let mut r = Reader::new(&buf[ss..se], ss);
-        let mut sample = Sample {
-            value: 0.0,
-            timestamp_ms: 0,
-        };
-        while !r.done() {
-            match r.key()? {
-                (1, FIXED64) => sample.value = f64::from_bits(r.fixed64()?),
-                (2, VARINT) => sample.timestamp_ms = r.varint()? as i64,
-                (_, wt) => r.skip(wt)?,
-            }
-        }
-        f(sample);
+        f(read_sample(
+            buf,
+            payload.start as usize,
+            payload.end as usize,
+        )?);
     }
     Ok(())
 }
@@ -1836,27 +1827,39 @@ mod tests {
         }
         .encode_to_vec();
         let mut d = DecodedV2::default();
-        let lim = |f: fn(&mut ShapeLimits)| {
-            let mut l = ShapeLimits::UNLIMITED;
-            f(&mut l);
-            l
-        };
-        assert_eq!(
-            decode(&buf, &lim(|l| l.max_series = 1), &mut d),
-            Err(DecodeError::TooManySeries { limit: 1 })
-        );
-        assert_eq!(
-            decode(&buf, &lim(|l| l.max_labels_per_series = 2), &mut d),
-            Err(DecodeError::TooManyLabels { count: 3, limit: 2 })
-        );
-        assert_eq!(
-            decode(&buf, &lim(|l| l.max_label_name_bytes = 7), &mut d),
-            Err(DecodeError::LabelNameTooLong { len: 8, limit: 7 })
-        );
-        assert_eq!(
-            decode(&buf, &lim(|l| l.max_label_value_bytes = 0), &mut d),
-            Err(DecodeError::LabelValueTooLong { len: 1, limit: 0 })
-        );
+        let unlimited = ShapeLimits::UNLIMITED;
+        for (limits, want) in [
+            (
+                ShapeLimits {
+                    max_series: 1,
+                    ..unlimited
+                },
+                DecodeError::TooManySeries { limit: 1 },
+            ),
+            (
+                ShapeLimits {
+                    max_labels_per_series: 2,
+                    ..unlimited
+                },
+                DecodeError::TooManyLabels { count: 3, limit: 2 },
+            ),
+            (
+                ShapeLimits {
+                    max_label_name_bytes: 7,
+                    ..unlimited
+                },
+                DecodeError::LabelNameTooLong { len: 8, limit: 7 },
+            ),
+            (
+                ShapeLimits {
+                    max_label_value_bytes: 0,
+                    ..unlimited
+                },
+                DecodeError::LabelValueTooLong { len: 1, limit: 0 },
+            ),
+        ] {
+            assert_eq!(decode(&buf, &limits, &mut d), Err(want.clone()), "{want}");
+        }
     }
 
     #[test]

@@ -39,44 +39,18 @@ async fn synthetic_day_is_charged_exactly(engine: Engine) {
     // (raw only), an efficiency (raw only) and a non-tee metric (forwarded only).
     let mut expected_raw = Vec::new();
     for hour in 0..24i64 {
-        let mut series = Vec::new();
-        for (i, ns) in NAMESPACES.iter().enumerate() {
-            let minutes = hour * 60..(hour + 1) * 60;
-            let total: Vec<(i64, f64)> = minutes
-                .clone()
-                .map(|k| ((DAY_S + k * 60) * 1000, rate(i, k)))
-                .collect();
-            let cpu: Vec<(i64, f64)> = total.iter().map(|&(t, v)| (t, v / 3.0)).collect();
-            for &(t, v) in &total {
-                expected_raw.push((NS_METRIC.to_string(), ns.to_string(), t, v));
+        let series = cost_hour(DAY_S, &NAMESPACES, rate, hour);
+        for s in series.iter().filter(|s| s.labels[0].1 != "kube_pod_info") {
+            let ns = &s
+                .labels
+                .iter()
+                .find(|(n, _)| n == "namespace")
+                .expect("namespace")
+                .1;
+            for &(t, v) in &s.samples {
+                expected_raw.push((s.labels[0].1.clone(), ns.clone(), t, v));
             }
-            for &(t, v) in &cpu {
-                expected_raw.push((
-                    "cloudtuner_kubecost_namespace_cpu_cost".to_string(),
-                    ns.to_string(),
-                    t,
-                    v,
-                ));
-            }
-            let labels = [
-                ("cluster", "prod-1"),
-                ("namespace", ns),
-                ("currency", "USD"),
-                ("tenant_id", "spoofed"),
-                ("instance", "exporter:9100"),
-            ];
-            series.push(Series::new(NS_METRIC, &labels, total));
-            series.push(Series::new(
-                "cloudtuner_kubecost_namespace_cpu_cost",
-                &labels,
-                cpu,
-            ));
         }
-        series.push(Series::new(
-            "kube_pod_info",
-            &[("namespace", "default")],
-            vec![((DAY_S + hour * 3600) * 1000, 1.0)],
-        ));
         let status = post(&client, &gw.write_url(), ACCOUNT, body(&series)).await;
         assert_eq!(status, 204, "hour {hour}");
     }

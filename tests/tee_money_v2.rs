@@ -23,36 +23,6 @@ fn rate(i: usize, k: i64) -> f64 {
     [0.75, 2.5][i] * (1.0 + 0.25 * ((k as f64) / 50.0).sin()) + ((k / 17) % 3) as f64 * 0.01
 }
 
-/// One hour of the charged metric, a component metric (raw only) and a
-/// series that is forwarded but not teed; the tenant label spoofed.
-fn hour(h: i64) -> Vec<Series> {
-    let mut series = Vec::new();
-    for (i, ns) in NAMESPACES.iter().enumerate() {
-        let total: Vec<(i64, f64)> = (h * 60..(h + 1) * 60)
-            .map(|k| ((DAY_S + k * 60) * 1000, rate(i, k)))
-            .collect();
-        let cpu = total.iter().map(|&(t, v)| (t, v / 4.0)).collect();
-        let labels = [
-            ("namespace", *ns),
-            ("cluster", "prod-1"),
-            ("tenant_id", "spoofed"),
-            ("currency", "USD"),
-        ];
-        series.push(Series::new(NS_METRIC, &labels, total));
-        series.push(Series::new(
-            "cloudtuner_kubecost_namespace_cpu_cost",
-            &labels,
-            cpu,
-        ));
-    }
-    series.push(Series::new(
-        "kube_pod_info",
-        &[("namespace", "default")],
-        vec![((DAY_S + h * 3600) * 1000, 1.0)],
-    ));
-    series
-}
-
 on_both_engines!(
     money_from_2_0_is_the_money_from_1_0,
     flavor = "multi_thread",
@@ -67,7 +37,7 @@ async fn money_from_2_0_is_the_money_from_1_0(engine: Engine) {
     let http = reqwest::Client::new();
 
     for h in 0..HOURS {
-        let series = hour(h);
+        let series = cost_hour(DAY_S, &NAMESPACES, rate, h);
         let status = post(&http, &gw.write_url(), V1_ACCOUNT, body(&series)).await;
         assert_eq!(status, 204, "1.0 hour {h}");
         let resp = common::v2::post(
@@ -170,13 +140,13 @@ async fn money_from_2_0_is_the_money_from_1_0(engine: Engine) {
         );
         assert_eq!(
             b["label_values"],
-            serde_json::json!([V2_ACCOUNT, "USD", V2_ACCOUNT]),
+            serde_json::json!([V2_ACCOUNT, "USD", "exporter:9100", V2_ACCOUNT]),
             "tenant labels are the account's: {b}"
         );
     }
     assert_eq!(
         series_v1[0]["label_names"],
-        serde_json::json!(["cloud_account_id", "currency", "tenant_id"])
+        serde_json::json!(["cloud_account_id", "currency", "instance", "tenant_id"])
     );
     assert_eq!(
         sink.requests.load(std::sync::atomic::Ordering::Relaxed),

@@ -270,6 +270,44 @@ impl Series {
     }
 }
 
+/// One hour (`hour` from `day_s`, seconds) of a synthetic cost day: for each
+/// namespace `i`, the charged metric at `rate(i, minute)` USD/h every minute
+/// and its CPU component at a third of that (both teed, `tenant_id`
+/// spoofed), then one `kube_pod_info` (forwarded, not teed).
+pub fn cost_hour(
+    day_s: i64,
+    namespaces: &[&str],
+    rate: impl Fn(usize, i64) -> f64,
+    hour: i64,
+) -> Vec<Series> {
+    let mut series = Vec::new();
+    for (i, ns) in namespaces.iter().enumerate() {
+        let total: Vec<(i64, f64)> = (hour * 60..(hour + 1) * 60)
+            .map(|k| ((day_s + k * 60) * 1000, rate(i, k)))
+            .collect();
+        let cpu: Vec<(i64, f64)> = total.iter().map(|&(t, v)| (t, v / 3.0)).collect();
+        let labels = [
+            ("cluster", "prod-1"),
+            ("namespace", ns),
+            ("currency", "USD"),
+            ("tenant_id", "spoofed"),
+            ("instance", "exporter:9100"),
+        ];
+        series.push(Series::new(NS_METRIC, &labels, total));
+        series.push(Series::new(
+            "cloudtuner_kubecost_namespace_cpu_cost",
+            &labels,
+            cpu,
+        ));
+    }
+    series.push(Series::new(
+        "kube_pod_info",
+        &[("namespace", "default")],
+        vec![((day_s + hour * 3600) * 1000, 1.0)],
+    ));
+    series
+}
+
 /// A snappy-compressed Remote-Write 1.0 body of `series`.
 pub fn body(series: &[Series]) -> Vec<u8> {
     super::write_body(
