@@ -143,7 +143,8 @@ pub fn process(
 }
 
 /// Sets `inject` to the tenant labels: each of `p.tenant_labels`, the account.
-fn set_tenant(inject: &mut Injected, p: &Params<'_>) {
+/// Public for the benches, which time the encoders with the same set.
+pub fn set_tenant(inject: &mut Injected, p: &Params<'_>) {
     inject.set(
         p.tenant_labels
             .iter()

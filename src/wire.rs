@@ -788,7 +788,7 @@ impl fmt::Display for Span {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::prompb;
     use prost::Message;
@@ -937,38 +937,52 @@ mod tests {
         assert_eq!(d.series[0].name.unwrap().get(&buf), b"x");
     }
 
-    #[test]
-    fn limits_are_enforced() {
-        let req = prompb::WriteRequest {
+    /// The request the shape limits are tested on, and each limit with the
+    /// error it gives there: one table for both protocols (the 2.0 test
+    /// sends the same series), so that they refuse alike.
+    pub(crate) fn limits_request() -> prompb::WriteRequest {
+        prompb::WriteRequest {
             timeseries: vec![
                 ts(&[("__name__", "x"), ("a", "1"), ("b", "2")], &[(1.0, 1)]),
                 ts(&[("__name__", "y")], &[(1.0, 1)]),
             ],
             metadata: vec![],
-        };
-        let buf = req.encode_to_vec();
-        let mut d = Decoded::default();
+        }
+    }
+
+    pub(crate) fn limit_cases() -> [(ShapeLimits, DecodeError); 4] {
         let lim = |f: fn(&mut ShapeLimits)| {
             let mut l = ShapeLimits::UNLIMITED;
             f(&mut l);
             l
         };
-        assert_eq!(
-            decode(&buf, &lim(|l| l.max_series = 1), &mut d),
-            Err(DecodeError::TooManySeries { limit: 1 })
-        );
-        assert_eq!(
-            decode(&buf, &lim(|l| l.max_labels_per_series = 2), &mut d),
-            Err(DecodeError::TooManyLabels { count: 3, limit: 2 })
-        );
-        assert_eq!(
-            decode(&buf, &lim(|l| l.max_label_name_bytes = 7), &mut d),
-            Err(DecodeError::LabelNameTooLong { len: 8, limit: 7 })
-        );
-        assert_eq!(
-            decode(&buf, &lim(|l| l.max_label_value_bytes = 0), &mut d),
-            Err(DecodeError::LabelValueTooLong { len: 1, limit: 0 })
-        );
+        [
+            (
+                lim(|l| l.max_series = 1),
+                DecodeError::TooManySeries { limit: 1 },
+            ),
+            (
+                lim(|l| l.max_labels_per_series = 2),
+                DecodeError::TooManyLabels { count: 3, limit: 2 },
+            ),
+            (
+                lim(|l| l.max_label_name_bytes = 7),
+                DecodeError::LabelNameTooLong { len: 8, limit: 7 },
+            ),
+            (
+                lim(|l| l.max_label_value_bytes = 0),
+                DecodeError::LabelValueTooLong { len: 1, limit: 0 },
+            ),
+        ]
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let buf = limits_request().encode_to_vec();
+        let mut d = Decoded::default();
+        for (limits, want) in limit_cases() {
+            assert_eq!(decode(&buf, &limits, &mut d), Err(want.clone()), "{want}");
+        }
     }
 
     #[test]

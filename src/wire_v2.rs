@@ -1814,50 +1814,10 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        let mut sym = Symbols::new();
-        let a = ts(
-            &mut sym,
-            &[("__name__", "x"), ("a", "1"), ("b", "2")],
-            &[(1.0, 1)],
-        );
-        let b = ts(&mut sym, &[("__name__", "y")], &[(1.0, 1)]);
-        let buf = v2::Request {
-            symbols: sym.into_table(),
-            timeseries: vec![a, b],
-        }
-        .encode_to_vec();
+        // The 1.0 test's series and table: the two protocols refuse alike.
+        let buf = v2::Request::from_v1(&crate::wire::tests::limits_request()).encode_to_vec();
         let mut d = DecodedV2::default();
-        let unlimited = ShapeLimits::UNLIMITED;
-        for (limits, want) in [
-            (
-                ShapeLimits {
-                    max_series: 1,
-                    ..unlimited
-                },
-                DecodeError::TooManySeries { limit: 1 },
-            ),
-            (
-                ShapeLimits {
-                    max_labels_per_series: 2,
-                    ..unlimited
-                },
-                DecodeError::TooManyLabels { count: 3, limit: 2 },
-            ),
-            (
-                ShapeLimits {
-                    max_label_name_bytes: 7,
-                    ..unlimited
-                },
-                DecodeError::LabelNameTooLong { len: 8, limit: 7 },
-            ),
-            (
-                ShapeLimits {
-                    max_label_value_bytes: 0,
-                    ..unlimited
-                },
-                DecodeError::LabelValueTooLong { len: 1, limit: 0 },
-            ),
-        ] {
+        for (limits, want) in crate::wire::tests::limit_cases() {
             assert_eq!(decode(&buf, &limits, &mut d), Err(want.clone()), "{want}");
         }
     }
