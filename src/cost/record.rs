@@ -360,8 +360,7 @@ fn decode_into<'a>(
     for _ in 0..groups {
         // Find the strings first, then check UTF-8 once over the group's
         // head (account, metric, labels and their small length prefixes
-        // are one valid string as a rule): a check per string was ~9% of
-        // the tee's CPU.
+        // are one valid string as a rule), not one check per string.
         let group_at = c.at;
         spans.clear();
         spans.push(c.span()?);
