@@ -113,7 +113,16 @@ async fn two_tenants_on_every_path_get_exactly_their_own_allowed_series() {
     assert_eq!(got.len(), 3, "{got:?}");
     assert!(got.iter().all(|(_, v)| *v == 2.0), "{got:?}");
 
-    // Re-sending a request (Prometheus does after a non-2xx) changes nothing.
+    // Re-sending a request (Prometheus does after a non-2xx) changes nothing:
+    // rwgate forwards it again, unchanged (same timestamp, same value), so
+    // the receiver still holds one sample per series. Comparing series sets
+    // would not tell: a re-stamped copy is a second sample of the same series.
+    let samples = "sum(count_over_time({path=~\".+\"}[1h]))";
+    assert_eq!(prom.scalar(samples).await, expected.len() as f64);
+    let forwarded = gw
+        .metric("rwgate_samples_forwarded_total")
+        .await
+        .expect("forwarded counter");
     let again = write_body(vec![series(
         "up",
         &[("job", "rt"), ("path", WRITE_PATHS[0])],
@@ -126,6 +135,12 @@ async fn two_tenants_on_every_path_get_exactly_their_own_allowed_series() {
         .await
         .expect("POST write again");
     assert_eq!(status_body(resp).await, (204, String::new()));
+    assert_eq!(
+        gw.metric("rwgate_samples_forwarded_total").await,
+        Some(forwarded + 1.0),
+        "the re-sent sample went upstream"
+    );
+    assert_eq!(prom.scalar(samples).await, expected.len() as f64);
     assert_eq!(prom.all_series().await, expected);
 
     // A's account id with B's credentials is refused.

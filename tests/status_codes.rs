@@ -576,14 +576,13 @@ async fn slow_headers_and_bodies_time_out() {
     let started = std::time::Instant::now();
     let partial_headers = format!("POST {WRITE} HTTP/1.1\r\nHost: x\r\nCloud-Acc");
     let answer = raw_http(gw.addr, partial_headers.as_bytes()).await;
+    // Half a request head gets no answer at all: the connection is closed
+    // once the header timeout has passed, not before.
+    assert_eq!(answer, "", "half a request head is not answered");
+    let waited = started.elapsed();
     assert!(
-        !answer.starts_with("HTTP/1.1 2"),
-        "no success for half a request: {answer}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
     );
     assert_eq!(up.count(), 0);
     gw.stop().await;
