@@ -95,13 +95,16 @@ scrape_configs:
     static_configs:
       - targets: ["127.0.0.1:$exp_port"]
 SCRAPE
-vmagent -httpListenAddr="127.0.0.1:$vm_port" -promscrape.config="$work/scrape.yml" \
-  -remoteWrite.url="http://127.0.0.1:$rw_port/storage/api/v2/write" \
-  -remoteWrite.headers="Cloud-Account-Id: $ACCOUNT" \
-  -remoteWrite.basicAuth.username=demo -remoteWrite.basicAuth.password=s3cret \
-  -remoteWrite.tmpDataPath="$work/vmagent" -remoteWrite.flushInterval=1s \
-  >"$work/vmagent.log" 2>&1 &
-pids+=($!)
+start_vmagent() {
+  vmagent -httpListenAddr="127.0.0.1:$vm_port" -promscrape.config="$work/scrape.yml" \
+    -remoteWrite.url="http://127.0.0.1:$rw_port/storage/api/v2/write" \
+    -remoteWrite.headers="Cloud-Account-Id: $ACCOUNT" \
+    -remoteWrite.basicAuth.username=demo -remoteWrite.basicAuth.password=s3cret \
+    -remoteWrite.tmpDataPath="$work/vmagent" -remoteWrite.flushInterval=1s \
+    >>"$work/vmagent.log" 2>&1 &
+  pids+=($!)
+}
+start_vmagent
 
 echo "== waiting for the series to reach the receiver"
 q="http://127.0.0.1:$prom_port/api/v1/series"
@@ -122,19 +125,41 @@ for s in sorted(json.load(sys.stdin)["data"], key=lambda s: s["__name__"]):
 '
 echo
 echo "   Every series carries cloud_account_id and tenant_id = $ACCOUNT, including the one"
-echo "   that claimed to be $OTHER; go_goroutines and prometheus_http_requests_total were"
-echo "   dropped by the allowlist."
+echo "   that claimed to be $OTHER."
+sleep 3   # a few more scrapes
+echo "== stopping vmagent, so that the figures below stay put"
+kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 echo
 echo "== rwgate's own counters:"
-curl -fsS "http://127.0.0.1:$rw_port/metrics" | grep -E '^rwgate_(samples_(received|forwarded|dropped)_total|requests_total)' | sed 's/^/  /'
+metrics=$(curl -fsS "http://127.0.0.1:$rw_port/metrics")
+grep -E '^rwgate_(samples_(received|forwarded|dropped)_total|requests_total)' <<<"$metrics" | sed 's/^/  /'
+metric() { awk -v m="$1" '$1 == m {print $2}' <<<"$metrics"; }
+received=$(metric rwgate_samples_received_total)
+forwarded=$(metric rwgate_samples_forwarded_total)
+dropped=$(metric 'rwgate_samples_dropped_total{reason="allowlist"}')
+requests=$(metric 'rwgate_requests_total{route="storage_write",status="204"}')
+echo "   $requests requests (one per scrape), $received samples: each scrape is the exporter's 6"
+echo "   series, up, and vmagent's 5 series about the scrape (scrape_duration_seconds,"
+echo "   scrape_samples_scraped, ...). rwgate forwarded $forwarded and dropped $dropped: per scrape"
+echo "   go_goroutines, prometheus_http_requests_total and the 5 scrape_* series, which the"
+echo "   allowlist does not name."
+if [ "$received" != $((12 * requests)) ] || [ "$forwarded" != $((5 * requests)) ] \
+   || [ "$dropped" != $((7 * requests)) ]; then
+  echo "   (these counts are not 12, 5 and 7 per scrape: see $work/vmagent.log)"
+fi
 echo
-echo "== waiting for the tee: raw samples in ClickHouse and a rollup pass"
+echo "== waiting for the tee: every raw sample charged by a rollup pass"
+# What the money rule charges for each namespace: its first sample the
+# nominal 60 s step, each later one the time since the previous sample.
+expected="SELECT namespace, count() AS samples, min(value) AS usd_per_h,
+    (max(ts) - min(ts)) / 1000 AS later_s, usd_per_h * (60 + later_s) / 3600 AS usd
+  FROM kubecost_samples FINAL GROUP BY namespace ORDER BY namespace"
 for _ in $(seq 1 60); do
-  n=$(ch "SELECT count() FROM expenses" 2>/dev/null || echo 0)
-  [ "${n:-0}" -ge 2 ] && break
+  want=$(ch "SELECT sum(usd) FROM ($expected)" 2>/dev/null || echo 0)
+  got=$(ch "SELECT SUM(cost * sign) FROM expenses" 2>/dev/null || echo 0)
+  python3 -c "import sys; sys.exit(0 if abs(float('$want') - float('$got')) < 1e-9 and float('$got') > 0 else 1)" && break
   sleep 0.5
 done
-sleep 3   # a few more scrapes, so the rows below have grown past the first sample
 echo
 echo "== raw cost samples kept (kubecost_samples FINAL), per series:"
 ch "SELECT metric, namespace, count() AS samples, min(value) AS rate_usd_per_h
@@ -146,8 +171,13 @@ echo "   (SUM(cost * sign) ... HAVING SUM(sign) > 0, never FINAL):"
 ch "SELECT cloud_account_id, resource_id, k8s_namespace, date, SUM(cost * sign) AS cost
     FROM expenses GROUP BY cloud_account_id, resource_id, k8s_namespace, date
     HAVING SUM(sign) > 0 ORDER BY resource_id FORMAT PrettyCompactNoEscapes" | sed 's/^/  /'
-echo "   The first sample of a namespace is charged the nominal 60 s step, each later"
-echo "   one the time since the previous sample (2 s here): rate * dt / 3600 USD."
+echo "   The first sample of a namespace is charged the nominal 60 s step, each later one"
+echo "   the time since the previous sample (vmagent scrapes every 2 s): rate x seconds / 3600."
+ch "SELECT namespace, samples, usd_per_h, later_s, usd FROM ($expected) FORMAT TSV" |
+  while IFS=$'\t' read -r ns n rate later usd; do
+    printf '   %s: %s samples at %s USD/h, charged %s USD/h x (60 s + %s s) / 3600 s = %s USD\n' \
+      "$ns" "$n" "$rate" "$rate" "$later" "$usd"
+  done
 echo
 echo "== a request without credentials is refused as diproxy did:"
 curl -sS -o /dev/stderr -w '  HTTP %{http_code}\n' -X POST -H "Cloud-Account-Id: $ACCOUNT" \
@@ -155,6 +185,8 @@ curl -sS -o /dev/stderr -w '  HTTP %{http_code}\n' -X POST -H "Cloud-Account-Id:
   --data-binary x "http://127.0.0.1:$rw_port/storage/api/v2/write" 2>&1 | sed 's/^/  /'
 
 if [ "${1:-}" = "--keep" ]; then
+  start_vmagent
+  echo "== vmagent scrapes and writes again; rwgate_* counters: http://127.0.0.1:$rw_port/metrics"
   echo "== running; rwgate on :$rw_port, Prometheus on :$prom_port, ClickHouse on :$ch_http. Ctrl-C to stop."
   wait
 fi

@@ -4,7 +4,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -234,10 +233,12 @@ impl LogLimiter {
 
     /// Whether this warning may be logged.
     pub fn allow(&self) -> bool {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() & 0xffff_ffff)
-            .unwrap_or(0);
+        self.allow_at(crate::clock::unix_now())
+    }
+
+    /// [`allow`](Self::allow) in second `now` (since the epoch).
+    fn allow_at(&self, now: u64) -> bool {
+        let now = now & 0xffff_ffff;
         let mut cur = self.state.load(Ordering::Relaxed);
         loop {
             let (sec, count) = (cur >> 32, cur & 0xffff_ffff);
@@ -293,8 +294,9 @@ mod tests {
     #[test]
     fn limiter_caps_per_second() {
         let l = LogLimiter::new(3);
-        let allowed = (0..100).filter(|_| l.allow()).count();
-        // All 100 calls happen within one or two seconds.
-        assert!((3..=6).contains(&allowed), "{allowed}");
+        let allowed = |second| (0..100).filter(|_| l.allow_at(second)).count();
+        assert_eq!(allowed(1_700_000_000), 3);
+        assert_eq!(allowed(1_700_000_000), 0, "the same second is used up");
+        assert_eq!(allowed(1_700_000_001), 3, "the next second starts afresh");
     }
 }
