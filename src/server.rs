@@ -144,9 +144,15 @@ pub async fn serve(
     };
     let state = Arc::new(state);
     state.ready.store(true, Ordering::Release);
+    let listen = listener.local_addr()?;
+    // Where /metrics and the probes are served: metrics_listen, or listen.
+    let operator = match &metrics {
+        Some(l) => l.local_addr()?,
+        None => listen,
+    };
     tracing::info!(
-        listen = %listener.local_addr()?,
-        metrics_listen = ?metrics.as_ref().and_then(|l| l.local_addr().ok()),
+        %listen,
+        metrics = %operator,
         tls = tls.is_some(),
         upstream = %state.cfg.upstream.url,
         auth = %state.cfg.auth.mode,

@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use rwgate::config::{AuthMode, Config, Size};
 use rwgate::settings::{Kind, Setting};
+use std::time::Duration;
 
 #[test]
 fn check_config_prints_the_effective_config_redacted_and_reloadable() {
@@ -311,6 +312,10 @@ fn every_setting_is_read_from_its_environment_variable_and_from_set() {
             .unwrap_or_else(|| panic!("{path} in {tree}"))
     };
     let all = rwgate::settings::all();
+    // One variable per setting, and no variable for two settings (as
+    // `a.b_c` and `a_b.c` would share RWGATE_A_B_C).
+    let names: std::collections::BTreeSet<String> = all.iter().map(|s| s.env_name()).collect();
+    assert_eq!(names.len(), all.len(), "two settings share a variable");
     for s in &all {
         let raw = other_value(s, &at(&defaults, &s.path));
         let set = format!("{}={raw}", s.path);
@@ -555,6 +560,35 @@ fn subcommands_take_only_their_own_flags() {
             let (code, _, err) = run_rwgate(&[cmd, f, "x"], &[]);
             assert_eq!(code, 2);
             assert_eq!(err, format!("rwgate: unexpected argument '{f}' found\n"));
+        }
+    }
+}
+
+/// `serve`'s start-up line names where it serves, with or without
+/// `metrics_listen`, in words and addresses: no `None`, no `Some(..)`, no
+/// colour codes in a log file.
+#[tokio::test]
+async fn serve_logs_its_addresses_without_debug_syntax() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    for extra in [vec![], vec!["--metrics-listen", metrics.as_str()]] {
+        let mut args = vec!["--auth", "none"];
+        args.extend_from_slice(&extra);
+        let rw = RwgateProcess::start(&args).await;
+        let line = wait_for("the start-up line", Duration::from_secs(10), || {
+            let log = rw.child.log();
+            async move {
+                log.lines()
+                    .find(|l| l.contains("rwgate serving"))
+                    .map(String::from)
+            }
+        })
+        .await;
+        let listen = rw.addr().to_string();
+        let operator = if extra.is_empty() { &listen } else { &metrics };
+        assert!(line.contains(&format!("listen={listen} ")), "{line}");
+        assert!(line.contains(&format!("metrics={operator} ")), "{line}");
+        for debug in ["None", "Some(", "\x1b"] {
+            assert!(!line.contains(debug), "{debug:?} in {line}");
         }
     }
 }
