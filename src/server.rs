@@ -352,8 +352,28 @@ pub async fn serve_operator(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), graceful.shutdown()).await;
 }
 
-/// One remote-write request, top to bottom.
+/// One remote-write request, top to bottom. Remote-Write 2.0 is known from
+/// the headers alone, so every answer to it says what was written, a
+/// refusal before any work (no tenant, bad credentials, overload) included.
 async fn write(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+    let protocol = protocol::negotiate(req.headers());
+    let mut written = matches!(protocol, Ok(Protocol::RemoteWrite2)).then(Written::default);
+    let mut resp = answer(state, req, peer, protocol, &mut written).await;
+    if let Some(w) = written {
+        w.insert_into(resp.headers_mut());
+    }
+    resp
+}
+
+/// The answer to a write; `written` (for 2.0) counts what the answer's
+/// `X-Prometheus-Remote-Write-*-Written` headers give.
+async fn answer(
+    state: &State,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    protocol: Result<Protocol, ApiError>,
+    written: &mut Option<Written>,
+) -> Resp {
     // 1. Identify the tenant (cheap header checks come before any work).
     let account = match tenant_of(&req) {
         Ok(a) => a,
@@ -372,40 +392,35 @@ async fn write(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp 
         // 3. Everything else within one deadline.
         let limit = state.cfg.limits.request_timeout;
         let deadline = tokio::time::Instant::now() + limit;
-        let mut written = None;
         let result = tokio::time::timeout_at(
             deadline,
-            accept(state, req, &account, deadline, &mut written),
+            accept(state, req, &account, protocol, deadline, written),
         )
         .await
         .unwrap_or(Err(ApiError::DeadlineExceeded { limit }));
-        let mut resp = match result {
+        match result {
             Ok(()) => Response::builder()
                 .status(StatusCode::NO_CONTENT)
                 .body(Full::new(Bytes::new()))
                 .unwrap_or_default(),
             Err(e) => reject(state, &e, Some(&account), peer),
-        };
-        // Remote-Write 2.0 answers say what was written, success or not.
-        if let Some(w) = written {
-            w.insert_into(resp.headers_mut());
         }
-        resp
     }
     .instrument(span)
     .await
 }
 
-/// The request's work after the permit; `written` becomes `Some` once the
-/// request is known to be Remote-Write 2.0, and then counts what the
-/// answer's `X-Prometheus-Remote-Write-*-Written` headers give: samples,
-/// histograms and exemplars of the series the allowlist dropped (on purpose,
-/// and again on any retry) and of those the upstream acknowledged, from the
-/// moment the request passed its guards (a request refused whole wrote 0).
+/// The request's work after the permit. `protocol` is what the headers
+/// negotiated (its refusal comes after authentication); `written`, `Some`
+/// for 2.0, counts samples, histograms and exemplars of the series the
+/// allowlist dropped (on purpose, and again on any retry) and of those the
+/// upstream acknowledged, from the moment the request passed its guards (a
+/// request refused whole wrote 0).
 async fn accept(
     state: &State,
     req: Request<Incoming>,
     account: &str,
+    protocol: Result<Protocol, ApiError>,
     deadline: tokio::time::Instant,
     written: &mut Option<Written>,
 ) -> Result<(), ApiError> {
@@ -417,10 +432,7 @@ async fn accept(
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
     let tenant = state.auth.authenticate(account, authorization).await?;
-    let protocol = protocol::negotiate(req.headers())?;
-    if protocol == Protocol::RemoteWrite2 {
-        *written = Some(Written::default());
-    }
+    let protocol = protocol?;
 
     // 5. Read the body within its size and time limits.
     let limit = cfg.limits.max_body_bytes.bytes();

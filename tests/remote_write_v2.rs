@@ -542,3 +542,67 @@ async fn negotiation_and_upstream_refusals() {
     assert_eq!(written, (1, 0, 0), "go_goroutines, dropped on purpose");
     gw.stop().await;
 }
+
+/// A 2.0 request is known from its headers, so every answer to it carries
+/// the Written headers, refusals before any work included (no tenant,
+/// bad credentials: nothing written); a 1.0 answer carries none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_before_any_work_say_nothing_was_written() {
+    let up = FakeUpstream::start(vec![]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = test_config(&up.url());
+    cfg.auth.mode = AuthMode::Static;
+    cfg.auth.tenants_file = Some(tenants_file(
+        dir.path(),
+        &[(TENANT_A, &basic_credentials("alice", "a"), None)],
+    ));
+    let gw = Gateway::start(cfg).await;
+    let http = client();
+    let mut b = Builder::new();
+    b.series(&[("__name__", "up")], &[(1, 1.0)]);
+    let body = v2::body(&b.request());
+
+    // No Cloud-Account-Id at all.
+    let resp = http
+        .post(gw.write_url())
+        .header(
+            "Content-Type",
+            "application/x-protobuf;proto=io.prometheus.write.v2.Request",
+        )
+        .header("Content-Encoding", "snappy")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("POST 2.0");
+    assert_eq!(v2::written(resp.headers()), (0, 0, 0));
+    assert_eq!(resp.status(), 400);
+    // Wrong credentials.
+    let resp = v2::post(&http, &gw.write_url(), TENANT_A, body.clone())
+        .basic_auth("alice", Some("wrong"))
+        .send()
+        .await
+        .expect("POST 2.0");
+    assert_eq!(v2::written(resp.headers()), (0, 0, 0));
+    assert_eq!(resp.status(), 401);
+    // The same refusal to a 1.0 sender says nothing of the kind.
+    let resp = http
+        .post(gw.write_url())
+        .header("Content-Type", "application/x-protobuf")
+        .header("Content-Encoding", "snappy")
+        .header("Cloud-Account-Id", TENANT_A)
+        .basic_auth("alice", Some("wrong"))
+        .body(body)
+        .send()
+        .await
+        .expect("POST 1.0");
+    assert_eq!(resp.status(), 401);
+    assert!(
+        !resp
+            .headers()
+            .contains_key("X-Prometheus-Remote-Write-Samples-Written"),
+        "{:?}",
+        resp.headers()
+    );
+    assert_eq!(up.count(), 0);
+    gw.stop().await;
+}
