@@ -19,9 +19,12 @@ trap 'rm -f "$log"' EXIT
 cargo nextest run --locked --workspace --no-fail-fast 2>&1 | tee "$log"
 
 # Load-test smoke: rwgate alone behind k6 against an nginx sink for ~15 s;
-# fails if any request fails, nothing is forwarded, or p99 passes 1 s. The
-# full rwgate-vs-vmagent comparison is loadtest/compare.sh (docs/PERFORMANCE.md).
+# fails if any request fails, nothing is forwarded, or p99 passes 1 s. Run
+# with Remote-Write 1.0 bodies, then 2.0 (k6 also checks the Written headers
+# against what it sent). The full rwgate-vs-vmagent comparison is
+# loadtest/compare.sh (docs/PERFORMANCE.md).
 bash loadtest/compare.sh --smoke
+bash loadtest/compare.sh --smoke --protocol=2.0
 
 # The suite's counts as the last line (any failure has already stopped us).
 passed=$(grep -E '^ *Summary ' "$log" | tail -n 1 | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || true)
