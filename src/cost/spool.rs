@@ -537,19 +537,19 @@ impl Spool {
                 .unwrap_or(false),
             Err(_) => false,
         };
-        let result = if sent {
-            match wait.await {
-                Ok((Ok(()), buf)) => Ok(Frame { buf }),
-                Ok((Err(e), _)) => Err(SpoolError::Io(e)),
-                Err(_) => Err(SpoolError::Closed),
-            }
-        } else {
-            Err(SpoolError::Closed)
-        };
-        if result.is_err() {
+        if !sent {
             self.shared.used.fetch_sub(size, Ordering::AcqRel);
+            return Err(SpoolError::Closed);
         }
-        result
+        // From here on the committer owns the reservation: it gives it back
+        // when the group commit fails, also when this future was dropped
+        // meanwhile (the sender hung up, the deadline passed), which left
+        // the bytes counted for good.
+        match wait.await {
+            Ok((Ok(()), buf)) => Ok(Frame { buf }),
+            Ok((Err(e), _)) => Err(SpoolError::Io(e)),
+            Err(_) => Err(SpoolError::Closed),
+        }
     }
 
     /// Bytes appended and not yet acknowledged by ClickHouse.
@@ -662,7 +662,10 @@ impl Committer {
             for (w, f) in waiters.drain(..).zip(frames.drain(..)) {
                 let r = match &result {
                     Ok(()) => Ok(()),
-                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    Err(e) => {
+                        self.shared.used.fetch_sub(f.len() as u64, Ordering::AcqRel);
+                        Err(io::Error::new(e.kind(), e.to_string()))
+                    }
                 };
                 let _ = w.send((r, f));
             }
@@ -1356,6 +1359,31 @@ mod tests {
         let recs = reader.read(usize::MAX, usize::MAX).unwrap();
         reader.ack(recs[3].end).unwrap();
         spool.append(&p).await.unwrap();
+    }
+
+    /// An append cancelled while its group commit runs (the sender hung up)
+    /// and whose commit then fails gives its bytes back: they stayed
+    /// counted, and enough such appends filled the spool with nothing in it.
+    #[tokio::test]
+    async fn a_cancelled_append_whose_commit_fails_is_not_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.commit_delay = Duration::from_millis(300);
+        let (spool, _reader) = Spool::open(&o).unwrap();
+        spool.append(&[1u8; 3000]).await.unwrap();
+        let used = spool.pending_bytes();
+        // The next group needs a new segment, which cannot be created.
+        fs::remove_dir_all(dir.path()).unwrap();
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), spool.append(&[2u8; 3000]));
+        assert!(cancelled.await.is_err(), "cancelled while queued");
+        assert!(spool.pending_bytes() > used, "reserved while queued");
+        // The committer is past the commit delay and has failed the group
+        // once a later append fails the same way.
+        assert!(matches!(
+            spool.append(&[3u8; 3000]).await,
+            Err(SpoolError::Io(_))
+        ));
+        assert_eq!(spool.pending_bytes(), used);
     }
 
     /// A crash can leave any prefix of the last write on disk, and disks can
