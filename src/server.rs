@@ -506,12 +506,20 @@ async fn accept(
         *w = out.dropped;
     }
 
-    // 7. Forward what is left (nothing left means nothing to send) and, at
+    // 7. Take the tee's room in the spool first: a full (or failed) spool
+    // is answered 503 now, before forwarding, not after it (every retry of
+    // the sender forwarded again).
+    let record = std::mem::take(&mut out.tee);
+    let teed = match &state.tee {
+        Some(tee) => Some(tee.reserve(record)?),
+        None => None,
+    };
+
+    // 8. Forward what is left (nothing left means nothing to send) and, at
     // the same time, make the cost samples durable. The tee append happens
     // whatever the upstream says: samples Thanos refuses as too old are
     // exactly the history the tee must keep. 2xx only when both succeeded.
     let body = Bytes::from(std::mem::take(&mut out.body));
-    let record = std::mem::take(&mut out.tee);
     let forward = async {
         if out.series_kept == 0 {
             return Ok(None);
@@ -525,11 +533,8 @@ async fn accept(
         Ok::<_, UpstreamError>(Some(acked.unwrap_or(out.kept)))
     };
     let tee = async {
-        match &state.tee {
-            Some(tee) => tee
-                .append(record)
-                .await
-                .map(|buf| state.scratch.recycle_tee(buf)),
+        match teed {
+            Some(teed) => teed.write().await.map(|buf| state.scratch.recycle_tee(buf)),
             None => Ok(()),
         }
     };

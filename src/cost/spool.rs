@@ -513,10 +513,17 @@ impl Spool {
 
     /// Appends a frame (its header is written in place: no copy of the
     /// payload) and returns it, once it is on disk, for reuse.
-    pub async fn append_frame(&self, mut frame: Frame) -> Result<Frame, SpoolError> {
-        frame.seal(unix_now_ms());
-        let frame = frame.into_buffer();
-        let size = frame.len() as u64;
+    pub async fn append_frame(&self, frame: Frame) -> Result<Frame, SpoolError> {
+        self.reserve(frame)?.write().await
+    }
+
+    /// Takes the room `frame` needs, or says at once why the spool cannot
+    /// take it (full, poisoned, too large): the request path asks before
+    /// forwarding, so that a sender retrying into a full spool is not
+    /// forwarded again and again. The room is given back if the
+    /// [`Reserved`] is dropped unwritten.
+    pub fn reserve(&self, frame: Frame) -> Result<Reserved<'_>, SpoolError> {
+        let size = frame.buf.len() as u64;
         if size - HEADER_LEN > MAX_RECORD {
             return Err(SpoolError::TooLarge);
         }
@@ -529,27 +536,11 @@ impl Spool {
             self.shared.used.fetch_sub(size, Ordering::AcqRel);
             return Err(SpoolError::Full);
         }
-        let (done, wait) = oneshot::channel();
-        let sent = match self.tx.lock() {
-            Ok(tx) => tx
-                .as_ref()
-                .map(|tx| tx.send(Job { frame, done }).is_ok())
-                .unwrap_or(false),
-            Err(_) => false,
-        };
-        if !sent {
-            self.shared.used.fetch_sub(size, Ordering::AcqRel);
-            return Err(SpoolError::Closed);
-        }
-        // From here on the committer owns the reservation: it gives it back
-        // when the group commit fails, also when this future was dropped
-        // meanwhile (the sender hung up, the deadline passed), which left
-        // the bytes counted for good.
-        match wait.await {
-            Ok((Ok(()), buf)) => Ok(Frame { buf }),
-            Ok((Err(e), _)) => Err(SpoolError::Io(e)),
-            Err(_) => Err(SpoolError::Closed),
-        }
+        Ok(Reserved {
+            spool: self,
+            frame: Some(frame),
+            size,
+        })
     }
 
     /// Bytes appended and not yet acknowledged by ClickHouse.
@@ -606,6 +597,56 @@ impl CommitClock for WallClock {
 
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d);
+    }
+}
+
+/// Room taken in the spool for one frame ([`Spool::reserve`]), not yet
+/// written.
+pub struct Reserved<'a> {
+    spool: &'a Spool,
+    frame: Option<Frame>,
+    /// Bytes counted in `used` that this owns; 0 once the committer does.
+    size: u64,
+}
+
+impl Reserved<'_> {
+    /// Writes the frame and returns it, once it is on disk, for reuse.
+    pub async fn write(mut self) -> Result<Frame, SpoolError> {
+        let mut frame = self.frame.take().unwrap_or_default();
+        frame.seal(unix_now_ms());
+        let frame = frame.into_buffer();
+        let (done, wait) = oneshot::channel();
+        let sent = match self.spool.tx.lock() {
+            Ok(tx) => tx
+                .as_ref()
+                .map(|tx| tx.send(Job { frame, done }).is_ok())
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        if !sent {
+            return Err(SpoolError::Closed);
+        }
+        // From here on the committer owns the reservation: it gives it back
+        // when the group commit fails, also when this future was dropped
+        // meanwhile (the sender hung up, the deadline passed), which left
+        // the bytes counted for good.
+        self.size = 0;
+        match wait.await {
+            Ok((Ok(()), buf)) => Ok(Frame { buf }),
+            Ok((Err(e), _)) => Err(SpoolError::Io(e)),
+            Err(_) => Err(SpoolError::Closed),
+        }
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.size > 0 {
+            self.spool
+                .shared
+                .used
+                .fetch_sub(self.size, Ordering::AcqRel);
+        }
     }
 }
 

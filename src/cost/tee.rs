@@ -1,6 +1,6 @@
 //! The running tee: the spool the request path appends to, and the drain
 //! task that empties it into ClickHouse. The request path
-//! ([`Tee::append`]) never talks to ClickHouse: a ClickHouse outage only
+//! ([`Tee::reserve`], then [`TeeWrite::write`]) never talks to ClickHouse: a ClickHouse outage only
 //! makes the spool grow (up to its bound, then 503).
 
 use std::sync::Arc;
@@ -14,8 +14,32 @@ use crate::config::Config;
 use crate::cost::clickhouse::ClickHouse;
 use crate::cost::drain::Drain;
 use crate::cost::record::{Accepted, TeeRecord, TimeWindow};
-use crate::cost::spool::{Spool, SpoolError, SpoolOptions};
+use crate::cost::spool::{Reserved, Spool, SpoolError, SpoolOptions};
 use crate::telemetry as t;
+
+/// A request's record with its room in the spool taken ([`Tee::reserve`]).
+pub enum TeeWrite<'a> {
+    /// No sample to keep: only the buffer to give back.
+    Nothing(Vec<u8>),
+    /// The room and how many samples the record keeps.
+    Reserved(Reserved<'a>, u64),
+}
+
+impl TeeWrite<'_> {
+    /// Makes the record durable (returns after the shared fsync). Gives
+    /// back the record's buffer for reuse.
+    pub async fn write(self) -> Result<Vec<u8>, SpoolError> {
+        let (reserved, kept) = match self {
+            TeeWrite::Nothing(buf) => return Ok(buf),
+            TeeWrite::Reserved(reserved, kept) => (reserved, kept),
+        };
+        let started = Instant::now();
+        let frame = reserved.write().await?;
+        metrics::histogram!(t::SPOOL_APPEND_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::counter!(t::SAMPLES_SPOOLED).increment(kept);
+        Ok(frame.into_buffer())
+    }
+}
 
 /// The spool and its drain task.
 pub struct Tee {
@@ -75,10 +99,10 @@ impl Tee {
         self.window.at(unix_now_ms())
     }
 
-    /// Makes a request's record durable (returns after the shared fsync),
-    /// and counts what it kept and refused. Gives back the record's buffer
-    /// for reuse.
-    pub async fn append(&self, record: TeeRecord) -> Result<Vec<u8>, SpoolError> {
+    /// Takes the room a request's record needs in the spool, or says at
+    /// once why the spool cannot take it, before anything is forwarded;
+    /// counts what the record kept and refused.
+    pub fn reserve(&self, record: TeeRecord) -> Result<TeeWrite<'_>, SpoolError> {
         if record.too_old > 0 {
             metrics::counter!(t::SAMPLES_REJECTED, "reason" => "too_old").increment(record.too_old);
         }
@@ -89,13 +113,9 @@ impl Tee {
         let kept = record.kept;
         let frame = record.into_frame();
         if kept == 0 {
-            return Ok(frame.into_buffer());
+            return Ok(TeeWrite::Nothing(frame.into_buffer()));
         }
-        let started = Instant::now();
-        let frame = self.spool.append_frame(frame).await?;
-        metrics::histogram!(t::SPOOL_APPEND_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::counter!(t::SAMPLES_SPOOLED).increment(kept);
-        Ok(frame.into_buffer())
+        Ok(TeeWrite::Reserved(self.spool.reserve(frame)?, kept))
     }
 
     /// Unsent spool bytes.
