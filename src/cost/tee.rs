@@ -118,6 +118,11 @@ impl Tee {
         Ok(TeeWrite::Reserved(self.spool.reserve(frame)?, kept))
     }
 
+    /// [`Tee::reserve`] and [`TeeWrite::write`] in one.
+    pub async fn append(&self, record: TeeRecord) -> Result<Vec<u8>, SpoolError> {
+        self.reserve(record)?.write().await
+    }
+
     /// Unsent spool bytes.
     pub fn pending_bytes(&self) -> u64 {
         self.spool.pending_bytes()
