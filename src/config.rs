@@ -115,8 +115,9 @@ impl Default for TlsConfig {
     }
 }
 
-/// Request limits. Exceeding a size limit answers 413, a shape limit 400,
-/// the concurrency limit 503.
+/// Request limits. Exceeding a size limit answers 413, the series limit
+/// 400, a per-series limit refuses that series (400 once the rest of the
+/// request is written), the concurrency limit 503.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -127,7 +128,9 @@ pub struct LimitsConfig {
     pub max_decoded_bytes: Size,
     /// Most series in one request.
     pub max_series_per_request: usize,
-    /// Most labels on one series, counted as sent (before tenant labels are set).
+    /// Most labels on one series, counted as sent (before tenant labels are
+    /// set); a series with more is refused. At most 65536 less the number of
+    /// `tenancy.labels`, what the tee's spool record holds.
     pub max_labels_per_series: usize,
     /// Longest label name, in bytes.
     pub max_label_name_bytes: usize,
@@ -963,10 +966,16 @@ impl Config {
                 ));
             }
         }
-        if self.limits.max_labels_per_series > usize::from(u16::MAX) {
+        // A teed series' spool record holds its labels but `__name__`, plus
+        // the tenant labels, and counts them in 16 bits.
+        let most = (crate::cost::record::MAX_LABELS + 1).saturating_sub(self.tenancy.labels.len());
+        if self.limits.max_labels_per_series > most {
             return Err(invalid(
                 "limits.max_labels_per_series",
-                "must be at most 65535 (the tee's spool record counts labels in 16 bits)",
+                format!(
+                    "must be at most {most} (65536 less the {} tenancy.labels: the tee's spool record counts a series' labels in 16 bits)",
+                    self.tenancy.labels.len()
+                ),
             ));
         }
         Ok(())

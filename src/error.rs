@@ -7,7 +7,7 @@ use http::StatusCode;
 
 use crate::auth::AuthError;
 use crate::cost::spool::SpoolError;
-use crate::pipeline::PipelineError;
+use crate::pipeline::{PipelineError, SeriesRefused};
 use crate::upstream::UpstreamError;
 
 /// Why a request was not accepted.
@@ -40,12 +40,13 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    /// Some series were refused, the rest written (partial write).
+    #[error(transparent)]
+    SeriesRefused(#[from] SeriesRefused),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("could not store cost samples durably: {0}; retry later")]
     Tee(#[from] SpoolError),
-    #[error("refused {refused} invalid series, the rest was written; the first: {first}")]
-    SeriesRefused { refused: u64, first: String },
     #[error("rate limit: this account sends more samples per second than allowed; retry later")]
     RateLimited { retry_after: Duration },
     #[error("rate limit: this request has {samples} samples, more than this account may send at once (limits.tenant_burst_samples = {burst}); send smaller batches (queue_config.max_samples_per_send)")]
@@ -78,9 +79,7 @@ impl ApiError {
         match self {
             NotFound | NotOperatorPath | MetricsElsewhere => StatusCode::NOT_FOUND,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            MissingTenant | InvalidTenant | BodyRead(_) | SeriesRefused { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            MissingTenant | InvalidTenant | BodyRead(_) => StatusCode::BAD_REQUEST,
             UnsupportedEncoding(_) | UnsupportedContentType(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
@@ -94,8 +93,11 @@ impl ApiError {
             },
             Pipeline(e) => match e {
                 PipelineError::DecodedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                PipelineError::Snappy(_) | PipelineError::Decode(_) => StatusCode::BAD_REQUEST,
+                PipelineError::Snappy(_)
+                | PipelineError::SnappyLength { .. }
+                | PipelineError::Decode(_) => StatusCode::BAD_REQUEST,
             },
+            SeriesRefused(_) => StatusCode::BAD_REQUEST,
             Upstream(e) => match e {
                 UpstreamError::Rejected { status, .. } => *status,
                 UpstreamError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -129,12 +131,12 @@ impl ApiError {
             Auth(AuthError::BadCredentials) => "bad_credentials",
             Auth(AuthError::Unavailable(_)) => "auth_unavailable",
             Pipeline(PipelineError::DecodedTooLarge { .. }) => "decoded_too_large",
-            Pipeline(PipelineError::Snappy(_)) => "snappy",
+            Pipeline(PipelineError::Snappy(_) | PipelineError::SnappyLength { .. }) => "snappy",
             Pipeline(PipelineError::Decode(_)) => "protobuf",
+            SeriesRefused(_) => "invalid_series",
             Upstream(UpstreamError::Rejected { .. }) => "upstream_rejected",
             Upstream(UpstreamError::RateLimited { .. }) => "upstream_rate_limited",
             Upstream(UpstreamError::Unavailable { .. }) => "upstream_unavailable",
-            SeriesRefused { .. } => "invalid_series",
             RateLimited { .. } => "rate_limited",
             OverBurst { .. } => "over_burst",
             Tee(_) => "tee",

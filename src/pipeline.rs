@@ -3,15 +3,20 @@
 //! snappy-compress, and pick out the samples to tee. Pure, so it is unit-tested
 //! and benchmarked directly. [`process`] takes Remote-Write 1.0,
 //! [`process_v2`] takes 2.0 and gives 1.0 or 2.0 for the upstream.
+//!
+//! Forwarding and teeing are decided apart: a valid series is forwarded when
+//! the tenant's allowlist keeps its `__name__`, and teed when its name has
+//! the tee prefix (`cloudtuner_kubecost_`), whatever the allowlist says, so
+//! that an allowlist can never silently stop a tenant's expense rows.
 
 use std::cmp::Ordering;
 
 use crate::config::RemoteWriteVersion;
 use crate::cost::names::is_teed;
-use crate::cost::record::{Accepted, RecordBuilder, TeeRecord};
+use crate::cost::record::{self, Accepted, RecordBuilder, TeeRecord};
 use crate::filter::Allowlist;
-use crate::wire::{self, DecodeError, Decoded, Injected, Sample, ShapeLimits};
-use crate::wire_v2::{self, DecodedV2, Family, Invalid, Written};
+use crate::wire::{self, DecodeError, Decoded, Injected, Invalid, Sample, ShapeLimits};
+use crate::wire_v2::{self, DecodedV2, Family, Written};
 
 /// Buffers reused from one request to the next (see [`ScratchPool`]).
 #[derive(Default)]
@@ -39,7 +44,8 @@ pub struct Params<'a> {
     pub limits: ShapeLimits,
     pub max_decoded_bytes: u64,
     /// Collect `cloudtuner_kubecost_*` samples with timestamps in this
-    /// window for the tee (`None`: no tee).
+    /// window for the tee (`None`: no tee), from every valid series with
+    /// that prefix, kept by the allowlist or not.
     pub tee: Option<Accepted>,
 }
 
@@ -48,8 +54,10 @@ pub struct Params<'a> {
 pub struct Outcome {
     /// Snappy-compressed `WriteRequest` of the kept series (empty if none).
     pub body: Vec<u8>,
+    /// Valid series (and their samples); refused ones are in `refused`.
     pub series_received: u64,
     pub samples_received: u64,
+    /// Series forwarded (the allowlist keeps them) and dropped (it does not).
     pub series_kept: u64,
     pub samples_kept: u64,
     pub series_dropped: u64,
@@ -62,14 +70,69 @@ pub struct Outcome {
     /// allowlist dropped, by kind (the `*-Written` headers count both).
     pub kept: Written,
     pub dropped: Written,
-    /// Remote-Write 2.0 only: series refused as invalid (a partial write),
-    /// and the first one's reason.
-    pub series_refused: u64,
-    pub first_refusal: Option<Invalid>,
-    /// Those series by reason, indexed as [`Invalid::REASONS`].
-    pub refused_by_reason: [u64; Invalid::REASONS.len()],
     /// Which protocol `body` is.
     pub body_version: RemoteWriteVersion,
+    /// The series refused for what they hold, if any: neither forwarded
+    /// nor teed, while the rest of the request is.
+    pub refused: Option<SeriesRefused>,
+}
+
+/// Some series of a request were refused, the others accepted (the
+/// Remote-Write 2.0 partial-write rule): the request is answered 400 with
+/// this line once the rest is written, so the sender stops retrying it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesRefused {
+    /// Series refused.
+    pub refused: u64,
+    /// Series in the request.
+    pub series: u64,
+    /// The first refused series: its position and what is wrong with it.
+    pub first_index: u32,
+    pub first: String,
+    /// (reason, series refused) for each reason that occurred, reasons
+    /// named as in [`Invalid::REASONS`] (1.0) or `wire_v2::Invalid::REASONS`.
+    pub by_reason: Vec<(&'static str, u64)>,
+}
+
+impl std::fmt::Display for SeriesRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let others = if self.refused < self.series {
+            ", the others were accepted"
+        } else {
+            ""
+        };
+        write!(
+            f,
+            "{} of {} series refused{others}: series {} (counting from 0) {}",
+            self.refused, self.series, self.first_index, self.first
+        )
+    }
+}
+
+impl std::error::Error for SeriesRefused {}
+
+impl SeriesRefused {
+    fn new(decoded: &Decoded, buf: &[u8]) -> Option<SeriesRefused> {
+        let (first_index, why) = decoded.refused.first?;
+        let refused = u64::from(decoded.refused.count());
+        Some(SeriesRefused {
+            refused,
+            series: refused + decoded.series.len() as u64,
+            first_index,
+            first: why.describe(buf),
+            by_reason: Invalid::REASONS
+                .iter()
+                .zip(decoded.refused.by_reason)
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| (*r, u64::from(n)))
+                .collect(),
+        })
+    }
+
+    /// (reason, series refused) for each reason that occurred.
+    pub fn reasons(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.by_reason.iter().copied()
+    }
 }
 
 /// Why a body could not be processed.
@@ -79,15 +142,65 @@ pub enum PipelineError {
     DecodedTooLarge { declared: u64, limit: u64 },
     #[error("invalid snappy block: {0}")]
     Snappy(String),
+    #[error(
+        "invalid snappy block: it declares {declared} bytes, more than its {compressed} bytes can expand to ({most})"
+    )]
+    SnappyLength {
+        declared: u64,
+        compressed: u64,
+        most: u64,
+    },
     #[error("invalid remote-write body: {0}")]
     Decode(#[from] DecodeError),
 }
 
-/// The decompressed length a snappy body declares in its header.
+/// The decompressed length a snappy body declares in its header, refused
+/// if its compressed bytes cannot expand to that much (so that nothing is
+/// allocated for a lie).
 pub fn declared_len(compressed: &[u8]) -> Result<u64, PipelineError> {
-    snap::raw::decompress_len(compressed)
+    let declared = snap::raw::decompress_len(compressed)
         .map(|n| n as u64)
-        .map_err(|e| PipelineError::Snappy(e.to_string()))
+        .map_err(|e| PipelineError::Snappy(e.to_string()))?;
+    // The header is a varint (read above, so it ends inside the body).
+    let header = compressed
+        .iter()
+        .position(|&b| b < 0x80)
+        .map_or(0, |i| i + 1);
+    let elements = (compressed.len() - header) as u64;
+    let most = max_snappy_expansion(elements);
+    if declared > most {
+        return Err(PipelineError::SnappyLength {
+            declared,
+            compressed: compressed.len() as u64,
+            most,
+        });
+    }
+    Ok(declared)
+}
+
+/// The most bytes `elements` bytes of snappy elements (a block after its
+/// length header) can decompress to.
+///
+/// The snappy block format has four elements: a literal (a tag byte, up to
+/// four length bytes, then the bytes themselves: never more out than in), a
+/// 1-byte-offset copy (2 bytes, 4 to 11 bytes out), a 2-byte-offset copy
+/// (3 bytes, 1 to 64 out) and a 4-byte-offset copy (5 bytes, 1 to 64 out).
+/// The 2-byte-offset copy expands most, 64 bytes per 3. A copy repeats
+/// bytes already written, so a block starts with a literal: at best 1 byte
+/// for 2. Then as many 3-byte copies as fit; one byte left over makes the
+/// literal 2 bytes long instead of 1 (3 bytes for 2), two bytes left over
+/// are one 1-byte-offset copy (2 bytes for 11).
+pub fn max_snappy_expansion(elements: u64) -> u64 {
+    if elements < 2 {
+        return 0;
+    }
+    let copies = (elements - 2) / 3;
+    let rest = match (elements - 2) % 3 {
+        0 => 1,
+        1 => 2,
+        _ => 1 + 11,
+    };
+    copies * 64 + rest
 }
 
 /// Runs the pipeline on one compressed body. `out_body` in the outcome is a
@@ -101,12 +214,13 @@ pub fn process(
     decompress(compressed, p.max_decoded_bytes, &mut scratch.decompressed)?;
     let buf = &scratch.decompressed;
     let decoded = &mut scratch.decoded;
-    wire::decode(buf, &p.limits, decoded)?;
+    wire::decode(buf, &label_limits(p), decoded)?;
 
     let inject = &mut scratch.inject;
     set_tenant(inject, p);
     let mut out = Outcome {
         metadata_dropped: u64::from(decoded.metadata),
+        refused: SeriesRefused::new(decoded, buf),
         ..Outcome::default()
     };
     let encoded = &mut scratch.encoded;
@@ -118,16 +232,16 @@ pub fn process(
     for s in &decoded.series {
         out.series_received += 1;
         out.samples_received += u64::from(s.samples);
-        let name = s.name.map(|n| n.get(buf));
-        if !p.allowlist.keeps(name) {
+        let name = s.name.get(buf);
+        if p.allowlist.keeps(Some(name)) {
+            out.series_kept += 1;
+            out.samples_kept += u64::from(s.samples);
+            wire::encode_series(encoded, buf, decoded, s, inject);
+        } else {
             out.series_dropped += 1;
             out.samples_dropped += u64::from(s.samples);
-            continue;
         }
-        out.series_kept += 1;
-        out.samples_kept += u64::from(s.samples);
-        wire::encode_series(encoded, buf, decoded, s, inject);
-        if let (Some(tee), Some(name)) = (&mut tee, name) {
+        if let Some(tee) = &mut tee {
             if is_teed(name) {
                 let labels = decoded
                     .labels_of(s)
@@ -201,7 +315,7 @@ fn compress(encoded: &[u8], c: &mut Vec<u8>) -> Result<Vec<u8>, PipelineError> {
 /// tenancy and tee, and the kept series encoded as `upstream` takes them
 /// (1.0: converted, their metadata folded per metric family; 2.0: as they
 /// came, with the tenant labels set). Series that cannot be written are
-/// left out and counted ([`Outcome::series_refused`]): the rest goes on.
+/// left out and counted ([`Outcome::refused`]): the rest goes on.
 pub fn process_v2(
     compressed: &[u8],
     p: &Params<'_>,
@@ -211,7 +325,7 @@ pub fn process_v2(
     decompress(compressed, p.max_decoded_bytes, &mut scratch.decompressed)?;
     let buf = &scratch.decompressed;
     let d = &mut scratch.decoded_v2;
-    wire_v2::decode(buf, &p.limits, d)?;
+    wire_v2::decode(buf, &label_limits(p), d)?;
 
     let inject = &mut scratch.inject;
     set_tenant(inject, p);
@@ -231,12 +345,13 @@ pub fn process_v2(
         .tee
         .map(|a| RecordBuilder::with_buffer(a, std::mem::take(&mut scratch.tee)));
     let mut tee_labels = Vec::new();
-    for s in &d.series {
+    let mut refused = [0u64; wire_v2::Invalid::REASONS.len()];
+    let mut first_refused = None;
+    for (index, s) in d.series.iter().enumerate() {
         out.series_received += 1;
         if let Some(why) = s.invalid {
-            out.series_refused += 1;
-            out.refused_by_reason[why.index()] += 1;
-            out.first_refusal.get_or_insert(why);
+            refused[why.index()] += 1;
+            first_refused.get_or_insert((index as u32, why));
             continue;
         }
         let held = Written {
@@ -247,23 +362,23 @@ pub fn process_v2(
         let samples = u64::from(s.samples + s.histograms);
         out.samples_received += samples;
         let name = d.name(buf, s);
-        if !p.allowlist.keeps(name) {
+        if p.allowlist.keeps(name) {
+            out.series_kept += 1;
+            out.samples_kept += samples;
+            out.kept = out.kept + held;
+            match upstream {
+                RemoteWriteVersion::V1 => {
+                    wire_v2::encode_series_v1(encoded, buf, d, s, inject);
+                    wire_v2::note_family(families, buf, d, s);
+                }
+                RemoteWriteVersion::V2 => {
+                    wire_v2::encode_series_v2(encoded, buf, d, s, inject, tenant_symbols)
+                }
+            }
+        } else {
             out.series_dropped += 1;
             out.samples_dropped += samples;
             out.dropped = out.dropped + held;
-            continue;
-        }
-        out.series_kept += 1;
-        out.samples_kept += samples;
-        out.kept = out.kept + held;
-        match upstream {
-            RemoteWriteVersion::V1 => {
-                wire_v2::encode_series_v1(encoded, buf, d, s, inject);
-                wire_v2::note_family(families, buf, d, s);
-            }
-            RemoteWriteVersion::V2 => {
-                wire_v2::encode_series_v2(encoded, buf, d, s, inject, tenant_symbols)
-            }
         }
         if let (Some(tee), Some(name)) = (&mut tee, name) {
             if is_teed(name) {
@@ -273,10 +388,34 @@ pub fn process_v2(
             }
         }
     }
+    out.refused = first_refused.map(|(first_index, why)| SeriesRefused {
+        refused: refused.iter().sum(),
+        series: out.series_received,
+        first_index,
+        first: format!("is invalid: {why}"),
+        by_reason: wire_v2::Invalid::REASONS
+            .iter()
+            .zip(refused)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (*r, n))
+            .collect(),
+    });
     if upstream == RemoteWriteVersion::V1 {
         wire_v2::encode_metadata_v1(encoded, buf, d, families);
     }
     finish(out, tee, encoded, &mut scratch.compressed)
+}
+
+/// The shape limits, with the label count capped at what a spool record
+/// holds: a teed series' record lists its labels but `__name__`, plus the
+/// tenant labels, in at most [`record::MAX_LABELS`]. Counted as sent, like
+/// the configured limit (a spoofed tenant label counts though it is replaced).
+fn label_limits(p: &Params<'_>) -> ShapeLimits {
+    let fit = (record::MAX_LABELS + 1).saturating_sub(p.tenant_labels.len());
+    ShapeLimits {
+        max_labels_per_series: p.limits.max_labels_per_series.min(fit),
+        ..p.limits
+    }
 }
 
 /// Appends one series to the tee record: its labels after tenancy
@@ -296,16 +435,9 @@ fn collect_tee<'b>(
             *n != b"__name__" && !p.tenant_labels.iter().any(|t| t.as_bytes() == *n)
         }),
     );
-    // The decoder sorted the labels by name, so the tenant labels go in by
-    // binary search rather than a sort per series. Only repeated
-    // names (which Prometheus never sends) need their values ordered, so
-    // that the record does not depend on the sender's order.
-    if labels
-        .windows(2)
-        .any(|w| wire::cmp_names(w[0].0, w[1].0) != Ordering::Less)
-    {
-        labels.sort_unstable();
-    }
+    // The decoder sorted the labels by name (and refused repeated names),
+    // so the tenant labels go in by binary search rather than a sort per
+    // series.
     for t in p.tenant_labels {
         let t = t.as_bytes();
         let at = labels.partition_point(|(n, _)| wire::cmp_names(n, t) == Ordering::Less);
@@ -526,16 +658,285 @@ mod tests {
 
     #[test]
     fn declared_length_is_checked_before_decompressing() {
-        // A 6-byte body declaring 4 GiB - 1 of output.
-        let bomb = [0xff, 0xff, 0xff, 0xff, 0x0f, 0x00];
         let allow = Allowlist::new("up").unwrap();
         let labels = vec!["tenant_id".to_string()];
+        let mut p = params(&allow, &labels);
+        p.max_decoded_bytes = 64 << 20;
+        // 5 bytes declaring 64 MiB: a 4-byte header and one byte of block,
+        // which expands to nothing.
+        let mut bomb = Vec::new();
+        wire::put_varint(&mut bomb, 64 << 20);
+        bomb.push(0x00);
+        assert_eq!(bomb.len(), 5);
         let mut scratch = Scratch::default();
-        let err = process(&bomb, &params(&allow, &labels), &mut scratch).unwrap_err();
-        assert!(
-            matches!(err, PipelineError::DecodedTooLarge { declared, .. } if declared == u32::MAX as u64)
+        let err = process(&bomb, &p, &mut scratch).unwrap_err();
+        assert_eq!(
+            err,
+            PipelineError::SnappyLength {
+                declared: 64 << 20,
+                compressed: 5,
+                most: 0
+            }
         );
         assert_eq!(scratch.decompressed.capacity(), 0, "nothing was allocated");
+        assert!(err.to_string().starts_with("invalid snappy block"), "{err}");
+
+        // A body that can expand that far but beyond the limit: 413's error.
+        let big = max_expansion_body(3_200_000);
+        let declared = declared_len(&big).unwrap();
+        p.max_decoded_bytes = declared - 1;
+        let err = process(&big, &p, &mut scratch).unwrap_err();
+        assert_eq!(
+            err,
+            PipelineError::DecodedTooLarge {
+                declared,
+                limit: declared - 1
+            }
+        );
+        assert_eq!(scratch.decompressed.capacity(), 0, "nothing was allocated");
+    }
+
+    /// A snappy block of `elements` bytes (after its header) that expands
+    /// as far as any can: a literal, then 2-byte-offset copies of 64 bytes
+    /// (with the literal one byte longer, or a 1-byte-offset copy of 11,
+    /// for the bytes left over).
+    fn max_expansion_block(elements: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        let (copies, rest) = ((elements - 2) / 3, (elements - 2) % 3);
+        if rest == 1 {
+            b.extend_from_slice(&[0x04, b'a', b'b']); // literal of 2
+        } else {
+            b.extend_from_slice(&[0x00, b'a']); // literal of 1
+        }
+        if rest == 2 {
+            b.extend_from_slice(&[0x01 | (7 << 2), 0x01]); // copy 11 from 1 back
+        }
+        for _ in 0..copies {
+            b.extend_from_slice(&[0x02 | (63 << 2), 0x01, 0x00]); // copy 64 from 1 back
+        }
+        assert_eq!(b.len(), elements);
+        b
+    }
+
+    /// [`max_expansion_block`] behind a header declaring what it expands to.
+    fn max_expansion_body(elements: usize) -> Vec<u8> {
+        let block = max_expansion_block(elements);
+        let mut header = Vec::new();
+        wire::put_varint(&mut header, max_snappy_expansion(elements as u64));
+        [header, block].concat()
+    }
+
+    /// The bound, worked out by trying every sequence of elements (longest
+    /// output for each block length, the first element a literal), and
+    /// checked at its edge against the snappy decoder: the largest legal
+    /// expansion decompresses and passes, one byte more declared is refused.
+    #[test]
+    fn snappy_expansion_bound_is_exact() {
+        // best[m]: the most output of m bytes of elements, given output to
+        // copy from; literals are 1 + len bytes (len <= 60) or 2 + len.
+        const N: usize = 400;
+        let elements: [(usize, u64); 3] = [(2, 11), (3, 64), (5, 64)];
+        let lit = |len: usize| if len <= 60 { 1 + len } else { 2 + len };
+        let mut best = vec![None::<u64>; N + 1];
+        best[0] = Some(0);
+        for m in 1..=N {
+            let copies = elements
+                .iter()
+                .filter(|(c, _)| *c <= m)
+                .filter_map(|(c, out)| best[m - c].map(|b| b + out));
+            let literals = (1..m)
+                .filter(|&len| lit(len) <= m)
+                .filter_map(|len| best[m - lit(len)].map(|b| b + len as u64));
+            best[m] = copies.chain(literals).max();
+        }
+        for m in 0..=N {
+            // The first element is a literal.
+            let first = (1..m)
+                .filter(|&len| lit(len) <= m)
+                .filter_map(|len| best[m - lit(len)].map(|b| b + len as u64))
+                .max()
+                .unwrap_or(0);
+            assert_eq!(max_snappy_expansion(m as u64), first, "{m} bytes");
+        }
+
+        for elements in (2..200).chain([3_000_000, 3_000_001, 3_000_002]) {
+            let body = max_expansion_body(elements);
+            let most = max_snappy_expansion(elements as u64);
+            let out = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
+            assert_eq!(out.len() as u64, most);
+            assert_eq!(declared_len(&body), Ok(most));
+            // The same block declaring one byte more.
+            let mut header = Vec::new();
+            wire::put_varint(&mut header, most + 1);
+            let block = max_expansion_block(elements);
+            let lie = [header.clone(), block].concat();
+            // The header may have grown a byte, which leaves the bound as it is
+            // only if the block did not shrink: compare with the bound for
+            // what is left after this header.
+            let left = (lie.len() - header.len()) as u64;
+            assert_eq!(
+                declared_len(&lie),
+                Err(PipelineError::SnappyLength {
+                    declared: most + 1,
+                    compressed: lie.len() as u64,
+                    most: max_snappy_expansion(left),
+                }),
+                "{elements} bytes"
+            );
+        }
+    }
+
+    /// The labels of every series a forwarded body holds, by metric name.
+    fn forwarded(out: &Outcome) -> Vec<String> {
+        if out.body.is_empty() {
+            return Vec::new();
+        }
+        let body = snap::raw::Decoder::new().decompress_vec(&out.body).unwrap();
+        let fwd = prompb::WriteRequest::decode(body.as_slice()).unwrap();
+        fwd.timeseries
+            .iter()
+            .map(|ts| {
+                let names = ts.labels.iter().filter(|l| l.name == "__name__");
+                names.map(|l| l.value.clone()).collect::<Vec<_>>().join("+")
+            })
+            .collect()
+    }
+
+    fn teed(out: &Outcome) -> Vec<(String, usize)> {
+        if out.tee.payload().is_empty() {
+            return Vec::new();
+        }
+        let mut teed = Vec::new();
+        crate::cost::record::decode_record(out.tee.payload(), &mut teed).unwrap();
+        teed.iter()
+            .map(|t| (t.metric.to_string(), t.labels().len()))
+            .collect()
+    }
+
+    #[test]
+    fn invalid_series_are_neither_forwarded_nor_teed() {
+        let allow = Allowlist::new(crate::config::DEFAULT_ALLOWLIST).unwrap();
+        let labels = vec!["cloud_account_id".to_string(), "tenant_id".to_string()];
+        let cost = "cloudtuner_kubecost_namespace_total_cost";
+        let mut dup = series(cost, &[("namespace", "a"), ("namespace", "b")], 1.0);
+        dup.labels.reverse();
+        let mut no_name = series("up", &[("job", "x")], 1.0);
+        no_name.labels.remove(0);
+        let req = prompb::WriteRequest {
+            timeseries: vec![
+                series("up", &[], 1.0),
+                dup,
+                series(cost, &[("namespace", "ok")], 2.0),
+                no_name,
+                series(cost, &[("", "empty name")], 3.0),
+            ],
+            metadata: vec![],
+        };
+        let out = process(
+            &compress(&req),
+            &params(&allow, &labels),
+            &mut Scratch::default(),
+        )
+        .unwrap();
+        assert_eq!(forwarded(&out), ["up", cost]);
+        // The record's labels leave out `namespace` (a column of its own).
+        assert_eq!(teed(&out), [(cost.to_string(), 2)]);
+        assert_eq!((out.series_received, out.series_kept), (2, 2));
+        let refused = out.refused.expect("refused series");
+        assert_eq!((refused.refused, refused.series), (3, 5));
+        assert_eq!(
+            refused.reasons().collect::<Vec<_>>(),
+            [
+                ("empty_label_name", 1),
+                ("duplicate_label_name", 1),
+                ("missing_metric_name", 1)
+            ]
+        );
+        assert_eq!(
+            refused.to_string(),
+            "3 of 5 series refused, the others were accepted: \
+             series 1 (counting from 0) has the label name \"namespace\" more than once"
+        );
+    }
+
+    /// The allowlist decides what is forwarded, the tee prefix alone what
+    /// is teed.
+    #[test]
+    fn teeing_depends_on_the_tee_prefix_alone() {
+        let allow = Allowlist::new("up|kube_.*").unwrap();
+        let labels = vec!["tenant_id".to_string()];
+        let cost = "cloudtuner_kubecost_namespace_total_cost";
+        let req = prompb::WriteRequest {
+            timeseries: vec![
+                series("up", &[], 1.0),
+                series(cost, &[("namespace", "ns")], 2.0),
+                series("go_goroutines", &[], 3.0),
+            ],
+            metadata: vec![],
+        };
+        let out = process(
+            &compress(&req),
+            &params(&allow, &labels),
+            &mut Scratch::default(),
+        )
+        .unwrap();
+        assert_eq!(forwarded(&out), ["up"]);
+        assert_eq!((out.series_kept, out.series_dropped), (1, 2));
+        assert_eq!(teed(&out), [(cost.to_string(), 1)]);
+        assert_eq!(out.tee.kept, 1);
+        assert!(out.refused.is_none());
+        // The same series sent as Remote-Write 2.0.
+        let v2 = crate::prompb_v2::Request::from_v1(&req);
+        let two = process_v2(
+            &snappy(&v2.encode_to_vec()),
+            &params(&allow, &labels),
+            RemoteWriteVersion::V1,
+            &mut Scratch::default(),
+        )
+        .unwrap();
+        assert_eq!(forwarded(&two), ["up"]);
+        assert_eq!((two.series_kept, two.series_dropped), (1, 2));
+        assert_eq!(teed(&two), [(cost.to_string(), 1)]);
+    }
+
+    /// A teed series' record holds at most `record::MAX_LABELS` labels:
+    /// all but `__name__`, plus the tenant labels. The largest series that
+    /// fits is teed and its record decodes; one label more is refused at
+    /// decode, neither forwarded nor teed.
+    #[test]
+    fn series_a_spool_record_cannot_hold_are_refused_at_decode() {
+        let allow = Allowlist::new(crate::config::DEFAULT_ALLOWLIST).unwrap();
+        let tenant = vec!["cloud_account_id".to_string(), "tenant_id".to_string()];
+        let cost = "cloudtuner_kubecost_namespace_total_cost";
+        let names: Vec<String> = (0..record::MAX_LABELS)
+            .map(|i| format!("l{i:05}"))
+            .collect();
+        let with = |n: usize| {
+            let extra: Vec<(&str, &str)> = names[..n].iter().map(|s| (s.as_str(), "v")).collect();
+            series(cost, &extra, 1.0)
+        };
+        // With __name__: MAX_LABELS - 1 labels as sent, MAX_LABELS in the
+        // record once the two tenant labels replace __name__.
+        let fits = record::MAX_LABELS - tenant.len();
+        let req = prompb::WriteRequest {
+            timeseries: vec![with(fits), with(fits + 1), series("up", &[], 1.0)],
+            metadata: vec![],
+        };
+        let mut p = params(&allow, &tenant);
+        p.max_decoded_bytes = 16 << 20;
+        let out = process(&compress(&req), &p, &mut Scratch::default()).unwrap();
+        assert_eq!(teed(&out), [(cost.to_string(), record::MAX_LABELS)]);
+        assert_eq!(forwarded(&out), [cost, "up"]);
+        let refused = out.refused.expect("the series over the record's size");
+        assert_eq!(
+            refused.reasons().collect::<Vec<_>>(),
+            [("too_many_labels", 1)]
+        );
+        assert_eq!(refused.first_index, 1);
+        assert_eq!(
+            refused.first,
+            format!("has {} labels, the limit is {}", fits + 2, fits + 1)
+        );
     }
 
     #[test]
@@ -595,7 +996,7 @@ mod tests {
         );
         assert_eq!(two.kept.samples + two.dropped.samples, 600);
         assert_eq!((two.kept.histograms, two.kept.exemplars), (0, 0));
-        assert_eq!(two.series_refused, 0);
+        assert!(two.refused.is_none());
     }
 
     #[test]
@@ -631,14 +1032,17 @@ mod tests {
                 &mut Scratch::default(),
             )
             .unwrap();
+            assert_eq!((out.series_kept, out.series_dropped), (1, 1));
+            let refused = out.refused.as_ref().expect("series refused");
+            assert_eq!((refused.refused, refused.series), (2, 4));
             assert_eq!(
-                (out.series_kept, out.series_dropped, out.series_refused),
-                (1, 1, 2)
+                refused.to_string(),
+                "2 of 4 series refused, the others were accepted: series 0 (counting from 0) \
+                 is invalid: labels_refs has an odd number of entries"
             );
-            assert_eq!(out.first_refusal, Some(Invalid::OddLabelRefs));
             assert_eq!(
-                out.refused_by_reason[Invalid::DuplicateLabelName.index()],
-                1
+                refused.by_reason,
+                [("odd_labels_refs", 1), ("duplicate_label_name", 1)]
             );
             assert_eq!((out.kept.samples, out.dropped.samples), (1, 1));
             let raw = snap::raw::Decoder::new().decompress_vec(&out.body).unwrap();

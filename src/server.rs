@@ -34,7 +34,7 @@ use crate::ratelimit::{Exceeded, TenantLimiter};
 use crate::telemetry::{self as t, LogLimiter};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::wire::ShapeLimits;
-use crate::wire_v2::{Invalid, Written};
+use crate::wire_v2::Written;
 
 /// The remote-write paths: diproxy's, and the two Prometheus/Thanos ones.
 pub const WRITE_PATHS: [&str; 3] = ["/storage/api/v2/write", "/api/v1/write", "/api/v1/receive"];
@@ -481,6 +481,10 @@ async fn accept(
     state.scratch.give(scratch);
     drop(budget);
     let mut out = outcome?;
+    let refused = out.refused.take();
+    for (reason, n) in refused.iter().flat_map(|r| r.reasons()) {
+        metrics::counter!(t::SERIES_REFUSED, "reason" => reason).increment(n);
+    }
     state
         .rate
         .check(account, out.samples_received)
@@ -496,11 +500,6 @@ async fn accept(
     }
     if out.metadata_dropped > 0 {
         metrics::counter!(t::METADATA_DROPPED).increment(out.metadata_dropped);
-    }
-    for (reason, n) in Invalid::REASONS.iter().zip(out.refused_by_reason) {
-        if n > 0 {
-            metrics::counter!(t::SERIES_DROPPED, "reason" => *reason).increment(n);
-        }
     }
     if let Some(w) = written {
         *w = out.dropped;
@@ -553,15 +552,12 @@ async fn accept(
     // rather than drop the batch, or the cost samples would be lost.
     teed?;
     forwarded?;
-    // Series refused as invalid: the rest is written, the answer says how
-    // many were not (a partial write, per Remote-Write 2.0).
-    if let Some(first) = out.first_refusal {
-        return Err(ApiError::SeriesRefused {
-            refused: out.series_refused,
-            first: first.to_string(),
-        });
+    // Series refused for their content: 400 now that the rest is written,
+    // so that the sender does not retry a batch that cannot pass.
+    match refused {
+        Some(r) => Err(r.into()),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The `Cloud-Account-Id` header, required and a UUID (normalised to the

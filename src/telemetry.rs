@@ -19,6 +19,9 @@ pub const SAMPLES_RECEIVED: &str = "rwgate_samples_received_total";
 pub const SAMPLES_FORWARDED: &str = "rwgate_samples_forwarded_total";
 pub const SAMPLES_DROPPED: &str = "rwgate_samples_dropped_total";
 pub const SERIES_DROPPED: &str = "rwgate_series_dropped_total";
+/// Series refused for their content (neither forwarded nor teed, while the
+/// rest of their request is), by reason (`wire::Invalid::REASONS`).
+pub const SERIES_REFUSED: &str = "rwgate_series_refused_total";
 pub const METADATA_DROPPED: &str = "rwgate_metadata_dropped_total";
 pub const UPSTREAM_DURATION: &str = "rwgate_upstream_request_duration_seconds";
 pub const UPSTREAM_RESPONSES: &str = "rwgate_upstream_responses_total";
@@ -83,6 +86,10 @@ fn describe() {
     describe_counter!(SAMPLES_FORWARDED, "Samples acknowledged by the upstream.");
     describe_counter!(SAMPLES_DROPPED, "Samples dropped, by reason (allowlist).");
     describe_counter!(SERIES_DROPPED, "Series dropped, by reason (allowlist).");
+    describe_counter!(
+        SERIES_REFUSED,
+        "Series refused as invalid (the rest of their request is written), by reason."
+    );
     describe_counter!(
         METADATA_DROPPED,
         "Metric metadata entries not forwarded (they carry no tenant)."

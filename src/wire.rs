@@ -10,7 +10,29 @@
 //! from `proto/` (`crate::prompb`) are the reference these are tested against.
 //!
 //! Protobuf wire rules used here: a field is a varint key `(number << 3) | type`,
-//! type 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32.
+//! type 0 varint, 1 fixed64, 2 length-delimited, 3/4 start/end of a group
+//! (obsolete, but a decoder skips them), 5 fixed32.
+//!
+//! # What is refused, and how much of the request goes with it
+//!
+//! The decoder accepts exactly what prost accepts (every sub-message is
+//! decoded, nothing is only skipped over), then applies the label rules of
+//! the Remote-Write spec and the shape limits. Following the spec's
+//! partial-write rule, one bad series is refused on its own and the rest of
+//! the request goes on; the request as a whole is refused only when it
+//! cannot be read or trusted at all:
+//!
+//! - **The whole request** ([`DecodeError`]): the `WriteRequest` itself does
+//!   not decode (a series' bytes cannot even be delimited), it has more than
+//!   `max_series` series, or a label string (of a series or of an exemplar)
+//!   in a series that decodes is not valid UTF-8.
+//! - **One series** ([`Invalid`], counted in [`Decoded::refused`]): any part
+//!   of it does not decode (a label, a sample, an exemplar, a histogram, or
+//!   the series' own fields), it breaks a per-series shape limit, or its
+//!   label set is one the spec forbids ([`check_label_set`]).
+//!
+//! In that order: a series that does not decode is refused whatever else
+//! is wrong with it, because nothing more can be known about it.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -19,7 +41,17 @@ use std::fmt;
 pub(crate) const VARINT: u8 = 0;
 pub(crate) const FIXED64: u8 = 1;
 pub(crate) const LEN: u8 = 2;
+const START_GROUP: u8 = 3;
+const END_GROUP: u8 = 4;
 pub(crate) const FIXED32: u8 = 5;
+
+/// How deeply groups may nest, counted as prost counts when it decodes a
+/// whole `WriteRequest` (its recursion limit): a field skipped with budget
+/// 0 fails, a group's fields get one less than the group. The
+/// `WriteRequest`'s own fields start at this, a `TimeSeries`' at one less,
+/// a label's, sample's, exemplar's or histogram's at two less, an
+/// exemplar's label's at three less.
+pub(crate) const DEPTH: u32 = 100;
 
 /// A byte range `[start, end)` into the decompressed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,6 +72,14 @@ impl Span {
     #[inline]
     pub fn is_empty(self) -> bool {
         self.end == self.start
+    }
+}
+
+#[inline]
+fn span(start: usize, end: usize) -> Span {
+    Span {
+        start: start as u32,
+        end: end as u32,
     }
 }
 
@@ -67,8 +107,8 @@ pub struct SeriesRef {
     /// usual case: labels first, then samples); `None` if they are spread
     /// between labels, and the encoder then picks them out one by one.
     pub other: Option<Span>,
-    /// Value of `__name__`, if present.
-    pub name: Option<Span>,
+    /// Value of `__name__` (a valid series has exactly one, not empty).
+    pub name: Span,
     /// Number of samples plus histogram samples.
     pub samples: u32,
 }
@@ -76,9 +116,13 @@ pub struct SeriesRef {
 /// Limits on the shape of a request, checked while decoding.
 #[derive(Debug, Clone, Copy)]
 pub struct ShapeLimits {
+    /// Series in the request (more refuses the request).
     pub max_series: usize,
+    /// Labels of one series as sent (more refuses the series).
     pub max_labels_per_series: usize,
+    /// Bytes of a label name (longer refuses the series).
     pub max_label_name_bytes: usize,
+    /// Bytes of a label value (longer refuses the series).
     pub max_label_value_bytes: usize,
 }
 
@@ -94,10 +138,13 @@ impl ShapeLimits {
 /// The index of a decoded `WriteRequest`; reusable across requests.
 #[derive(Debug, Default)]
 pub struct Decoded {
+    /// The valid series, in request order.
     pub series: Vec<SeriesRef>,
     pub labels: Vec<LabelRef>,
     /// `MetricMetadata` entries seen (not forwarded: they carry no tenant).
     pub metadata: u32,
+    /// The series refused, by reason.
+    pub refused: Refused,
 }
 
 impl Decoded {
@@ -105,6 +152,7 @@ impl Decoded {
         self.series.clear();
         self.labels.clear();
         self.metadata = 0;
+        self.refused = Refused::default();
     }
 
     /// The labels of one series.
@@ -114,7 +162,7 @@ impl Decoded {
     }
 }
 
-/// Why a body is not a valid `WriteRequest`, or breaks a shape limit.
+/// Why a body is not a valid `WriteRequest` at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("protobuf: {what} at byte {at}")]
@@ -123,6 +171,8 @@ pub enum DecodeError {
     InvalidUtf8 { which: &'static str, at: usize },
     #[error("too many series: more than {limit} in one request")]
     TooManySeries { limit: usize },
+    /// Per-series limits that refuse a whole Remote-Write 2.0 request (a
+    /// 1.0 request has the series refused alone, as [`Invalid`]).
     #[error("too many labels: a series has {count}, the limit is {limit}")]
     TooManyLabels { count: usize, limit: usize },
     #[error("label name too long: {len} bytes, the limit is {limit}")]
@@ -133,6 +183,190 @@ pub enum DecodeError {
 
 pub(crate) fn malformed(what: &'static str, at: usize) -> DecodeError {
     DecodeError::Malformed { what, at }
+}
+
+/// The part of a series that did not decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The `TimeSeries` message's own fields.
+    Series,
+    Label,
+    Sample,
+    Exemplar,
+    Histogram,
+}
+
+/// Why one series is refused while the rest of its request goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// A label's name is empty.
+    EmptyLabelName,
+    /// Two labels have this name (`__name__` included).
+    DuplicateLabelName {
+        name: Span,
+    },
+    /// No `__name__` label.
+    MissingMetricName,
+    /// `__name__` is empty.
+    EmptyMetricName,
+    /// More labels than the limit (counted as sent).
+    TooManyLabels {
+        count: u32,
+        limit: u32,
+    },
+    LabelNameTooLong {
+        len: u32,
+        limit: u32,
+    },
+    LabelValueTooLong {
+        name: Span,
+        len: u32,
+        limit: u32,
+    },
+    /// A part of the series does not decode.
+    Malformed {
+        part: Part,
+        what: &'static str,
+        at: u32,
+    },
+}
+
+impl Invalid {
+    /// Every reason, as metric label values (`rwgate_series_refused_total`).
+    pub const REASONS: [&'static str; 12] = [
+        "empty_label_name",
+        "duplicate_label_name",
+        "missing_metric_name",
+        "empty_metric_name",
+        "too_many_labels",
+        "label_name_too_long",
+        "label_value_too_long",
+        "malformed_series",
+        "malformed_label",
+        "malformed_sample",
+        "malformed_exemplar",
+        "malformed_histogram",
+    ];
+
+    fn index(&self) -> usize {
+        match self {
+            Invalid::EmptyLabelName => 0,
+            Invalid::DuplicateLabelName { .. } => 1,
+            Invalid::MissingMetricName => 2,
+            Invalid::EmptyMetricName => 3,
+            Invalid::TooManyLabels { .. } => 4,
+            Invalid::LabelNameTooLong { .. } => 5,
+            Invalid::LabelValueTooLong { .. } => 6,
+            Invalid::Malformed { part, .. } => match part {
+                Part::Series => 7,
+                Part::Label => 8,
+                Part::Sample => 9,
+                Part::Exemplar => 10,
+                Part::Histogram => 11,
+            },
+        }
+    }
+
+    /// A short fixed label for metrics.
+    pub fn reason(&self) -> &'static str {
+        Self::REASONS[self.index()]
+    }
+
+    fn malformed(part: Part) -> impl Fn(DecodeError) -> Invalid {
+        move |e| match e {
+            DecodeError::Malformed { what, at } => Invalid::Malformed {
+                part,
+                what,
+                at: at as u32,
+            },
+            // Only `Reader` errors are turned into an `Invalid`.
+            _ => Invalid::Malformed {
+                part,
+                what: "undecodable",
+                at: 0,
+            },
+        }
+    }
+
+    /// What is wrong, as the end of a sentence about the series, with the
+    /// label names it mentions read from `buf` (quoted and cut short, so
+    /// that the line stays one line).
+    pub fn describe(&self, buf: &[u8]) -> String {
+        Describe { invalid: self, buf }.to_string()
+    }
+}
+
+struct Describe<'a> {
+    invalid: &'a Invalid,
+    buf: &'a [u8],
+}
+
+impl fmt::Display for Describe<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let quoted = |s: Span| {
+            let bytes = s.get(self.buf);
+            let cut = &bytes[..bytes.len().min(64)];
+            let text = String::from_utf8_lossy(cut);
+            if cut.len() < bytes.len() {
+                format!("{text:?}...")
+            } else {
+                format!("{text:?}")
+            }
+        };
+        match *self.invalid {
+            Invalid::EmptyLabelName => write!(f, "has a label with an empty name"),
+            Invalid::DuplicateLabelName { name } => {
+                write!(f, "has the label name {} more than once", quoted(name))
+            }
+            Invalid::MissingMetricName => write!(f, "has no __name__ label"),
+            Invalid::EmptyMetricName => write!(f, "has an empty __name__"),
+            Invalid::TooManyLabels { count, limit } => {
+                write!(f, "has {count} labels, the limit is {limit}")
+            }
+            Invalid::LabelNameTooLong { len, limit } => {
+                write!(f, "has a label name of {len} bytes, the limit is {limit}")
+            }
+            Invalid::LabelValueTooLong { name, len, limit } => write!(
+                f,
+                "has a value of {len} bytes for label {}, the limit is {limit}",
+                quoted(name)
+            ),
+            Invalid::Malformed { part, what, at } => {
+                let part = match part {
+                    Part::Series => "its fields",
+                    Part::Label => "a label",
+                    Part::Sample => "a sample",
+                    Part::Exemplar => "an exemplar",
+                    Part::Histogram => "a histogram",
+                };
+                write!(f, "does not decode: {part}: {what} at byte {at}")
+            }
+        }
+    }
+}
+
+/// The series refused in one request, by reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refused {
+    /// Series refused per reason, indexed like [`Invalid::REASONS`].
+    pub by_reason: [u32; Invalid::REASONS.len()],
+    /// The first one: its position among the request's series (from 0),
+    /// and why.
+    pub first: Option<(u32, Invalid)>,
+}
+
+impl Refused {
+    /// Series refused in all.
+    pub fn count(&self) -> u32 {
+        self.by_reason.iter().sum()
+    }
+
+    pub fn add(&mut self, series: u32, why: Invalid) {
+        self.by_reason[why.index()] += 1;
+        if self.first.is_none() {
+            self.first = Some((series, why));
+        }
+    }
 }
 
 /// A cursor over protobuf fields.
@@ -146,6 +380,11 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     pub(crate) fn new(buf: &'a [u8], base: usize) -> Self {
         Reader { buf, pos: 0, base }
+    }
+
+    /// A reader over `buf[start..end]`, positions relative to `buf`.
+    fn over(buf: &'a [u8], start: usize, end: usize) -> Self {
+        Reader::new(&buf[start..end], start)
     }
 
     #[inline]
@@ -178,18 +417,25 @@ impl<'a> Reader<'a> {
                 return Err(malformed("truncated varint", self.at()));
             };
             self.pos += 1;
+            // The tenth byte holds the 64th bit only (as prost reads it).
+            if i == 9 && b > 1 {
+                break;
+            }
             v |= u64::from(b & 0x7f) << (7 * i);
             if b < 0x80 {
                 return Ok(v);
             }
         }
-        Err(malformed("varint longer than 10 bytes", self.at()))
+        Err(malformed("varint longer than 64 bits", self.at()))
     }
 
     /// Reads a field key: (field number, wire type).
     #[inline]
     pub(crate) fn key(&mut self) -> Result<(u32, u8), DecodeError> {
         let k = self.varint()?;
+        if k > u64::from(u32::MAX) {
+            return Err(malformed("field key larger than 32 bits", self.at()));
+        }
         let field = (k >> 3) as u32;
         if field == 0 {
             return Err(malformed("field number 0", self.at()));
@@ -200,10 +446,11 @@ impl<'a> Reader<'a> {
     /// Reads a length-delimited payload and returns its span (relative to base).
     #[inline]
     pub(crate) fn len_delimited(&mut self) -> Result<(usize, usize), DecodeError> {
-        let len = self.varint()? as usize;
+        let len = self.varint()?;
         let start = self.pos;
-        let end = start
-            .checked_add(len)
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| start.checked_add(len))
             .filter(|&e| e <= self.buf.len())
             .ok_or_else(|| malformed("length past end of message", self.at()))?;
         self.pos = end;
@@ -220,9 +467,18 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 
-    /// Skips a field of the given wire type.
+    /// Skips field `field` of the given wire type, with `depth` the nesting
+    /// budget left (see [`DEPTH`]).
     #[inline]
-    pub(crate) fn skip(&mut self, wire_type: u8) -> Result<(), DecodeError> {
+    pub(crate) fn skip(
+        &mut self,
+        field: u32,
+        wire_type: u8,
+        depth: u32,
+    ) -> Result<(), DecodeError> {
+        if depth == 0 {
+            return Err(malformed("groups nested too deep", self.at()));
+        }
         match wire_type {
             VARINT => {
                 self.varint()?;
@@ -239,137 +495,286 @@ impl<'a> Reader<'a> {
                 }
                 self.pos += 4;
             }
+            START_GROUP => self.skip_group(field, depth)?,
+            END_GROUP => return Err(malformed("end of a group never started", self.at())),
             _ => return Err(malformed("unsupported wire type", self.at())),
         }
         Ok(())
+    }
+
+    /// Skips the fields of a group up to its end marker (no sender uses
+    /// groups any more, but a decoder must skip them as unknown fields).
+    #[cold]
+    #[inline(never)]
+    fn skip_group(&mut self, field: u32, depth: u32) -> Result<(), DecodeError> {
+        loop {
+            let (inner, wt) = self.key()?;
+            if wt == END_GROUP {
+                if inner != field {
+                    return Err(malformed("group ends with another field number", self.at()));
+                }
+                return Ok(());
+            }
+            self.skip(inner, wt, depth - 1)?;
+        }
     }
 }
 
 /// Decodes a `prometheus.WriteRequest` from `buf` into `out` (cleared first).
 /// Labels of each series are sorted by name if the sender did not sort them.
+/// Invalid series are left out and counted in [`Decoded::refused`]; an
+/// error means the whole request is refused (see the module docs).
 pub fn decode(buf: &[u8], limits: &ShapeLimits, out: &mut Decoded) -> Result<(), DecodeError> {
     out.clear();
     if buf.len() > u32::MAX as usize {
         return Err(malformed("message larger than 4 GiB", 0));
     }
     let mut r = Reader::new(buf, 0);
+    let mut seen = 0usize;
     while !r.done() {
         let (field, wt) = r.key()?;
         match (field, wt) {
             (1, LEN) => {
-                if out.series.len() >= limits.max_series {
+                if seen >= limits.max_series {
                     return Err(DecodeError::TooManySeries {
                         limit: limits.max_series,
                     });
                 }
                 let (s, e) = r.len_delimited()?;
-                decode_series(buf, s, e, limits, out)?;
+                decode_series(buf, s, e, limits, seen as u32, out)?;
+                seen += 1;
             }
             (3, LEN) => {
                 r.len_delimited()?;
                 out.metadata += 1;
             }
             (1 | 3, _) => return Err(malformed("wrong wire type for WriteRequest field", r.at())),
-            (_, wt) => r.skip(wt)?,
+            (field, wt) => r.skip(field, wt, DEPTH)?,
         }
     }
     Ok(())
 }
 
+/// What reading a series found besides its labels.
+struct Scan {
+    label_bytes: usize,
+    labels_sent: usize,
+    samples: u32,
+    /// The non-label fields, while they stay one contiguous range.
+    other: Option<(usize, usize)>,
+    other_contiguous: bool,
+    /// The first label string that is not UTF-8 (fails the request if the
+    /// series otherwise decodes).
+    bad_utf8: Option<DecodeError>,
+    /// The first label over a length limit.
+    too_long: Option<Invalid>,
+}
+
+/// Decodes the series in `buf[start..end]` (number `index` in the request):
+/// pushes it to `out.series` if it is valid, counts it in `out.refused` if
+/// not. An error refuses the whole request.
 fn decode_series(
     buf: &[u8],
     start: usize,
     end: usize,
     limits: &ShapeLimits,
+    index: u32,
     out: &mut Decoded,
 ) -> Result<(), DecodeError> {
     let labels_start = out.labels.len();
-    let mut r = Reader::new(&buf[start..end], start);
-    let mut label_bytes = 0usize;
-    let mut samples = 0u32;
-    let mut name = None;
-    let mut sorted = true;
-    // The previous label's name, kept in a register rather than re-read
-    // from `out.labels` (that reload showed in the profile).
-    let mut prev: &[u8] = &[];
-    // The non-label fields, while they stay one contiguous range.
-    let mut other: Option<(usize, usize)> = None;
-    let mut other_contiguous = true;
-    while !r.done() {
-        let field_start = r.pos;
-        let (field, wt) = r.key()?;
-        match (field, wt) {
-            (1, LEN) => {
-                let (ls, le) = r.len_delimited()?;
-                let n = out.labels.len() - labels_start;
-                if n >= limits.max_labels_per_series {
-                    return Err(DecodeError::TooManyLabels {
-                        count: count_labels(buf, start, end),
-                        limit: limits.max_labels_per_series,
-                    });
-                }
-                let field = Span {
-                    start: (start + field_start) as u32,
-                    end: le as u32,
-                };
-                let label = decode_label(buf, ls, le, field, limits)?;
-                let label_name = label.name.get(buf);
-                if n > 0 && cmp_names(prev, label_name) == Ordering::Greater {
-                    sorted = false;
-                }
-                prev = label_name;
-                if label_name.len() == 8 && label_name == b"__name__" {
-                    name = Some(label.value);
-                }
-                out.labels.push(label);
-                label_bytes += r.pos - field_start;
+    let mut scan = Scan {
+        label_bytes: 0,
+        labels_sent: 0,
+        samples: 0,
+        other: None,
+        other_contiguous: true,
+        bad_utf8: None,
+        too_long: None,
+    };
+    let verdict = match scan_series(buf, start, end, limits, &mut scan, &mut out.labels) {
+        Err(why) => Err(why),
+        Ok(()) => {
+            if let Some(e) = scan.bad_utf8 {
+                return Err(e);
             }
-            (1..=4, _) if wt != LEN => {
-                return Err(malformed("wrong wire type for TimeSeries field", r.at()))
-            }
-            (_, wt) => {
-                if (field, wt) == (2, LEN) || (field, wt) == (4, LEN) {
-                    r.len_delimited()?;
-                    samples += 1;
-                } else {
-                    r.skip(wt)?;
-                }
-                let (fs, fe) = (start + field_start, start + r.pos);
-                other = match other {
-                    None => Some((fs, fe)),
-                    Some((os, oe)) if oe == fs => Some((os, fe)),
-                    Some(o) => {
-                        other_contiguous = false;
-                        Some(o)
-                    }
-                };
+            if scan.labels_sent > limits.max_labels_per_series {
+                Err(Invalid::TooManyLabels {
+                    count: scan.labels_sent as u32,
+                    limit: limits.max_labels_per_series.min(u32::MAX as usize) as u32,
+                })
+            } else if let Some(why) = scan.too_long {
+                Err(why)
+            } else {
+                check_label_set(buf, &mut out.labels[labels_start..])
             }
         }
-    }
-    if !sorted {
-        out.labels[labels_start..].sort_unstable_by(|a, b| a.name.get(buf).cmp(b.name.get(buf)));
-    }
-    let other = match other {
+    };
+    let name = match verdict {
+        Ok(name) => name,
+        Err(why) => {
+            out.labels.truncate(labels_start);
+            out.refused.add(index, why);
+            return Ok(());
+        }
+    };
+    let other = match scan.other {
         None => Some(Span::default()),
-        Some((s, e)) if other_contiguous => Some(Span {
-            start: s as u32,
-            end: e as u32,
-        }),
+        Some((s, e)) if scan.other_contiguous => Some(span(s, e)),
         Some(_) => None,
     };
     out.series.push(SeriesRef {
         labels_start: labels_start as u32,
         labels_end: out.labels.len() as u32,
-        body: Span {
-            start: start as u32,
-            end: end as u32,
-        },
-        other_bytes: ((end - start) - label_bytes) as u32,
+        body: span(start, end),
+        other_bytes: ((end - start) - scan.label_bytes) as u32,
         other,
         name,
-        samples,
+        samples: scan.samples,
     });
     Ok(())
+}
+
+/// Reads every field of a series, pushing its labels (up to the label
+/// limit) to `labels`. An error is the part that does not decode.
+fn scan_series(
+    buf: &[u8],
+    start: usize,
+    end: usize,
+    limits: &ShapeLimits,
+    scan: &mut Scan,
+    labels: &mut Vec<LabelRef>,
+) -> Result<(), Invalid> {
+    let in_series = Invalid::malformed(Part::Series);
+    let mut r = Reader::over(buf, start, end);
+    while !r.done() {
+        let field_start = r.pos;
+        let (field, wt) = r.key().map_err(&in_series)?;
+        if (field, wt) == (1, LEN) {
+            let (ls, le) = r.len_delimited().map_err(&in_series)?;
+            let (name, value) = decode_label(buf, ls, le, DEPTH - 2, &mut scan.bad_utf8)
+                .map_err(Invalid::malformed(Part::Label))?;
+            scan.labels_sent += 1;
+            scan.label_bytes += r.pos - field_start;
+            if scan.labels_sent > limits.max_labels_per_series {
+                continue;
+            }
+            if scan.too_long.is_none() {
+                scan.too_long = check_lengths(name, value, limits);
+            }
+            labels.push(LabelRef {
+                name,
+                value,
+                field: span(start + field_start, le),
+            });
+            continue;
+        }
+        match (field, wt) {
+            (2, LEN) => {
+                let (s, e) = r.len_delimited().map_err(&in_series)?;
+                parse_sample(buf, s, e).map_err(Invalid::malformed(Part::Sample))?;
+                scan.samples += 1;
+            }
+            (3, LEN) => {
+                let (s, e) = r.len_delimited().map_err(&in_series)?;
+                check_exemplar(buf, s, e, &mut scan.bad_utf8)
+                    .map_err(Invalid::malformed(Part::Exemplar))?;
+            }
+            (4, LEN) => {
+                let (s, e) = r.len_delimited().map_err(&in_series)?;
+                // Declared opaque in `proto/`: its fields are only checked
+                // to decode (the encoder copies them as they came).
+                skip_fields(buf, s, e, DEPTH - 2).map_err(Invalid::malformed(Part::Histogram))?;
+                scan.samples += 1;
+            }
+            (1..=4, _) => {
+                return Err(Invalid::Malformed {
+                    part: Part::Series,
+                    what: "wrong wire type for TimeSeries field",
+                    at: r.at() as u32,
+                })
+            }
+            (field, wt) => r.skip(field, wt, DEPTH - 1).map_err(&in_series)?,
+        }
+        let (fs, fe) = (start + field_start, start + r.pos);
+        scan.other = match scan.other {
+            None => Some((fs, fe)),
+            Some((os, oe)) if oe == fs => Some((os, fe)),
+            Some(o) => {
+                scan.other_contiguous = false;
+                Some(o)
+            }
+        };
+    }
+    Ok(())
+}
+
+#[inline]
+fn check_lengths(name: Span, value: Span, limits: &ShapeLimits) -> Option<Invalid> {
+    let cap = |n: usize| n.min(u32::MAX as usize) as u32;
+    if name.len() > limits.max_label_name_bytes {
+        return Some(Invalid::LabelNameTooLong {
+            len: name.len() as u32,
+            limit: cap(limits.max_label_name_bytes),
+        });
+    }
+    if value.len() > limits.max_label_value_bytes {
+        return Some(Invalid::LabelValueTooLong {
+            name,
+            len: value.len() as u32,
+            limit: cap(limits.max_label_value_bytes),
+        });
+    }
+    None
+}
+
+/// Checks one series' label set against the rules of the Remote-Write spec
+/// that every receiver enforces, sorting it by name first if the sender did
+/// not: no empty name, no name twice (`__name__` included), a `__name__`
+/// that is not empty. Returns the `__name__` value, the one name every
+/// receiver (and so the allowlist) reads.
+///
+/// Only `name` and `value` of each label are read, so any decoder (the
+/// Remote-Write 2.0 one too) can call this over its own label spans.
+pub fn check_label_set(buf: &[u8], labels: &mut [LabelRef]) -> Result<Span, Invalid> {
+    match check_sorted(buf, labels) {
+        Some(verdict) => verdict,
+        None => {
+            labels.sort_unstable_by(|a, b| cmp_names(a.name.get(buf), b.name.get(buf)));
+            // Sorted now, so this decides.
+            check_sorted(buf, labels).unwrap_or(Err(Invalid::MissingMetricName))
+        }
+    }
+}
+
+/// [`check_label_set`] on labels sorted by name; `None` if they are not.
+#[inline]
+fn check_sorted(buf: &[u8], labels: &[LabelRef]) -> Option<Result<Span, Invalid>> {
+    let mut metric = None;
+    let mut prev: &[u8] = &[];
+    for (i, l) in labels.iter().enumerate() {
+        let name = l.name.get(buf);
+        if i == 0 {
+            // The smallest name comes first: only it can be empty.
+            if name.is_empty() {
+                return Some(Err(Invalid::EmptyLabelName));
+            }
+        } else {
+            match cmp_names(prev, name) {
+                Ordering::Less => {}
+                Ordering::Equal => return Some(Err(Invalid::DuplicateLabelName { name: l.name })),
+                Ordering::Greater => return None,
+            }
+        }
+        if name == b"__name__" {
+            metric = Some(l.value);
+        }
+        prev = name;
+    }
+    Some(match metric {
+        None => Err(Invalid::MissingMetricName),
+        Some(v) if v.is_empty() => Err(Invalid::EmptyMetricName),
+        Some(v) => Ok(v),
+    })
 }
 
 /// Orders label names as byte strings. A byte loop rather than `a.cmp(b)`:
@@ -385,38 +790,22 @@ pub fn cmp_names(a: &[u8], b: &[u8]) -> Ordering {
     a.len().cmp(&b.len())
 }
 
-fn count_labels(buf: &[u8], start: usize, end: usize) -> usize {
-    let mut r = Reader::new(&buf[start..end], start);
-    let mut n = 0;
-    while !r.done() {
-        match r.key() {
-            Ok((1, LEN)) => n += 1,
-            Ok((_, wt)) if r.skip(wt).is_ok() => continue,
-            _ => break,
-        }
-        if r.len_delimited().is_err() {
-            break;
-        }
-    }
-    n
-}
-
+/// Decodes the `Label` message in `buf[start..end]` into its name and value
+/// spans. A string that is not UTF-8 is noted in `bad_utf8` (if nothing was
+/// noted before) rather than returned: the caller decides once it knows
+/// the whole series decodes. `depth` is the nesting budget of its fields.
 #[inline]
 fn decode_label(
     buf: &[u8],
     start: usize,
     end: usize,
-    field: Span,
-    limits: &ShapeLimits,
-) -> Result<LabelRef, DecodeError> {
+    depth: u32,
+    bad_utf8: &mut Option<DecodeError>,
+) -> Result<(Span, Span), DecodeError> {
     let msg = &buf[start..end];
-    let span = |s: usize, e: usize| Span {
-        start: (start + s) as u32,
-        end: (start + e) as u32,
-    };
     // Fast path: `0x0a <n> name 0x12 <m> value` with one-byte lengths, the
     // shape every sender produces for labels shorter than 128 bytes.
-    let (name, value) = match msg {
+    match msg {
         [0x0a, n, rest @ ..]
             if *n < 0x80
                 && rest.len() >= *n as usize + 2
@@ -425,70 +814,98 @@ fn decode_label(
                 && usize::from(rest[*n as usize + 1]) == rest.len() - *n as usize - 2 =>
         {
             let n = *n as usize;
-            (span(2, 2 + n), span(4 + n, msg.len()))
+            let (name, value) = (span(start + 2, start + 2 + n), span(start + 4 + n, end));
+            // All-ASCII (keys and one-byte lengths are ASCII too) is valid
+            // UTF-8: one cheap word-at-a-time scan for the whole label.
+            if !msg.is_ascii() && bad_utf8.is_none() {
+                *bad_utf8 =
+                    check_utf8(buf, name, "name").or_else(|| check_utf8(buf, value, "value"));
+            }
+            Ok((name, value))
         }
-        _ => decode_label_slow(buf, start, end)?,
-    };
-    if name.len() > limits.max_label_name_bytes {
-        return Err(DecodeError::LabelNameTooLong {
-            len: name.len(),
-            limit: limits.max_label_name_bytes,
-        });
+        _ => decode_label_slow(buf, start, end, depth, bad_utf8),
     }
-    if value.len() > limits.max_label_value_bytes {
-        return Err(DecodeError::LabelValueTooLong {
-            len: value.len(),
-            limit: limits.max_label_value_bytes,
-        });
-    }
-    // All-ASCII (keys and one-byte lengths are ASCII too) is valid UTF-8:
-    // one cheap word-at-a-time scan instead of two `from_utf8` calls.
-    if !msg.is_ascii() {
-        if std::str::from_utf8(name.get(buf)).is_err() {
-            return Err(DecodeError::InvalidUtf8 {
-                which: "name",
-                at: name.start as usize,
-            });
-        }
-        if std::str::from_utf8(value.get(buf)).is_err() {
-            return Err(DecodeError::InvalidUtf8 {
-                which: "value",
-                at: value.start as usize,
-            });
-        }
-    }
-    Ok(LabelRef { name, value, field })
+}
+
+#[inline]
+fn check_utf8(buf: &[u8], s: Span, which: &'static str) -> Option<DecodeError> {
+    std::str::from_utf8(s.get(buf))
+        .is_err()
+        .then_some(DecodeError::InvalidUtf8 {
+            which,
+            at: s.start as usize,
+        })
 }
 
 /// Any valid encoding of a `Label`: fields in any order, repeated (last
-/// wins), multi-byte lengths, unknown fields skipped.
+/// wins; every occurrence must be UTF-8, as for any string field),
+/// multi-byte lengths, unknown fields skipped.
 #[inline(never)]
-fn decode_label_slow(buf: &[u8], start: usize, end: usize) -> Result<(Span, Span), DecodeError> {
-    let mut r = Reader::new(&buf[start..end], start);
-    let mut name = Span::default();
-    let mut value = Span::default();
+fn decode_label_slow(
+    buf: &[u8],
+    start: usize,
+    end: usize,
+    depth: u32,
+    bad_utf8: &mut Option<DecodeError>,
+) -> Result<(Span, Span), DecodeError> {
+    let mut r = Reader::over(buf, start, end);
+    let mut name = span(start, start);
+    let mut value = span(start, start);
+    while !r.done() {
+        let (field, wt) = r.key()?;
+        match (field, wt) {
+            (1 | 2, LEN) => {
+                let (s, e) = r.len_delimited()?;
+                let which = if field == 1 { "name" } else { "value" };
+                if bad_utf8.is_none() {
+                    *bad_utf8 = check_utf8(buf, span(s, e), which);
+                }
+                *(if field == 1 { &mut name } else { &mut value }) = span(s, e);
+            }
+            (1 | 2, _) => return Err(malformed("wrong wire type for Label field", r.at())),
+            (field, wt) => r.skip(field, wt, depth)?,
+        }
+    }
+    Ok((name, value))
+}
+
+/// Checks that an `Exemplar` decodes: its labels (strings UTF-8, noted in
+/// `bad_utf8` like a series' labels), a fixed64 value, a varint timestamp.
+fn check_exemplar(
+    buf: &[u8],
+    start: usize,
+    end: usize,
+    bad_utf8: &mut Option<DecodeError>,
+) -> Result<(), DecodeError> {
+    let mut r = Reader::over(buf, start, end);
     while !r.done() {
         let (field, wt) = r.key()?;
         match (field, wt) {
             (1, LEN) => {
                 let (s, e) = r.len_delimited()?;
-                name = Span {
-                    start: s as u32,
-                    end: e as u32,
-                };
+                decode_label(buf, s, e, DEPTH - 3, bad_utf8)?;
             }
-            (2, LEN) => {
-                let (s, e) = r.len_delimited()?;
-                value = Span {
-                    start: s as u32,
-                    end: e as u32,
-                };
+            (2, FIXED64) => {
+                r.fixed64()?;
             }
-            (1 | 2, _) => return Err(malformed("wrong wire type for Label field", r.at())),
-            (_, wt) => r.skip(wt)?,
+            (3, VARINT) => {
+                r.varint()?;
+            }
+            (1..=3, _) => return Err(malformed("wrong wire type for Exemplar field", r.at())),
+            (field, wt) => r.skip(field, wt, DEPTH - 2)?,
         }
     }
-    Ok((name, value))
+    Ok(())
+}
+
+/// Checks that `buf[start..end]` is a sequence of fields that decode.
+fn skip_fields(buf: &[u8], start: usize, end: usize, depth: u32) -> Result<(), DecodeError> {
+    let mut r = Reader::over(buf, start, end);
+    while !r.done() {
+        let (field, wt) = r.key()?;
+        r.skip(field, wt, depth)?;
+    }
+    Ok(())
 }
 
 /// One float sample of a series.
@@ -496,6 +913,48 @@ fn decode_label_slow(buf: &[u8], start: usize, end: usize) -> Result<(Span, Span
 pub struct Sample {
     pub value: f64,
     pub timestamp_ms: i64,
+}
+
+/// Decodes the `Sample` message in `buf[start..end]`.
+#[inline]
+fn parse_sample(buf: &[u8], start: usize, end: usize) -> Result<Sample, DecodeError> {
+    let msg = &buf[start..end];
+    // Fast path: `0x09 <8 bytes> 0x10 <varint>`, value and then a timestamp
+    // of 1 to 9 bytes (any time after 1970), as senders write a sample.
+    if let [0x09, v @ .., 0x10, t0, t1, t2, t3, t4, t5] = msg {
+        // The timestamp's bytes are the varint's: all but the last have the
+        // high bit set. Times from 1971 to 2109 take exactly 6 bytes.
+        if v.len() == 8 && [*t0, *t1, *t2, *t3, *t4].iter().all(|b| *b >= 0x80) && *t5 < 0x80 {
+            let value = f64::from_bits(u64::from_le_bytes(v.try_into().expect("8 bytes")));
+            let ts = [*t0, *t1, *t2, *t3, *t4, *t5]
+                .iter()
+                .rev()
+                .fold(0u64, |acc, b| (acc << 7) | u64::from(b & 0x7f));
+            return Ok(Sample {
+                value,
+                timestamp_ms: ts as i64,
+            });
+        }
+    }
+    parse_sample_slow(buf, start, end)
+}
+
+#[inline(never)]
+fn parse_sample_slow(buf: &[u8], start: usize, end: usize) -> Result<Sample, DecodeError> {
+    let mut r = Reader::over(buf, start, end);
+    let mut sample = Sample {
+        value: 0.0,
+        timestamp_ms: 0,
+    };
+    while !r.done() {
+        match r.key()? {
+            (1, FIXED64) => sample.value = f64::from_bits(r.fixed64()?),
+            (2, VARINT) => sample.timestamp_ms = r.varint()? as i64,
+            (1 | 2, _) => return Err(malformed("wrong wire type for Sample field", r.at())),
+            (field, wt) => r.skip(field, wt, DEPTH - 2)?,
+        }
+    }
+    Ok(sample)
 }
 
 /// Calls `f` for each float sample of a series (histograms are skipped).
@@ -507,36 +966,23 @@ pub fn for_each_sample(
     // Only the fields other than labels, when the decoder found them in
     // one range (the usual case): no walking over the labels again.
     let fields = series.other.unwrap_or(series.body);
-    let (s, e) = (fields.start as usize, fields.end as usize);
-    let mut r = Reader::new(&buf[s..e], s);
+    let mut r = Reader::over(buf, fields.start as usize, fields.end as usize);
     while !r.done() {
         let (field, wt) = r.key()?;
         if (field, wt) != (2, LEN) {
-            r.skip(wt)?;
+            r.skip(field, wt, DEPTH - 1)?;
             continue;
         }
-        let (ss, se) = r.len_delimited()?;
-        f(read_sample(buf, ss, se)?);
+        let (s, e) = r.len_delimited()?;
+        f(parse_sample(buf, s, e)?);
     }
     Ok(())
 }
 
-/// One `Sample` message (the same in 1.0 and 2.0; other fields skipped).
+/// One `Sample` message (the same in 1.0 and 2.0).
 #[inline]
 pub(crate) fn read_sample(buf: &[u8], start: usize, end: usize) -> Result<Sample, DecodeError> {
-    let mut r = Reader::new(&buf[start..end], start);
-    let mut sample = Sample {
-        value: 0.0,
-        timestamp_ms: 0,
-    };
-    while !r.done() {
-        match r.key()? {
-            (1, FIXED64) => sample.value = f64::from_bits(r.fixed64()?),
-            (2, VARINT) => sample.timestamp_ms = r.varint()? as i64,
-            (_, wt) => r.skip(wt)?,
-        }
-    }
-    Ok(sample)
+    parse_sample(buf, start, end)
 }
 
 /// Protobuf size of a varint.
@@ -765,7 +1211,7 @@ fn copy_other_fields(out: &mut Vec<u8>, buf: &[u8], series: &SeriesRef) {
         // The body was validated by `decode`, so these cannot fail; stop
         // copying rather than panic if they somehow do.
         let Ok((field, wt)) = r.key() else { break };
-        if r.skip(wt).is_err() {
+        if r.skip(field, wt, DEPTH - 1).is_err() {
             break;
         }
         if !(field == 1 && wt == LEN) {
@@ -934,12 +1380,13 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(d.series[0].samples, 2);
-        assert_eq!(d.series[0].name.unwrap().get(&buf), b"x");
+        assert_eq!(d.series[0].name.get(&buf), b"x");
     }
 
     /// The request the shape limits are tested on, and each limit with the
-    /// error it gives there: one table for both protocols (the 2.0 test
-    /// sends the same series), so that they refuse alike.
+    /// error the 2.0 decoder gives there (the 2.0 test sends the same
+    /// series). The 1.0 decoder refuses the series instead of the request
+    /// for the per-series limits (`limits_are_enforced`).
     pub(crate) fn limits_request() -> prompb::WriteRequest {
         prompb::WriteRequest {
             timeseries: vec![
@@ -974,43 +1421,6 @@ pub(crate) mod tests {
                 DecodeError::LabelValueTooLong { len: 1, limit: 0 },
             ),
         ]
-    }
-
-    #[test]
-    fn limits_are_enforced() {
-        let buf = limits_request().encode_to_vec();
-        let mut d = Decoded::default();
-        for (limits, want) in limit_cases() {
-            assert_eq!(decode(&buf, &limits, &mut d), Err(want.clone()), "{want}");
-        }
-    }
-
-    #[test]
-    fn garbage_is_rejected_not_panicking() {
-        let req = prompb::WriteRequest {
-            timeseries: vec![ts(&[("__name__", "x"), ("a", "1")], &[(1.0, 1)])],
-            metadata: vec![],
-        };
-        let buf = req.encode_to_vec();
-        let mut d = Decoded::default();
-        // Every truncation is either an error or a valid shorter message.
-        for cut in 0..buf.len() {
-            let _ = decode(&buf[..cut], &ShapeLimits::UNLIMITED, &mut d);
-        }
-        assert!(matches!(
-            decode(b"\x0a\xff\xff\xff\xff\x0f", &ShapeLimits::UNLIMITED, &mut d),
-            Err(DecodeError::Malformed { .. })
-        ));
-        assert!(matches!(
-            decode(b"\x0a\x04\x0a\x02\xff\xfe", &ShapeLimits::UNLIMITED, &mut d),
-            Err(DecodeError::Malformed { .. }) | Err(DecodeError::InvalidUtf8 { .. })
-        ));
-        let bad_utf8 = prompb::WriteRequest {
-            timeseries: vec![],
-            metadata: vec![],
-        }
-        .encode_to_vec();
-        assert!(decode(&bad_utf8, &ShapeLimits::UNLIMITED, &mut d).is_ok());
     }
 
     /// What re-encoding must produce, computed the obvious way on prost types.
@@ -1198,5 +1608,477 @@ pub(crate) mod tests {
             put_varint(&mut out, v);
             assert_eq!(out.len(), varint_len(v), "{v}");
         }
+    }
+
+    /// A `WriteRequest` field 1 around `series` (a `TimeSeries` body).
+    fn request_of(series: &[Vec<u8>]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for s in series {
+            buf.push(0x0a);
+            put_varint(&mut buf, s.len() as u64);
+            buf.extend_from_slice(s);
+        }
+        buf
+    }
+
+    fn field(out: &mut Vec<u8>, key: u8, body: &[u8]) {
+        out.push(key);
+        put_varint(out, body.len() as u64);
+        out.extend_from_slice(body);
+    }
+
+    fn label_msg(n: &[u8], v: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        field(&mut m, 0x0a, n);
+        field(&mut m, 0x12, v);
+        m
+    }
+
+    type Pair = (Vec<u8>, Vec<u8>);
+
+    fn l(n: &[u8], v: &[u8]) -> Pair {
+        (n.to_vec(), v.to_vec())
+    }
+
+    /// A `TimeSeries` body with these labels (as given, unsorted or
+    /// repeated) and one sample.
+    fn raw_series(labels: &[Pair]) -> Vec<u8> {
+        let mut s = Vec::new();
+        for (n, v) in labels {
+            field(&mut s, 0x0a, &label_msg(n, v));
+        }
+        let sample = prompb::Sample {
+            value: 1.0,
+            timestamp: 1_700_000_000_000,
+        }
+        .encode_to_vec();
+        field(&mut s, 0x12, &sample);
+        s
+    }
+
+    fn good() -> Vec<u8> {
+        raw_series(&[l(b"__name__", b"up"), l(b"job", b"a")])
+    }
+
+    /// Decodes `buf`, expecting success, and returns (names of the valid
+    /// series, reasons refused in order of `REASONS`, first refused index).
+    fn verdicts(buf: &[u8]) -> (Vec<String>, Vec<(&'static str, u32)>, Option<u32>) {
+        let mut d = Decoded::default();
+        decode(buf, &ShapeLimits::UNLIMITED, &mut d).unwrap();
+        let names = d
+            .series
+            .iter()
+            .map(|s| String::from_utf8(s.name.get(buf).to_vec()).unwrap())
+            .collect();
+        let reasons = Invalid::REASONS
+            .iter()
+            .zip(d.refused.by_reason)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (*r, n))
+            .collect();
+        (names, reasons, d.refused.first.map(|(i, _)| i))
+    }
+
+    #[test]
+    fn label_sets_the_spec_forbids_are_refused_alone() {
+        let cases: [(Vec<Pair>, &str); 7] = [
+            (vec![l(b"__name__", b"x"), l(b"", b"v")], "empty_label_name"),
+            (
+                vec![l(b"__name__", b"x"), l(b"job", b"a"), l(b"job", b"b")],
+                "duplicate_label_name",
+            ),
+            // Unsorted, the repeat far apart: found after sorting.
+            (
+                vec![
+                    l(b"job", b"a"),
+                    l(b"__name__", b"x"),
+                    l(b"zone", b"z"),
+                    l(b"job", b"a"),
+                ],
+                "duplicate_label_name",
+            ),
+            (
+                vec![l(b"__name__", b"up"), l(b"__name__", b"go_goroutines")],
+                "duplicate_label_name",
+            ),
+            (vec![l(b"job", b"a")], "missing_metric_name"),
+            (vec![], "missing_metric_name"),
+            (
+                vec![l(b"__name__", b""), l(b"job", b"a")],
+                "empty_metric_name",
+            ),
+        ];
+        for (labels, reason) in cases {
+            let buf = request_of(&[good(), raw_series(&labels), good()]);
+            let (names, reasons, first) = verdicts(&buf);
+            assert_eq!(names, ["up", "up"], "{reason}");
+            assert_eq!(reasons, [(reason, 1)], "{labels:?}");
+            assert_eq!(first, Some(1));
+        }
+    }
+
+    #[test]
+    fn the_allowlist_reads_the_one_metric_name() {
+        // Whichever `__name__` a reader would take, the series is refused,
+        // so no reader can see a name the allowlist did not check.
+        for names in [
+            [b"up".as_slice(), b"go_goroutines"],
+            [b"go_goroutines", b"up"],
+        ] {
+            let buf = request_of(&[raw_series(&[
+                l(b"__name__", names[0]),
+                l(b"__name__", names[1]),
+            ])]);
+            let (kept, reasons, _) = verdicts(&buf);
+            assert!(kept.is_empty());
+            assert_eq!(reasons, [("duplicate_label_name", 1)]);
+        }
+        let buf = request_of(&[raw_series(&[l(b"job", b"a"), l(b"__name__", b"up")])]);
+        assert_eq!(verdicts(&buf).0, ["up"]);
+    }
+
+    #[test]
+    fn parts_that_do_not_decode_refuse_their_series() {
+        let labels = label_msg(b"__name__", b"x");
+        let with = |extra: &[u8]| {
+            let mut s = Vec::new();
+            field(&mut s, 0x0a, &labels);
+            s.extend_from_slice(extra);
+            s
+        };
+        let mut cases: Vec<(Vec<u8>, &str)> = Vec::new();
+        // A sample whose value is a varint, not a fixed64.
+        cases.push((with(&[0x12, 0x02, 0x08, 0x01]), "malformed_sample"));
+        // A sample whose timestamp is a fixed32.
+        cases.push((with(&[0x12, 0x05, 0x15, 1, 2, 3, 4]), "malformed_sample"));
+        // Garbage inside a sample: a length past its end.
+        cases.push((with(&[0x12, 0x03, 0x1a, 0x09, 0x00]), "malformed_sample"));
+        // A truncated fixed64 inside a sample.
+        cases.push((with(&[0x12, 0x04, 0x09, 1, 2, 3]), "malformed_sample"));
+        // An exemplar whose value is a varint; one with a truncated label.
+        cases.push((with(&[0x1a, 0x02, 0x10, 0x01]), "malformed_exemplar"));
+        cases.push((with(&[0x1a, 0x03, 0x0a, 0x05, 0x0a]), "malformed_exemplar"));
+        // A histogram holding an end-group marker and a truncated varint.
+        cases.push((with(&[0x22, 0x01, 0x0c]), "malformed_histogram"));
+        cases.push((with(&[0x22, 0x02, 0x08, 0x80]), "malformed_histogram"));
+        // Samples as a varint field; an unknown field with wire type 7.
+        cases.push((with(&[0x10, 0x01]), "malformed_series"));
+        cases.push((with(&[0x7f, 0x00]), "malformed_series"));
+        // A label whose name is a varint.
+        cases.push((with(&[0x0a, 0x02, 0x08, 0x01]), "malformed_label"));
+        for (series, reason) in cases {
+            let buf = request_of(&[good(), series.clone()]);
+            prompb::WriteRequest::decode(buf.as_slice()).expect_err("prost refuses it too");
+            let (names, reasons, first) = verdicts(&buf);
+            assert_eq!(names, ["up"], "{series:x?}");
+            assert_eq!(reasons, [(reason, 1)], "{series:x?}");
+            assert_eq!(first, Some(1));
+        }
+    }
+
+    #[test]
+    fn odd_but_valid_encodings_are_accepted_as_prost_accepts_them() {
+        let labels = label_msg(b"__name__", b"x");
+        let with = |extra: &[u8]| {
+            let mut s = Vec::new();
+            field(&mut s, 0x0a, &labels);
+            s.extend_from_slice(extra);
+            s
+        };
+        let cases: Vec<Vec<u8>> = vec![
+            // An empty sample (value 0 and timestamp 0 are left out).
+            with(&[0x12, 0x00]),
+            // A sample with an unknown fixed32 field and the fields reversed.
+            with(&[
+                0x12, 0x10, 0x10, 0x05, 0x1d, 1, 2, 3, 4, 0x09, 0, 0, 0, 0, 0, 0, 0xf0, 0x3f,
+            ]),
+            // A group (field 5) holding a varint, skipped as unknown.
+            with(&[0x2b, 0x08, 0x01, 0x2c]),
+            // A histogram of arbitrary well-formed fields.
+            with(&[0x22, 0x06, 0x08, 0x96, 0x01, 0x12, 0x01, 0x00]),
+            // A ten-byte varint timestamp (negative).
+            with(&[
+                0x12, 0x0b, 0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ]),
+        ];
+        for series in cases {
+            let buf = request_of(std::slice::from_ref(&series));
+            prompb::WriteRequest::decode(buf.as_slice()).expect("prost accepts it");
+            assert_eq!(
+                verdicts(&buf),
+                (vec!["x".to_string()], vec![], None),
+                "{series:x?}"
+            );
+        }
+        // A ten-byte varint whose last byte carries more than the 64th bit.
+        let series = with(&[
+            0x12, 0x0b, 0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02,
+        ]);
+        let buf = request_of(&[series]);
+        prompb::WriteRequest::decode(buf.as_slice()).expect_err("prost refuses it");
+        assert_eq!(verdicts(&buf).1, [("malformed_sample", 1)]);
+    }
+
+    #[test]
+    fn groups_nest_as_deep_as_prost_allows() {
+        // `depth` groups of field 5 nested in a sample, a varint innermost.
+        let nested = |depth: usize| {
+            let mut g = vec![0x2b; depth];
+            g.extend_from_slice(&[0x08, 0x01]);
+            g.extend(std::iter::repeat_n(0x2c, depth));
+            let mut s = Vec::new();
+            field(&mut s, 0x0a, &label_msg(b"__name__", b"x"));
+            field(&mut s, 0x12, &g);
+            request_of(&[s])
+        };
+        let mut d = Decoded::default();
+        let mut deepest = None;
+        for depth in 90..110 {
+            let buf = nested(depth);
+            let prost_ok = prompb::WriteRequest::decode(buf.as_slice()).is_ok();
+            decode(&buf, &ShapeLimits::UNLIMITED, &mut d).unwrap();
+            assert_eq!(d.series.len() == 1, prost_ok, "depth {depth}");
+            if prost_ok {
+                deepest = Some(depth);
+            }
+        }
+        // The edge is inside the range tried.
+        assert!(matches!(deepest, Some(90..=108)), "{deepest:?}");
+    }
+
+    #[test]
+    fn a_series_that_does_not_decode_is_refused_whatever_its_labels_hold() {
+        // Invalid UTF-8 in a label, then a sample that does not decode: the
+        // series is refused, the request goes on.
+        let mut s = raw_series(&[l(b"__name__", b"x"), l(b"job", b"\xff")]);
+        s.extend_from_slice(&[0x12, 0x02, 0x08, 0x01]);
+        let buf = request_of(&[good(), s]);
+        assert_eq!(verdicts(&buf).1, [("malformed_sample", 1)]);
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let req = prompb::WriteRequest {
+            timeseries: vec![
+                ts(&[("__name__", "x"), ("a", "1"), ("b", "2")], &[(1.0, 1)]),
+                ts(&[("__name__", "y")], &[(1.0, 1)]),
+            ],
+            metadata: vec![],
+        };
+        let buf = req.encode_to_vec();
+        let mut d = Decoded::default();
+        let lim = |f: fn(&mut ShapeLimits)| {
+            let mut l = ShapeLimits::UNLIMITED;
+            f(&mut l);
+            l
+        };
+        // Too many series refuses the request.
+        assert_eq!(
+            decode(&buf, &lim(|l| l.max_series = 1), &mut d),
+            Err(DecodeError::TooManySeries { limit: 1 })
+        );
+        // The per-series limits refuse the series that breaks them.
+        let refused = |l: ShapeLimits, d: &mut Decoded| {
+            decode(&buf, &l, d).unwrap();
+            let names: Vec<&[u8]> = d.series.iter().map(|s| s.name.get(&buf)).collect();
+            (names, d.refused.first)
+        };
+        let (names, first) = refused(lim(|l| l.max_labels_per_series = 2), &mut d);
+        assert_eq!(names, [b"y"]);
+        assert_eq!(
+            first,
+            Some((0, Invalid::TooManyLabels { count: 3, limit: 2 }))
+        );
+        let (names, first) = refused(lim(|l| l.max_label_name_bytes = 7), &mut d);
+        assert!(names.is_empty());
+        assert_eq!(
+            first,
+            Some((0, Invalid::LabelNameTooLong { len: 8, limit: 7 }))
+        );
+        assert_eq!(d.refused.count(), 2);
+        let (names, first) = refused(lim(|l| l.max_label_value_bytes = 0), &mut d);
+        assert!(names.is_empty());
+        assert!(matches!(
+            first,
+            Some((
+                0,
+                Invalid::LabelValueTooLong {
+                    len: 1,
+                    limit: 0,
+                    ..
+                }
+            ))
+        ));
+        // Labels past the count limit are not kept in the index.
+        let many: Vec<(String, String)> = (0..1000)
+            .map(|i| (format!("l{i:04}"), "v".into()))
+            .collect();
+        let mut labels: Vec<(&str, &str)> = vec![("__name__", "x")];
+        labels.extend(many.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        let buf = prompb::WriteRequest {
+            timeseries: vec![ts(&labels, &[(1.0, 1)])],
+            metadata: vec![],
+        }
+        .encode_to_vec();
+        decode(&buf, &lim(|l| l.max_labels_per_series = 10), &mut d).unwrap();
+        assert_eq!(
+            d.refused.first,
+            Some((
+                0,
+                Invalid::TooManyLabels {
+                    count: 1001,
+                    limit: 10
+                }
+            ))
+        );
+        assert!(d.labels.is_empty());
+    }
+
+    #[test]
+    fn refusals_describe_themselves_in_one_line() {
+        let buf = request_of(&[raw_series(&[
+            l(b"__name__", b"x"),
+            l(b"jo\nb", b"a"),
+            l(b"jo\nb", b"b"),
+        ])]);
+        let mut d = Decoded::default();
+        decode(&buf, &ShapeLimits::UNLIMITED, &mut d).unwrap();
+        let (_, why) = d.refused.first.unwrap();
+        let text = why.describe(&buf);
+        assert_eq!(text, r#"has the label name "jo\nb" more than once"#);
+        let long = vec![b'n'; 300];
+        let buf = request_of(&[raw_series(&[
+            l(b"__name__", b"x"),
+            l(&long, b"a"),
+            l(&long, b"b"),
+        ])]);
+        decode(&buf, &ShapeLimits::UNLIMITED, &mut d).unwrap();
+        let text = d.refused.first.unwrap().1.describe(&buf);
+        assert!(text.len() < 110 && text.contains("nnn\"..."), "{text}");
+    }
+
+    #[test]
+    fn truncations_end_at_a_series_boundary_or_refuse_the_request() {
+        let req = prompb::WriteRequest {
+            timeseries: vec![
+                ts(&[("__name__", "x"), ("a", "1")], &[(1.0, 1)]),
+                ts(&[("__name__", "y"), ("b", "2")], &[(2.0, 2), (3.0, 3)]),
+            ],
+            metadata: vec![],
+        };
+        let buf = req.encode_to_vec();
+        let first_len = 2 + req.timeseries[0].encoded_len();
+        let mut d = Decoded::default();
+        for cut in 0..=buf.len() {
+            let got = decode(&buf[..cut], &ShapeLimits::UNLIMITED, &mut d);
+            let ok = got.is_ok();
+            let prost = prompb::WriteRequest::decode(&buf[..cut]);
+            match cut {
+                0 => assert_eq!((got, d.series.len()), (Ok(()), 0)),
+                c if c == first_len => assert_eq!((got, d.series.len()), (Ok(()), 1)),
+                c if c == buf.len() => assert_eq!((got, d.series.len()), (Ok(()), 2)),
+                _ => assert!(
+                    matches!(got, Err(DecodeError::Malformed { .. })),
+                    "cut at {cut}: {got:?}"
+                ),
+            }
+            // prost agrees on every cut.
+            assert_eq!(ok, prost.is_ok(), "cut at {cut}");
+            assert_eq!(d.refused.count(), 0);
+        }
+        assert!(matches!(
+            decode(b"\x0a\xff\xff\xff\xff\x0f", &ShapeLimits::UNLIMITED, &mut d),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_utf8_refuses_the_request() {
+        let exemplar = |n: &[u8], v: &[u8]| {
+            let mut e = Vec::new();
+            field(&mut e, 0x0a, &label_msg(n, v));
+            let mut s = raw_series(&[l(b"__name__", b"x")]);
+            field(&mut s, 0x1a, &e);
+            s
+        };
+        // A long value takes the slow path (two-byte length).
+        let long_bad = [b"v".repeat(200), b"\xc3\x28".to_vec()].concat();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                raw_series(&[l(b"__name__", b"x"), l(b"j\xffb", b"a")]),
+                "name",
+            ),
+            (
+                raw_series(&[l(b"__name__", b"x"), l(b"job", b"\xc3\x28")]),
+                "value",
+            ),
+            (
+                raw_series(&[l(b"__name__", b"x"), l(b"job", &long_bad)]),
+                "value",
+            ),
+            (exemplar(b"trace_id", b"\xe2\x28\xa1"), "value"),
+            (exemplar(b"\xf0\x28", b"t"), "name"),
+        ];
+        for (series, which) in cases {
+            let buf = request_of(&[good(), series]);
+            let mut d = Decoded::default();
+            let err = decode(&buf, &ShapeLimits::UNLIMITED, &mut d).unwrap_err();
+            let DecodeError::InvalidUtf8 { which: w, at } = err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(w, which);
+            // `at` is where the bad string starts.
+            assert!(std::str::from_utf8(&buf[at..]).is_err() && at > good().len());
+            prompb::WriteRequest::decode(buf.as_slice()).expect_err("prost refuses it too");
+        }
+        // A repeated name whose overwritten first occurrence is not UTF-8.
+        let mut label = Vec::new();
+        field(&mut label, 0x0a, b"\xff");
+        field(&mut label, 0x0a, b"job");
+        field(&mut label, 0x12, b"a");
+        let mut s = raw_series(&[l(b"__name__", b"x")]);
+        field(&mut s, 0x0a, &label);
+        let buf = request_of(&[s]);
+        let mut d = Decoded::default();
+        assert!(matches!(
+            decode(&buf, &ShapeLimits::UNLIMITED, &mut d),
+            Err(DecodeError::InvalidUtf8 { which: "name", .. })
+        ));
+    }
+
+    #[test]
+    fn check_label_set_sorts_and_names_the_metric() {
+        let buf = b"zone__name__upjob";
+        let l = |n: (u32, u32), v: (u32, u32)| LabelRef {
+            name: Span {
+                start: n.0,
+                end: n.1,
+            },
+            value: Span {
+                start: v.0,
+                end: v.1,
+            },
+            field: Span::default(),
+        };
+        let mut labels = [
+            l((0, 4), (13, 14)),
+            l((4, 12), (12, 14)),
+            l((14, 17), (0, 1)),
+        ];
+        let name = check_label_set(buf, &mut labels).unwrap();
+        assert_eq!(name.get(buf), b"up");
+        let names: Vec<&[u8]> = labels.iter().map(|l| l.name.get(buf)).collect();
+        assert_eq!(names, [b"__name__".as_slice(), b"job", b"zone"]);
+        let mut dup = [
+            l((14, 17), (0, 1)),
+            l((4, 12), (12, 14)),
+            l((14, 17), (0, 2)),
+        ];
+        assert_eq!(
+            check_label_set(buf, &mut dup),
+            Err(Invalid::DuplicateLabelName {
+                name: Span { start: 14, end: 17 }
+            })
+        );
     }
 }

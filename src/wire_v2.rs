@@ -39,7 +39,7 @@ use std::fmt;
 
 use crate::wire::{
     cmp_names, label_msg_len, malformed, put_label, put_varint, read_sample, varint_len,
-    DecodeError, Injected, Reader, Sample, ShapeLimits, Span, FIXED64, LEN, VARINT,
+    DecodeError, Injected, Reader, Sample, ShapeLimits, Span, DEPTH, FIXED64, LEN, VARINT,
 };
 
 /// The `Content-Type` of a 2.0 request (the media type with its `proto`).
@@ -362,7 +362,7 @@ pub fn decode(buf: &[u8], limits: &ShapeLimits, out: &mut DecodedV2) -> Result<(
                 });
             }
             (4 | 5, _) => return Err(malformed("wrong wire type for Request field", r.at())),
-            (_, wt) => r.skip(wt)?,
+            (field, wt) => r.skip(field, wt, DEPTH)?,
         }
     }
     check_symbols(buf, out)?;
@@ -538,7 +538,7 @@ fn decode_series(
                 r.varint()?;
             }
             (1..=6, _) => return Err(invalid("a TimeSeries field has the wrong wire type")),
-            (_, wt) => r.skip(wt)?,
+            (field, wt) => r.skip(field, wt, DEPTH)?,
         }
         if field != 1 {
             s.other.add(field_start, start + r.pos);
@@ -606,7 +606,7 @@ fn count_label_refs(buf: &[u8], body: Span) -> usize {
                     break;
                 }
             }
-            (_, wt) if r.skip(wt).is_ok() => {}
+            (field, wt) if r.skip(field, wt, DEPTH).is_ok() => {}
             _ => break,
         }
         if r.done() {
@@ -645,8 +645,8 @@ fn check_sample(buf: &[u8], start: usize, end: usize) -> Result<bool, Stop> {
                 plain = false;
             }
             (1..=3, _) => return Err(invalid("a Sample field has the wrong wire type")),
-            (_, wt) => {
-                r.skip(wt)?;
+            (field, wt) => {
+                r.skip(field, wt, DEPTH)?;
                 plain = false;
             }
         }
@@ -682,7 +682,7 @@ fn check_histogram(buf: &[u8], start: usize, end: usize) -> Result<bool, Stop> {
                         (1 | 2, _) => {
                             return Err(invalid("a BucketSpan field has the wrong wire type"))
                         }
-                        (_, wt) => span_r.skip(wt)?,
+                        (field, wt) => span_r.skip(field, wt, DEPTH)?,
                     }
                 }
             }
@@ -700,7 +700,7 @@ fn check_histogram(buf: &[u8], start: usize, end: usize) -> Result<bool, Stop> {
                 }
             }
             (1..=17, _) => return Err(invalid("a Histogram field has the wrong wire type")),
-            (_, wt) => r.skip(wt)?,
+            (field, wt) => r.skip(field, wt, DEPTH)?,
         }
     }
     Ok(has_start)
@@ -731,7 +731,7 @@ fn check_exemplar(buf: &[u8], start: usize, end: usize, symbols: usize) -> Resul
                 r.varint()?;
             }
             (1..=3, _) => return Err(invalid("an Exemplar field has the wrong wire type")),
-            (_, wt) => r.skip(wt)?,
+            (field, wt) => r.skip(field, wt, DEPTH)?,
         }
     }
     if refs % 2 != 0 {
@@ -750,7 +750,7 @@ fn check_metadata(buf: &[u8], start: usize, end: usize, symbols: usize) -> Resul
             (3, VARINT) => m.help = symbol_ref(r.varint()?, symbols)?,
             (4, VARINT) => m.unit = symbol_ref(r.varint()?, symbols)?,
             (1 | 3 | 4, _) => return Err(invalid("a Metadata field has the wrong wire type")),
-            (_, wt) => r.skip(wt)?,
+            (field, wt) => r.skip(field, wt, DEPTH)?,
         }
     }
     Ok(m)
@@ -788,7 +788,7 @@ impl Iterator for Fields<'_> {
             let (s, e) = self.r.len_delimited().ok()?;
             span(s, e)
         } else {
-            self.r.skip(wt).ok()?;
+            self.r.skip(field, wt, DEPTH).ok()?;
             span(payload_start, self.base + self.r.pos)
         };
         Some((field, span(field_start, self.base + self.r.pos), payload))

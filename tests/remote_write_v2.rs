@@ -417,7 +417,7 @@ async fn invalid_series_are_a_partial_write() {
         status_body(resp).await,
         (
             400,
-            "refused 5 invalid series, the rest was written; the first: labels_refs has an odd number of entries\n"
+            "5 of 6 series refused, the others were accepted: series 0 (counting from 0) is invalid: labels_refs has an odd number of entries\n"
                 .to_string()
         )
     );
@@ -449,7 +449,7 @@ async fn invalid_series_are_a_partial_write() {
         ("missing_metric_name", 1.0),
         ("malformed_series", 1.0),
     ] {
-        let line = format!("rwgate_series_dropped_total{{reason=\"{reason}\"}}");
+        let line = format!("rwgate_series_refused_total{{reason=\"{reason}\"}}");
         assert_eq!(metric_value(&m, &line), n, "{line}\n{m}");
     }
 

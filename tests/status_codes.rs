@@ -134,8 +134,8 @@ async fn request_errors_each_have_their_status_and_reason() {
     );
 
     // A decompression bomb: 6 bytes declaring 4 GiB - 1 of output. Refused
-    // from the snappy length header alone (the pipeline unit test proves no
-    // buffer is allocated); the same just over the limit.
+    // from the snappy length header alone, as more than its bytes can
+    // expand to (the pipeline unit test proves no buffer is allocated).
     expect(
         rw_post(
             &http,
@@ -143,18 +143,14 @@ async fn request_errors_each_have_their_status_and_reason() {
             Some(TENANT_A),
             vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x00],
         ),
-        413,
-        "decompressed body too large: 4294967295 bytes declared, the limit is 65536\n",
+        400,
+        "invalid snappy block: it declares 4294967295 bytes, more than its 6 bytes can expand to (0)\n",
     )
     .await;
-    let mut just_over = Vec::new();
-    let mut n = 65537u32;
-    while n >= 0x80 {
-        just_over.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    just_over.push(n as u8);
-    just_over.extend([0x00, 0x00]);
+    // A body that does expand past the limit, just over it.
+    let just_over = snap::raw::Encoder::new()
+        .compress_vec(&vec![0u8; 65537])
+        .expect("compress");
     expect(
         rw_post(&http, &url, Some(TENANT_A), just_over),
         413,
@@ -236,7 +232,8 @@ async fn request_errors_each_have_their_status_and_reason() {
     )
     .await;
 
-    // Shape limits, each named.
+    // Shape limits, each named: too many series refuses the request, a
+    // per-series limit the series that breaks it (the rest would be written).
     let ts = now_ms();
     let six: Vec<_> = (0..6)
         .map(|i| series("up", &[("i", &i.to_string())], 1.0, ts))
@@ -263,7 +260,7 @@ async fn request_errors_each_have_their_status_and_reason() {
     expect(
         rw_post(&http, &url, Some(TENANT_A), write_body(vec![seven_labels])),
         400,
-        "invalid remote-write body: too many labels: a series has 7, the limit is 6\n",
+        "1 of 1 series refused: series 0 (counting from 0) has 7 labels, the limit is 6\n",
     )
     .await;
     let long_name = "n".repeat(33);
@@ -275,7 +272,7 @@ async fn request_errors_each_have_their_status_and_reason() {
             write_body(vec![series("up", &[(&long_name, "v")], 1.0, ts)]),
         ),
         400,
-        "invalid remote-write body: label name too long: 33 bytes, the limit is 32\n",
+        "1 of 1 series refused: series 0 (counting from 0) has a label name of 33 bytes, the limit is 32\n",
     )
     .await;
     let long_value = "v".repeat(65);
@@ -287,7 +284,7 @@ async fn request_errors_each_have_their_status_and_reason() {
             write_body(vec![series("up", &[("job", &long_value)], 1.0, ts)]),
         ),
         400,
-        "invalid remote-write body: label value too long: 65 bytes, the limit is 64\n",
+        "1 of 1 series refused: series 0 (counting from 0) has a value of 65 bytes for label \"job\", the limit is 64\n",
     )
     .await;
 
@@ -465,7 +462,7 @@ async fn nothing_left_after_filtering_is_204_without_upstream_call() {
         "",
     )
     .await;
-    // A series without a name is never kept.
+    // A series without a name is refused (and so not forwarded either).
     let mut nameless = series("up", &[("job", "x")], 1.0, now_ms());
     nameless.labels.remove(0);
     expect(
@@ -475,8 +472,8 @@ async fn nothing_left_after_filtering_is_204_without_upstream_call() {
             Some(TENANT_A),
             write_body(vec![nameless]),
         ),
-        204,
-        "",
+        400,
+        "1 of 1 series refused: series 0 (counting from 0) has no __name__ label\n",
     )
     .await;
     // An empty body is not a snappy block (that would be one 0 byte), as

@@ -14,6 +14,9 @@
 use crate::cost::clickhouse::{RawRow, SeriesRow};
 use crate::cost::spool::Frame;
 
+/// Most labels a series' group in a record holds (counted in 16 bits).
+pub const MAX_LABELS: usize = u16::MAX as usize;
+
 /// Timestamps the tee accepts, relative to now; samples outside are not
 /// teed (counted in `rwgate_tee_samples_rejected_total`).
 #[derive(Debug, Clone, Copy)]
@@ -108,10 +111,12 @@ impl RecordBuilder {
     }
 
     /// Starts a series. `labels` are every label but `__name__`, sorted by
-    /// name, at most `u16::MAX` of them, names and values valid UTF-8 (the
-    /// wire decoder checked; the drain checks again and skips a record
-    /// that is not).
+    /// name, at most [`MAX_LABELS`] of them (the pipeline's decode limits
+    /// refuse larger series), names and values valid UTF-8 (the wire
+    /// decoder checked; the drain checks again and skips a record that is
+    /// not).
     pub fn begin_series(&mut self, account: &str, metric: &[u8], labels: &[(&[u8], &[u8])]) {
+        debug_assert!(labels.len() <= MAX_LABELS, "{} labels", labels.len());
         self.end_series();
         let out = &mut self.rec.frame;
         // Start at 16 KiB rather than doubling up from a few bytes: a
@@ -368,7 +373,8 @@ fn decode_into<'a>(
         spans.push(c.span()?);
         let nlabels = c.u16()?;
         let labels_at = c.at;
-        for _ in 0..2 * nlabels {
+        // In `usize`: twice 65535 does not fit the u16 count.
+        for _ in 0..2 * usize::from(nlabels) {
             spans.push(c.span()?);
         }
         let head_end = c.at;
