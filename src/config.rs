@@ -967,8 +967,10 @@ impl Config {
             }
         }
         // A teed series' spool record holds its labels but `__name__`, plus
-        // the tenant labels, and counts them in 16 bits.
-        let most = (crate::cost::record::MAX_LABELS + 1).saturating_sub(self.tenancy.labels.len());
+        // the tenant labels, and counts them in 16 bits
+        // (`cost::record::MAX_LABELS`, not imported: the record depends on
+        // this module).
+        let most = (usize::from(u16::MAX) + 1).saturating_sub(self.tenancy.labels.len());
         if self.limits.max_labels_per_series > most {
             return Err(invalid(
                 "limits.max_labels_per_series",

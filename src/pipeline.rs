@@ -544,6 +544,16 @@ mod tests {
             .unwrap()
     }
 
+    /// `process` on `req` with [`params`] and fresh buffers.
+    fn run(req: &prompb::WriteRequest, allow: &Allowlist, labels: &[String]) -> Outcome {
+        process(
+            &compress(req),
+            &params(allow, labels),
+            &mut Scratch::default(),
+        )
+        .unwrap()
+    }
+
     fn params<'a>(allow: &'a Allowlist, labels: &'a [String]) -> Params<'a> {
         Params {
             account: "acc",
@@ -634,12 +644,7 @@ mod tests {
                 timeseries: vec![series(metric, order, 1.0)],
                 metadata: vec![],
             };
-            let out = process(
-                &compress(&req),
-                &params(&allow, &labels),
-                &mut Scratch::default(),
-            )
-            .unwrap();
+            let out = run(&req, &allow, &labels);
             records.push(out.tee.payload().to_vec());
         }
         assert_eq!(records[0], records[1]);
@@ -832,12 +837,7 @@ mod tests {
             ],
             metadata: vec![],
         };
-        let out = process(
-            &compress(&req),
-            &params(&allow, &labels),
-            &mut Scratch::default(),
-        )
-        .unwrap();
+        let out = run(&req, &allow, &labels);
         assert_eq!(forwarded(&out), ["up", cost]);
         // The record's labels leave out `namespace` (a column of its own).
         assert_eq!(teed(&out), [(cost.to_string(), 2)]);
@@ -874,12 +874,7 @@ mod tests {
             ],
             metadata: vec![],
         };
-        let out = process(
-            &compress(&req),
-            &params(&allow, &labels),
-            &mut Scratch::default(),
-        )
-        .unwrap();
+        let out = run(&req, &allow, &labels);
         assert_eq!(forwarded(&out), ["up"]);
         assert_eq!((out.series_kept, out.series_dropped), (1, 2));
         assert_eq!(teed(&out), [(cost.to_string(), 1)]);

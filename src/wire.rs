@@ -1656,6 +1656,14 @@ pub(crate) mod tests {
         s
     }
 
+    /// A series named `x` followed by the raw fields `extra`.
+    fn with(extra: &[u8]) -> Vec<u8> {
+        let mut s = Vec::new();
+        field(&mut s, 0x0a, &label_msg(b"__name__", b"x"));
+        s.extend_from_slice(extra);
+        s
+    }
+
     fn good() -> Vec<u8> {
         raw_series(&[l(b"__name__", b"up"), l(b"job", b"a")])
     }
@@ -1739,13 +1747,6 @@ pub(crate) mod tests {
 
     #[test]
     fn parts_that_do_not_decode_refuse_their_series() {
-        let labels = label_msg(b"__name__", b"x");
-        let with = |extra: &[u8]| {
-            let mut s = Vec::new();
-            field(&mut s, 0x0a, &labels);
-            s.extend_from_slice(extra);
-            s
-        };
         let mut cases: Vec<(Vec<u8>, &str)> = Vec::new();
         // A sample whose value is a varint, not a fixed64.
         cases.push((with(&[0x12, 0x02, 0x08, 0x01]), "malformed_sample"));
@@ -1778,13 +1779,6 @@ pub(crate) mod tests {
 
     #[test]
     fn odd_but_valid_encodings_are_accepted_as_prost_accepts_them() {
-        let labels = label_msg(b"__name__", b"x");
-        let with = |extra: &[u8]| {
-            let mut s = Vec::new();
-            field(&mut s, 0x0a, &labels);
-            s.extend_from_slice(extra);
-            s
-        };
         let cases: Vec<Vec<u8>> = vec![
             // An empty sample (value 0 and timestamp 0 are left out).
             with(&[0x12, 0x00]),
