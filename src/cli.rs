@@ -110,6 +110,11 @@ pub struct ReconcileArgs {
     /// Only this account (its Cloud-Account-Id, a UUID).
     #[arg(long, value_name = "UUID", value_parser = parse_account)]
     pub account: Option<String>,
+    /// First move the range's rows written under cloud resource ids
+    /// (`k8s-ns-...`) to the platform ids of their resources (registering
+    /// them where needed), keeping every total the same.
+    #[arg(long)]
+    pub move_ids: bool,
     #[command(flatten)]
     pub settings: Settings<Reconcile>,
 }

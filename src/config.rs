@@ -57,6 +57,9 @@ pub struct Config {
     pub spool: SpoolConfig,
     /// The expense rollup (raw samples -> `expenses` rows).
     pub rollup: RollupConfig,
+    /// Registration of charged resources with the platform REST API, so
+    /// that the platform's API and UI see the expense rows.
+    pub resources: ResourcesConfig,
 }
 
 impl Default for Config {
@@ -76,6 +79,7 @@ impl Default for Config {
             clickhouse: ClickHouseConfig::default(),
             spool: SpoolConfig::default(),
             rollup: RollupConfig::default(),
+            resources: ResourcesConfig::default(),
         }
     }
 }
@@ -438,6 +442,8 @@ pub const DEFAULT_EXPENSES_TABLE: &str = "expenses";
 pub const DEFAULT_STATE_TABLE: &str = "rwgate_rollup_state";
 /// Default table of touched (account, hour) per ingest minute.
 pub const DEFAULT_TOUCHED_TABLE: &str = "kubecost_touched";
+/// Default table mapping charged resources to their platform ids.
+pub const DEFAULT_RESOURCES_TABLE: &str = "rwgate_resources";
 /// Default timeout of one ClickHouse request.
 pub const DEFAULT_CLICKHOUSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default spool directory.
@@ -497,6 +503,10 @@ pub struct ClickHouseConfig {
     /// Small table of (ingest minute, account, hour) the writer touched, so
     /// that a rollup pass reads only what changed since its last pass.
     pub touched_table: String,
+    /// Small table mapping each registered resource (account, cloud resource
+    /// id) to the platform's id for it and the `first_seen`/`last_seen` the
+    /// platform holds, so that a restart writes rows without the REST API.
+    pub resources_table: String,
     /// Run `migrate` when the tee starts (needs DDL rights; failures are
     /// logged and retried, ingestion is not held up).
     pub migrate_on_start: bool,
@@ -519,6 +529,7 @@ impl Default for ClickHouseConfig {
             expenses_table: DEFAULT_EXPENSES_TABLE.to_string(),
             state_table: DEFAULT_STATE_TABLE.to_string(),
             touched_table: DEFAULT_TOUCHED_TABLE.to_string(),
+            resources_table: DEFAULT_RESOURCES_TABLE.to_string(),
             migrate_on_start: true,
             compress: true,
             timeout: DEFAULT_CLICKHOUSE_TIMEOUT,
@@ -677,6 +688,129 @@ mod human_duration {
     }
 }
 
+/// Most resources the platform's importers send in one bulk call (and
+/// the most `resources.batch_size` may be).
+pub const MAX_BULK_RESOURCES: usize = 200;
+/// Default timeout of one bulk registration call.
+pub const DEFAULT_RESOURCES_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bulk calls in flight at once.
+pub const DEFAULT_RESOURCES_CONCURRENCY: usize = 4;
+/// Default first wait after a failed registration (doubles, with jitter).
+pub const DEFAULT_RESOURCES_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+/// Default longest wait between registration attempts.
+pub const DEFAULT_RESOURCES_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Default least time between two updates of one resource's `first_seen`/`last_seen`.
+pub const DEFAULT_RESOURCES_UPDATE_INTERVAL: Duration = Duration::from_secs(20 * 60);
+
+/// What the `resource_id` of an expense row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpenseIds {
+    /// The platform's id of the registered resource (the `id` the bulk call
+    /// returns), which is what the platform's REST API joins on.
+    Platform,
+    /// The cloud resource id (`k8s-ns-...`, `k8s-pod-...`), for platforms
+    /// that join expenses on it.
+    CloudResourceId,
+}
+
+/// Registration of charged resources (`POST
+/// {rest_url}/restapi/v2/cloud_accounts/{account}/cloud_resources/bulk`):
+/// the rollup registers each resource before writing its first expense
+/// row, and keeps its `first_seen`/`last_seen` covering its samples. A
+/// failed registration delays only the rows of the resources concerned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourcesConfig {
+    /// Register resources. Unset: on when `auth.mode = "rest"`.
+    pub enabled: Option<bool>,
+    /// Base URL of the platform REST API. Unset: `auth.rest_url`.
+    pub rest_url: Option<String>,
+    /// File holding the cluster secret sent as the `Secret` header. Unset:
+    /// `auth.cluster_secret_file`.
+    pub cluster_secret_file: Option<PathBuf>,
+    /// `platform` or `cloud_resource_id`. Unset: `platform` when
+    /// registration is on, else `cloud_resource_id`.
+    pub expense_ids: Option<ExpenseIds>,
+    /// Timeout of one bulk call.
+    #[serde(with = "human_duration")]
+    pub timeout: Duration,
+    /// Most resources in one bulk call (at most 200, as the platform's
+    /// own importers send).
+    pub batch_size: usize,
+    /// Bulk calls in flight at once.
+    pub concurrency: usize,
+    /// Wait after the first failed call; doubles each time, with jitter.
+    /// An outage (5xx, timeout, 401/403) holds every account; a 404 or 400
+    /// holds only the account concerned.
+    #[serde(with = "human_duration")]
+    pub retry_backoff: Duration,
+    /// Longest wait between attempts.
+    #[serde(with = "human_duration")]
+    pub retry_max_backoff: Duration,
+    /// Least time between two updates of one resource's `first_seen` and
+    /// `last_seen` (they move forward an hour at a time, so a steady stream
+    /// costs one update per resource per hour, and a sender catching up on
+    /// a week costs a few).
+    #[serde(with = "human_duration")]
+    pub update_interval: Duration,
+}
+
+impl Default for ResourcesConfig {
+    fn default() -> Self {
+        ResourcesConfig {
+            enabled: None,
+            rest_url: None,
+            cluster_secret_file: None,
+            expense_ids: None,
+            timeout: DEFAULT_RESOURCES_TIMEOUT,
+            batch_size: MAX_BULK_RESOURCES,
+            concurrency: DEFAULT_RESOURCES_CONCURRENCY,
+            retry_backoff: DEFAULT_RESOURCES_RETRY_BACKOFF,
+            retry_max_backoff: DEFAULT_RESOURCES_RETRY_MAX_BACKOFF,
+            update_interval: DEFAULT_RESOURCES_UPDATE_INTERVAL,
+        }
+    }
+}
+
+impl Config {
+    /// Whether charged resources are registered (`resources.enabled`, by
+    /// default on with `auth.mode = "rest"`).
+    pub fn registers_resources(&self) -> bool {
+        self.resources
+            .enabled
+            .unwrap_or(self.auth.mode == AuthMode::Rest)
+    }
+
+    /// The `resource_id` expense rows carry.
+    pub fn expense_ids(&self) -> ExpenseIds {
+        self.resources
+            .expense_ids
+            .unwrap_or(if self.registers_resources() {
+                ExpenseIds::Platform
+            } else {
+                ExpenseIds::CloudResourceId
+            })
+    }
+
+    /// The REST API registration talks to: `resources.rest_url`, else `auth.rest_url`.
+    pub fn resources_rest_url(&self) -> Option<&str> {
+        self.resources
+            .rest_url
+            .as_deref()
+            .or(self.auth.rest_url.as_deref())
+    }
+
+    /// The cluster secret file registration sends: `resources.cluster_secret_file`,
+    /// else `auth.cluster_secret_file`.
+    pub fn resources_secret_file(&self) -> Option<&std::path::Path> {
+        self.resources
+            .cluster_secret_file
+            .as_deref()
+            .or(self.auth.cluster_secret_file.as_deref())
+    }
+}
+
 /// The serde names of the choice settings, for log lines and messages.
 macro_rules! display_as_serde_name {
     ($($ty:ident { $($variant:ident => $name:literal),+ $(,)? })+) => {$(
@@ -693,6 +827,7 @@ display_as_serde_name! {
     LogFormat { Json => "json", Text => "text" }
     Grain { Day => "day", Hour => "hour" }
     Charge { Namespace => "namespace", Pod => "pod" }
+    ExpenseIds { Platform => "platform", CloudResourceId => "cloud_resource_id" }
 }
 
 /// A byte size, written as a plain number of bytes or as `16MiB`, `512KiB`, `1GB`.
@@ -1010,6 +1145,7 @@ impl Config {
             ("clickhouse.expenses_table", &ch.expenses_table),
             ("clickhouse.state_table", &ch.state_table),
             ("clickhouse.touched_table", &ch.touched_table),
+            ("clickhouse.resources_table", &ch.resources_table),
         ] {
             if name.is_empty()
                 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -1072,6 +1208,53 @@ impl Config {
         if r.max_gap < r.step {
             return Err(invalid("rollup.max_gap", "must be at least rollup.step"));
         }
+        self.validate_resources()
+    }
+
+    /// The `[resources]` rules.
+    fn validate_resources(&self) -> Result<(), ConfigError> {
+        let rs = &self.resources;
+        if let Some(url) = &rs.rest_url {
+            check_http_url("resources.rest_url", url)?;
+        }
+        if rs.enabled == Some(true) {
+            if self.resources_rest_url().is_none() {
+                return Err(invalid(
+                    "resources.rest_url",
+                    "required when resources.enabled is true (or set auth.rest_url)",
+                ));
+            }
+            if self.resources_secret_file().is_none() {
+                return Err(invalid(
+                    "resources.cluster_secret_file",
+                    "required when resources.enabled is true (or set auth.cluster_secret_file)",
+                ));
+            }
+        }
+        if rs.expense_ids == Some(ExpenseIds::Platform) && !self.registers_resources() {
+            return Err(invalid(
+                "resources.expense_ids",
+                "platform ids come from registration: set resources.enabled = true or use cloud_resource_id",
+            ));
+        }
+        if rs.timeout.is_zero() {
+            return Err(invalid("resources.timeout", "must be greater than 0"));
+        }
+        if !(1..=MAX_BULK_RESOURCES).contains(&rs.batch_size) {
+            return Err(invalid(
+                "resources.batch_size",
+                format!("must be between 1 and {MAX_BULK_RESOURCES}"),
+            ));
+        }
+        if rs.concurrency == 0 {
+            return Err(invalid("resources.concurrency", "must be greater than 0"));
+        }
+        if rs.retry_backoff.is_zero() || rs.retry_max_backoff < rs.retry_backoff {
+            return Err(invalid(
+                "resources.retry_max_backoff",
+                "retry_backoff must be > 0 and retry_max_backoff >= retry_backoff",
+            ));
+        }
         Ok(())
     }
 
@@ -1083,6 +1266,7 @@ impl Config {
         c.upstream.url = redact_url(&c.upstream.url);
         c.auth.rest_url = c.auth.rest_url.as_deref().map(redact_url);
         c.clickhouse.url = c.clickhouse.url.as_deref().map(redact_url);
+        c.resources.rest_url = c.resources.rest_url.as_deref().map(redact_url);
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
@@ -1242,6 +1426,49 @@ mod tests {
             err.starts_with("invalid limits.max_labels_per_series"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn registration_follows_auth_unless_set() {
+        let mut c = Config::default();
+        assert!(c.registers_resources(), "on with auth.mode = rest");
+        assert_eq!(c.expense_ids(), ExpenseIds::Platform);
+        c.auth.rest_url = Some("http://restapi:8999".into());
+        c.auth.cluster_secret_file = Some("/etc/rwgate/secret".into());
+        assert_eq!(c.resources_rest_url(), Some("http://restapi:8999"));
+        c.validate().unwrap();
+        c.resources.rest_url = Some("http://elsewhere:1".into());
+        assert_eq!(c.resources_rest_url(), Some("http://elsewhere:1"));
+        c.auth.mode = AuthMode::None;
+        assert!(!c.registers_resources());
+        assert_eq!(c.expense_ids(), ExpenseIds::CloudResourceId);
+        c.resources.expense_ids = Some(ExpenseIds::Platform);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid resources.expense_ids"), "{err}");
+        c.resources.enabled = Some(true);
+        c.validate().unwrap();
+        c.resources.batch_size = 201;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid resources.batch_size"), "{err}");
+        c.resources.batch_size = 200;
+        c.auth.cluster_secret_file = None;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid resources.cluster_secret_file"),
+            "{err}"
+        );
+
+        let c = crate::settings::from_toml(
+            "[auth]\nmode = \"none\"\n[resources]\nenabled = false\nexpense_ids = \"cloud_resource_id\"\nupdate_interval = \"5m\"\n",
+            "test",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(!c.registers_resources());
+        assert_eq!(c.resources.update_interval, Duration::from_secs(300));
+        let err =
+            crate::settings::from_toml("[resources]\nexpense_id = \"platform\"\n", "test").unwrap_err();
+        assert!(err.to_string().contains("expense_id"), "{err}");
     }
 
     #[test]

@@ -46,19 +46,26 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Reconcile(args) => run(cfg, |cfg| async move {
-            let ch = rwgate::cost::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
-            let rollup = rwgate::cost::rollup::Rollup::new(ch, &cfg.rollup);
-            let r = rollup
-                .reconcile(args.from, args.to, args.account.as_deref())
-                .await?;
+            let rollup = rwgate::cost::rollup::Rollup::from_config(&cfg)?;
+            let account = args.account.as_deref();
+            let whom = account.unwrap_or("every account");
+            if args.move_ids {
+                let now = rwgate::clock::unix_now();
+                let m = rollup.move_ids(args.from, args.to, account, now).await?;
+                println!(
+                    "moved {} to {} ({whom}): {} buckets to platform ids, {} rows written, {} waiting for registration",
+                    args.from, args.to, m.buckets_moved, m.rows_written, m.buckets_waiting
+                );
+            }
+            let r = rollup.reconcile(args.from, args.to, account).await?;
             println!(
-                "reconciled {} to {} ({}): {} buckets examined, {} changed, {} rows written",
+                "reconciled {} to {} ({whom}): {} buckets examined, {} changed, {} rows written, {} waiting for registration",
                 args.from,
                 args.to,
-                args.account.as_deref().unwrap_or("every account"),
                 r.buckets_examined,
                 r.buckets_changed,
-                r.rows_written
+                r.rows_written,
+                r.buckets_waiting
             );
             Ok(())
         }),

@@ -65,6 +65,16 @@ pub const ROLLUP_BUCKETS_SKIPPED: &str = "rwgate_rollup_buckets_skipped_total";
 pub const ROLLUP_PASSES: &str = "rwgate_rollup_passes_total";
 /// Time of one rollup pass.
 pub const ROLLUP_PASS_DURATION: &str = "rwgate_rollup_pass_duration_seconds";
+/// Charged resources whose expense rows wait for their registration.
+pub const RESOURCES_WAITING: &str = "rwgate_resources_waiting";
+/// How long the longest-waiting of them has waited.
+pub const RESOURCES_WAITING_OLDEST_AGE: &str = "rwgate_resources_waiting_oldest_age_seconds";
+/// Bulk registration calls by result (`ok`, or why not).
+pub const RESOURCES_BULK_CALLS: &str = "rwgate_resources_bulk_calls_total";
+/// Resources sent in successful bulk calls (registrations and updates).
+pub const RESOURCES_REGISTERED: &str = "rwgate_resources_registered_total";
+/// Time of one bulk registration call.
+pub const RESOURCES_BULK_DURATION: &str = "rwgate_resources_bulk_duration_seconds";
 
 fn describe() {
     describe_counter!(REQUESTS, "HTTP requests by route and status.");
@@ -178,6 +188,28 @@ fn describe() {
         ROLLUP_PASS_DURATION,
         Unit::Seconds,
         "Time of one rollup pass."
+    );
+    describe_gauge!(
+        RESOURCES_WAITING,
+        "Charged resources whose expense rows wait for their registration with the platform REST API."
+    );
+    describe_gauge!(
+        RESOURCES_WAITING_OLDEST_AGE,
+        Unit::Seconds,
+        "How long the longest-waiting resource has waited for its registration (0 when none waits)."
+    );
+    describe_counter!(
+        RESOURCES_BULK_CALLS,
+        "Bulk registration calls to the platform REST API, by result (ok, not_found, refused, secret, status, timeout, transport, answer)."
+    );
+    describe_counter!(
+        RESOURCES_REGISTERED,
+        "Resources sent in successful bulk registration calls (new ones and first_seen/last_seen updates)."
+    );
+    describe_histogram!(
+        RESOURCES_BULK_DURATION,
+        Unit::Seconds,
+        "Time of one bulk registration call."
     );
 }
 

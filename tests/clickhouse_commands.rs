@@ -34,14 +34,14 @@ async fn migrate_and_reconcile_need_only_the_clickhouse_settings(engine: Engine)
     assert_eq!(code, 0, "{err}");
     assert!(
         out.starts_with(&format!("clickhouse {}", engine.version_prefix()))
-            && out.ends_with(": tables created: kubecost_samples, kubecost_series, expenses, rwgate_rollup_state, kubecost_touched; columns added: none\n"),
+            && out.ends_with(": tables created: kubecost_samples, kubecost_series, expenses, rwgate_rollup_state, kubecost_touched, rwgate_resources; columns added: none\n"),
         "{out}"
     );
     assert_eq!(err, "", "nothing else is printed");
     let tables = ch
         .rows("SELECT name FROM system.tables WHERE database = '2024' ORDER BY name")
         .await;
-    assert_eq!(tables.len(), 5, "{tables:?}");
+    assert_eq!(tables.len(), 6, "{tables:?}");
     // Again: nothing to do, said without debug syntax.
     let (code, out, err) = run_rwgate(&migrate, &[("RWGATE_CLICKHOUSE_DATABASE", "ignored")]);
     assert_eq!(code, 0, "{err}");
@@ -76,12 +76,18 @@ async fn migrate_and_reconcile_need_only_the_clickhouse_settings(engine: Engine)
             "--clickhouse-url",
             &url,
         ],
-        &[("RWGATE_CLICKHOUSE_DATABASE", "2024")],
+        // Rows under cloud resource ids: with registration on (auth.mode =
+        // rest by default) and no REST API given, rows would wait for the
+        // serving rollup to register their resources.
+        &[
+            ("RWGATE_CLICKHOUSE_DATABASE", "2024"),
+            ("RWGATE_RESOURCES_ENABLED", "false"),
+        ],
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         out,
-        format!("reconciled 2024-03-03 to 2024-03-03 ({ACCOUNT}): 1 buckets examined, 1 changed, 1 rows written\n")
+        format!("reconciled 2024-03-03 to 2024-03-03 ({ACCOUNT}): 1 buckets examined, 1 changed, 1 rows written, 0 waiting for registration\n")
     );
     let cost = ch
         .rows("SELECT SUM(cost * sign) AS c FROM `2024`.expenses")

@@ -170,7 +170,12 @@ async fn migrate_adds_missing_columns_and_keeps_data(engine: Engine) {
     );
     assert_eq!(
         r.created,
-        ["kubecost_series", "rwgate_rollup_state", "kubecost_touched"]
+        [
+            "kubecost_series",
+            "rwgate_rollup_state",
+            "kubecost_touched",
+            "rwgate_resources"
+        ]
     );
     // Where rows are validated, an insert must name every column without a
     // default: the legacy label columns get one (metadata only).

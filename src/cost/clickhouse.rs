@@ -182,6 +182,7 @@ pub struct ClickHouse {
     pub expenses_table: String,
     pub state_table: String,
     pub touched_table: String,
+    pub resources_table: String,
     pub timeout: Duration,
 }
 
@@ -219,6 +220,7 @@ impl ClickHouse {
             expenses_table: cfg.expenses_table.clone(),
             state_table: cfg.state_table.clone(),
             touched_table: cfg.touched_table.clone(),
+            resources_table: cfg.resources_table.clone(),
             timeout: cfg.timeout,
         })
     }
@@ -385,6 +387,10 @@ impl ClickHouse {
             ),
             (&self.state_table, state_table_ddl(&self.state_table)),
             (&self.touched_table, touched_table_ddl(&self.touched_table)),
+            (
+                &self.resources_table,
+                resources_table_ddl(&self.resources_table),
+            ),
         ] {
             if !existing.contains(name) {
                 self.timed(self.client().query(&ddl).execute()).await?;
@@ -548,6 +554,37 @@ pub fn touched_table_ddl(table: &str) -> String {
         PARTITION BY toYYYYMMDD(ingest_minute)
         ORDER BY (ingest_minute, metric, account, hour)"
     )
+}
+
+/// Each registered resource's platform id and the `first_seen`/`last_seen`
+/// (epoch seconds) the platform holds for it, one row per successful bulk
+/// call; the latest `version` (microseconds) of an (account, cloud resource
+/// id) wins. Written before any expense row under that id, so a restart
+/// writes rows for known resources without the REST API.
+pub fn resources_table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            account String,
+            cloud_resource_id String,
+            resource_id String,
+            first_seen Int64,
+            last_seen Int64,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version)
+        ORDER BY (account, cloud_resource_id)"
+    )
+}
+
+/// One row of the resources table (= [`resources_table_ddl`]).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct ResourceRow {
+    pub account: String,
+    pub cloud_resource_id: String,
+    /// The platform's id (`_id` of the resource document).
+    pub resource_id: String,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub version: u64,
 }
 
 /// One row of the touched table (= [`touched_table_ddl`]).

@@ -10,7 +10,9 @@
 //!    ([`batch`]) and inserts raw samples into [`clickhouse`], releasing
 //!    spool entries once ClickHouse has them.
 //! 4. [`rollup`]: a role of its own (`serve` runs it when enabled, `rwgate
-//!    rollup` runs nothing else) derives expense rows from the raw samples.
+//!    rollup` runs nothing else) derives expense rows from the raw samples,
+//!    registering the charged resources with the platform REST API first
+//!    (`rollup::resources`, `rollup::platform`).
 //!
 //! Imports point down this list: the request path knows only [`record`],
 //! [`names`] and [`tee`]; nothing here knows the server.

@@ -447,3 +447,65 @@ pub fn int(v: &serde_json::Value) -> i64 {
 pub fn day(s: &str) -> rwgate::clock::Day {
     s.parse().expect("a YYYY-MM-DD day")
 }
+
+/// The platform's own read of expense rows for one account and UTC day, as
+/// its REST API does it (OptScale `ExpenseController._get_expenses_clickhouse`
+/// grouped by resource): the account's resource documents whose
+/// `first_seen`/`last_seen` overlap the day become the `resources` table
+/// (external data there, a Memory table here), joined to `expenses` by id
+/// and account, `SUM(cost * sign)` with `HAVING SUM(sign) > 0`. Returns the
+/// resource `id` -> cost of the day.
+pub async fn platform_day_costs(
+    ch: &ClickHouseServer,
+    docs: &[serde_json::Value],
+    account: &str,
+    day_start: i64,
+) -> BTreeMap<String, f64> {
+    let day_end = day_start + 86_400;
+    let seen = |d: &serde_json::Value, k: &str| d[k].as_i64().unwrap_or(0);
+    let selected: Vec<String> = docs
+        .iter()
+        .filter(|d| d["cloud_account_id"] == account)
+        .filter(|d| seen(d, "first_seen") < day_end && seen(d, "last_seen") >= day_start)
+        .map(|d| {
+            let id = d["_id"]
+                .as_str()
+                .or(d["id"].as_str())
+                .expect("a document id");
+            format!("('{id}', '{account}', '{id}')")
+        })
+        .collect();
+    ch.exec("DROP TABLE IF EXISTS resources").await;
+    ch.exec(
+        "CREATE TABLE resources (_id String, cloud_account_id String, group_field Nullable(String)) \
+         ENGINE = Memory",
+    )
+    .await;
+    if !selected.is_empty() {
+        ch.exec(&format!(
+            "INSERT INTO resources VALUES {}",
+            selected.join(",")
+        ))
+        .await;
+    }
+    let rows = ch
+        .rows(&format!(
+            "SELECT date, group_field, cloud_account_id, SUM(cost * sign) AS total_cost \
+             FROM expenses JOIN resources ON expenses.resource_id = resources._id \
+             AND expenses.cloud_account_id = resources.cloud_account_id \
+             WHERE date >= toDateTime({day_start}) AND date <= toDateTime({}) \
+             GROUP BY date, group_field, cloud_account_id HAVING SUM(sign) > 0 \
+             ORDER BY total_cost DESC",
+            day_end - 1
+        ))
+        .await;
+    ch.exec("DROP TABLE resources").await;
+    rows.iter()
+        .map(|r| {
+            (
+                r["group_field"].as_str().expect("group_field").to_string(),
+                r["total_cost"].as_f64().expect("total_cost"),
+            )
+        })
+        .collect()
+}

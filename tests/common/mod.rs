@@ -27,6 +27,7 @@
 
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod bulk;
 pub mod clickhouse;
 pub mod v2;
 
@@ -917,10 +918,12 @@ struct RestState {
     calls: AtomicUsize,
     bad_secret: AtomicUsize,
     paths: Mutex<Vec<String>>,
+    bulk: bulk::BulkState,
 }
 
 /// An in-process stand-in for the platform REST API:
-/// `GET /restapi/v2/cloud_accounts/{id}?details=false` with header `Secret`.
+/// `GET /restapi/v2/cloud_accounts/{id}?details=false` with header `Secret`,
+/// and the resource registry's bulk endpoint (see [`bulk`]).
 pub struct RestApi {
     server: TestServer,
     state: Arc<RestState>,
@@ -936,11 +939,15 @@ impl RestApi {
             calls: AtomicUsize::new(0),
             bad_secret: AtomicUsize::new(0),
             paths: Mutex::new(Vec::new()),
+            bulk: bulk::BulkState::default(),
         });
         let st = state.clone();
         let handler: Handler = Arc::new(move |seen: Seen| {
             let st = st.clone();
             Box::pin(async move {
+                if seen.uri.path().ends_with(bulk::BULK_SUFFIX) {
+                    return bulk::answer(&st, seen).await;
+                }
                 if st.hang.load(Ordering::SeqCst) {
                     st.calls.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -989,6 +996,50 @@ impl RestApi {
     /// Path and query of every lookup, in order.
     pub fn paths(&self) -> Vec<String> {
         self.state.paths.lock().expect("paths lock").clone()
+    }
+
+    /// Every bulk call received, in order (any answer).
+    pub fn bulk_calls(&self) -> Vec<bulk::BulkCall> {
+        self.state
+            .bulk
+            .calls
+            .lock()
+            .expect("bulk calls lock")
+            .clone()
+    }
+
+    /// The resource documents of an account, as the platform stores them.
+    pub fn resources(&self, account: &str) -> Vec<serde_json::Value> {
+        self.state
+            .bulk
+            .docs
+            .lock()
+            .expect("docs lock")
+            .iter()
+            .filter(|((a, _), _)| a == account)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
+    /// Bulk calls answer `status` (None: normally) without changing anything;
+    /// lookups are not affected (use [`set_mode`](Self::set_mode) for both).
+    pub fn fail_bulk(&self, status: Option<u16>) {
+        *self.state.bulk.fail.lock().expect("fail lock") = status;
+    }
+
+    /// Bulk calls for `account` answer `status` (None: normally).
+    pub fn fail_bulk_for(&self, account: &str, status: Option<u16>) {
+        let mut f = self.state.bulk.fail_accounts.lock().expect("fail lock");
+        match status {
+            Some(s) => f.insert(account.to_string(), s),
+            None => f.remove(account),
+        };
+    }
+
+    /// Bulk calls are applied, then answered only after `d` (a crash
+    /// window: the platform has the resources, the caller not yet).
+    pub fn hold_bulk(&self, d: Duration) {
+        *self.state.bulk.hold.lock().expect("hold lock") = d;
     }
 }
 

@@ -75,6 +75,23 @@ pub fn correction(existing: Option<(f64, i64)>, new: f64) -> Vec<(f64, i8)> {
     rows
 }
 
+/// Rows cancelling a bucket's current state entirely (`SUM(sign)` and
+/// `SUM(cost*sign)` both 0 afterwards). Empty if nothing is live: no signs
+/// and a sum within float noise of 0 (pairs summed in another order).
+pub fn cancellation(existing: Option<(f64, i64)>) -> Vec<(f64, i8)> {
+    let (sum, signs) = existing.unwrap_or((0.0, 0));
+    if signs == 0 && sum.abs() <= 1e-9 {
+        return Vec::new();
+    }
+    let mut rows = vec![(sum, -1)];
+    // After (sum, -1) the signs add up to signs - 1: pad back to 0.
+    let pad = (1 - signs).clamp(-1000, 1000);
+    for _ in 0..pad.abs() {
+        rows.push((0.0, if pad > 0 { 1 } else { -1 }));
+    }
+    rows
+}
+
 /// Equal up to float noise of summing the same rows in another order.
 fn same(a: f64, b: f64) -> bool {
     a == b || (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
@@ -128,6 +145,20 @@ mod tests {
             let c: f64 = sum + rows.iter().map(|r| r.0 * f64::from(r.1)).sum::<f64>();
             assert_eq!(s, 1, "{sum} {signs}");
             assert!((c - 7.0).abs() < 1e-12, "{sum} {signs}");
+        }
+    }
+
+    #[test]
+    fn cancellations_leave_nothing_live() {
+        assert_eq!(cancellation(None), vec![]);
+        assert_eq!(cancellation(Some((1e-15, 0))), vec![]);
+        assert_eq!(cancellation(Some((5.0, 1))), vec![(5.0, -1)]);
+        for (sum, signs) in [(5.0, 1), (10.0, 2), (3.0, 0), (-1.0, -1), (4.0, 3)] {
+            let rows = cancellation(Some((sum, signs)));
+            let s: i64 = signs + rows.iter().map(|r| i64::from(r.1)).sum::<i64>();
+            let c: f64 = sum + rows.iter().map(|r| r.0 * f64::from(r.1)).sum::<f64>();
+            assert_eq!(s, 0, "{sum} {signs}");
+            assert!(c.abs() < 1e-12, "{sum} {signs}");
         }
     }
 }

@@ -1,5 +1,12 @@
-//! The text of the rollup's queries: literals, and `IN` lists kept within
+//! What the rollup's queries bind: `IN` lists as SQL tuples, kept within
 //! ClickHouse's query size whatever the number or length of the keys.
+//! Every value goes into a query through the `clickhouse` crate's
+//! client-side binding (`query("... ?").bind(x)`, which escapes it; 18.16
+//! has no server-side parameters), tables as
+//! [`Identifier`](clickhouse::sql::Identifier)s.
+
+use clickhouse::query::Query;
+use serde::ser::{Serialize, SerializeTuple, Serializer};
 
 /// Most bytes of string literals in the `IN` lists of one query. ClickHouse
 /// refuses queries over `max_query_size` (256 KiB by default) with "Code:
@@ -12,24 +19,18 @@ pub const IN_LIST_BUDGET: usize = 64 << 10;
 /// values cannot inflate a query.
 const HASH_NAMESPACES_OVER: usize = 64;
 
-/// A ClickHouse string literal.
-pub fn quote(s: &str) -> String {
-    let mut q = String::with_capacity(s.len() + 2);
-    q.push('\'');
-    for c in s.chars() {
-        match c {
-            '\\' => q.push_str("\\\\"),
-            '\'' => q.push_str("\\'"),
-            _ => q.push(c),
-        }
-    }
-    q.push('\'');
-    q
-}
+/// A non-empty list bound as a SQL tuple, `('a','b')`, the form `x IN ?`
+/// needs: the crate binds slices as arrays, which `IN` refuses on 18.16.
+pub struct InList<'a, T>(pub &'a [T]);
 
-pub fn in_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
-    let v: Vec<String> = items.into_iter().map(|s| quote(s)).collect();
-    format!("({})", v.join(","))
+impl<T: Serialize> Serialize for InList<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(self.0.len())?;
+        for item in self.0 {
+            t.serialize_element(item)?;
+        }
+        t.end()
+    }
 }
 
 /// Splits `items` into runs whose literals (`weight` bytes each) add up to at
@@ -51,7 +52,7 @@ pub fn chunk_by_bytes<T>(items: &[T], budget: usize, weight: impl Fn(&T) -> usiz
     out
 }
 
-/// The literal bytes a namespace costs in [`namespace_condition`].
+/// The literal bytes a namespace costs in a [`NamespaceCondition`].
 pub fn namespace_weight(ns: &&String) -> usize {
     if ns.len() > HASH_NAMESPACES_OVER {
         35
@@ -60,22 +61,43 @@ pub fn namespace_weight(ns: &&String) -> usize {
     }
 }
 
-/// `namespace` is one of `nss`: short values as literals, long ones by MD5.
-pub fn namespace_condition(nss: &[&String]) -> String {
-    let (long, short): (Vec<&String>, Vec<&String>) =
-        nss.iter().partition(|n| n.len() > HASH_NAMESPACES_OVER);
-    let mut parts = Vec::new();
-    if !short.is_empty() {
-        parts.push(format!("namespace IN {}", in_list(short)));
-    }
-    if !long.is_empty() {
-        let hashes: Vec<String> = long
+/// `namespace` is one of a set: short values as literals, long ones by MD5.
+pub struct NamespaceCondition<'a> {
+    short: Vec<&'a String>,
+    hashes: Vec<String>,
+}
+
+impl<'a> NamespaceCondition<'a> {
+    pub fn new(nss: &[&'a String]) -> NamespaceCondition<'a> {
+        let (long, short): (Vec<&String>, Vec<&String>) =
+            nss.iter().partition(|n| n.len() > HASH_NAMESPACES_OVER);
+        let hashes = long
             .iter()
-            .map(|n| format!("'{:X}'", md5::compute(n.as_bytes())))
+            .map(|n| format!("{:X}", md5::compute(n.as_bytes())))
             .collect();
-        parts.push(format!("hex(MD5(namespace)) IN ({})", hashes.join(",")));
+        NamespaceCondition { short, hashes }
     }
-    format!("({})", parts.join(" OR "))
+
+    /// The condition's text, with a `?` for each list [`bind`](Self::bind) binds.
+    pub fn sql(&self) -> &'static str {
+        match (self.short.is_empty(), self.hashes.is_empty()) {
+            (false, true) => "(namespace IN ?)",
+            (true, false) => "(hex(MD5(namespace)) IN ?)",
+            (false, false) => "(namespace IN ? OR hex(MD5(namespace)) IN ?)",
+            (true, true) => "(0)",
+        }
+    }
+
+    /// Binds the lists, in the order [`sql`](Self::sql) names them.
+    pub fn bind(&self, mut q: Query) -> Query {
+        if !self.short.is_empty() {
+            q = q.bind(InList(&self.short));
+        }
+        if !self.hashes.is_empty() {
+            q = q.bind(InList(&self.hashes));
+        }
+        q
+    }
 }
 
 #[cfg(test)]
@@ -99,17 +121,40 @@ mod tests {
 
         let long = "n".repeat(4000);
         let short = "web".to_string();
-        let cond = namespace_condition(&[&short, &long]);
-        assert!(cond.len() < 120, "{cond}");
-        let want = format!("{:X}", md5::compute(long.as_bytes()));
+        let cond = NamespaceCondition::new(&[&short, &long]);
+        assert_eq!(cond.sql(), "(namespace IN ? OR hex(MD5(namespace)) IN ?)");
+        assert_eq!(cond.short, [&short]);
         assert_eq!(
-            cond,
-            format!("(namespace IN ('web') OR hex(MD5(namespace)) IN ('{want}'))")
+            cond.hashes,
+            [format!("{:X}", md5::compute(long.as_bytes()))]
         );
+        assert_eq!(NamespaceCondition::new(&[&short]).sql(), "(namespace IN ?)");
     }
 
     #[test]
-    fn literals_are_quoted() {
-        assert_eq!(quote("a'b\\c"), "'a\\'b\\\\c'");
+    fn values_are_bound_escaped_and_lists_as_tuples() {
+        let client = clickhouse::Client::default();
+        let q = client
+            .query("SELECT ? FROM ? WHERE a IN ? AND b IN ? AND t >= ?")
+            .bind("a'b\\c")
+            .bind(clickhouse::sql::Identifier("expenses"))
+            .bind(InList(&["x", "it's"]))
+            .bind(InList(&["one"]))
+            .bind(-5i64);
+        assert_eq!(
+            q.sql_display().to_string(),
+            "SELECT 'a\\'b\\\\c' FROM `expenses` WHERE a IN ('x','it\\'s') AND b IN ('one') AND t >= -5"
+        );
+        let long = "n".repeat(100);
+        let short = "web".to_string();
+        let cond = NamespaceCondition::new(&[&short, &long]);
+        let q = cond.bind(client.query(&format!("SELECT 1 WHERE {}", cond.sql())));
+        assert_eq!(
+            q.sql_display().to_string(),
+            format!(
+                "SELECT 1 WHERE (namespace IN ('web') OR hex(MD5(namespace)) IN ('{:X}'))",
+                md5::compute(long.as_bytes())
+            )
+        );
     }
 }
