@@ -79,6 +79,7 @@ impl Command {
                 let c = s.load()?;
                 clickhouse_part(&c, "rollup")?;
                 c.validate_rollup()?;
+                c.validate_registration_source()?;
                 Ok(c)
             }
         }

@@ -1211,6 +1211,21 @@ impl Config {
         self.validate_resources()
     }
 
+    /// For the rollup loop (`serve` with `rollup.enabled`, `rwgate rollup`):
+    /// with registration on, a REST API to register with. (`reconcile` runs
+    /// without one: known resources get rows, the others wait.)
+    pub fn validate_registration_source(&self) -> Result<(), ConfigError> {
+        if self.registers_resources()
+            && (self.resources_rest_url().is_none() || self.resources_secret_file().is_none())
+        {
+            return Err(invalid(
+                "resources.rest_url",
+                "registration is on (resources.enabled, or auth.mode = \"rest\"): set resources.rest_url and resources.cluster_secret_file (or auth.rest_url and auth.cluster_secret_file), or resources.enabled = false",
+            ));
+        }
+        Ok(())
+    }
+
     /// The `[resources]` rules.
     fn validate_resources(&self) -> Result<(), ConfigError> {
         let rs = &self.resources;
@@ -1466,8 +1481,8 @@ mod tests {
         c.validate().unwrap();
         assert!(!c.registers_resources());
         assert_eq!(c.resources.update_interval, Duration::from_secs(300));
-        let err =
-            crate::settings::from_toml("[resources]\nexpense_id = \"platform\"\n", "test").unwrap_err();
+        let err = crate::settings::from_toml("[resources]\nexpense_id = \"platform\"\n", "test")
+            .unwrap_err();
         assert!(err.to_string().contains("expense_id"), "{err}");
     }
 

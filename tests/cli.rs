@@ -276,6 +276,9 @@ fn other_value(setting: &Setting, default: &serde_json::Value) -> String {
     use serde_json::Value as J;
     match (setting.kind, default) {
         (Kind::Bool, J::Bool(b)) => (!b).to_string(),
+        // Unset: follows another setting (`resources.enabled`).
+        (Kind::Bool, J::Null) => "false".into(),
+        (Kind::Choice(names), J::Null) => names[0].to_string(),
         (Kind::Integer, J::Number(n)) => (n.as_u64().expect("unsigned") + 1).to_string(),
         (Kind::Float, J::Number(n)) => (n.as_f64().expect("a number") / 2.0).to_string(),
         (Kind::NumberOrText, J::String(size)) => {

@@ -154,6 +154,21 @@ fn reconcile_refuses_a_backward_range_and_an_account_that_is_not_a_uuid() {
     }
 }
 
+/// `rwgate rollup` is the one rollup writer, so it is the one that
+/// registers resources: with registration on (the default with
+/// `auth.mode = "rest"`) and no REST API to call, its rows would wait
+/// forever; it refuses to start, saying what to set.
+#[test]
+fn rollup_needs_a_rest_api_to_register_with() {
+    let (code, out, err) = run_rwgate(&["rollup", "--clickhouse-url", "http://127.0.0.1:1"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(out, "");
+    assert_eq!(
+        err,
+        "rwgate: invalid resources.rest_url: registration is on (resources.enabled, or auth.mode = \"rest\"): set resources.rest_url and resources.cluster_secret_file (or auth.rest_url and auth.cluster_secret_file), or resources.enabled = false\n"
+    );
+}
+
 /// Log lines carry no colour codes when stderr is a file, and values are
 /// written for people (`interval=1s`, not `1s` in debug syntax, nor a
 /// jittered backoff's nanoseconds).
@@ -169,6 +184,8 @@ async fn logs_have_no_colour_off_a_terminal_and_no_debug_syntax() {
         "1s",
         "--set",
         "spool.retry_backoff=10ms",
+        "--set",
+        "resources.enabled=false",
     ]);
     let mut child = ChildGuard::spawn("rwgate rollup", cmd, dir.path().join("rwgate.log"));
     let deadline = Instant::now() + Duration::from_secs(20);

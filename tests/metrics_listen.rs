@@ -140,7 +140,15 @@ async fn rollup_role_serves_its_metrics() {
     let ch = common::clickhouse::ClickHouseServer::start();
     let rw = RwgateProcess::start_with_metrics_listen(
         "rollup",
-        &["--clickhouse-url", &ch.url(), "--rollup-interval", "200ms"],
+        &[
+            "--clickhouse-url",
+            &ch.url(),
+            "--rollup-interval",
+            "200ms",
+            // Nothing to register with here (see `rollup_needs_a_rest_api_to_register_with`).
+            "--set",
+            "resources.enabled=false",
+        ],
     )
     .await;
     let http = client();

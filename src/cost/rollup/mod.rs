@@ -1104,12 +1104,8 @@ impl RollupTask {
     /// configured, or registration is on without a REST API to register with.
     pub fn start(cfg: &Config) -> anyhow::Result<RollupTask> {
         let ch = ClickHouse::new(&cfg.clickhouse)?;
+        cfg.validate_registration_source()?;
         let rollup = Rollup::from_config(cfg)?;
-        if rollup.registry().is_some_and(|r| !r.can_register()) {
-            anyhow::bail!(
-                "invalid resources.rest_url: registration is on (resources.enabled, or auth.mode = \"rest\") but no REST API is configured (resources.rest_url or auth.rest_url, and a cluster secret file)"
-            );
-        }
         let (stop, mut stop_rx) = watch::channel(false);
         let migrate = cfg.clickhouse.migrate_on_start;
         let retry = (cfg.spool.retry_backoff, cfg.spool.retry_max_backoff);
