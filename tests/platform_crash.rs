@@ -159,6 +159,17 @@ level = "warn"
         .rows("SELECT count() AS n FROM expenses WHERE k8s_namespace = 'y'")
         .await;
     assert_eq!(int(&y[0]["n"]), 0);
+    // Why y waits is said in one line, with the platform's answer.
+    let log = gw.child.log();
+    let why: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("resource registration failed"))
+        .collect();
+    assert!(
+        why.first()
+            .is_some_and(|l| l.contains("REST API answered 503") && l.contains("retry_in_s=")),
+        "{log}"
+    );
 
     rest.fail_bulk(None);
     sent.insert("y".into(), sy);

@@ -638,3 +638,52 @@ async fn totals(server: &ClickHouseServer) -> BTreeMap<(String, i64), f64> {
         })
         .collect()
 }
+
+/// 250 namespaces of one account, batches of 40 and two calls at once:
+/// seven calls of at most 40, never more than two in flight (each call is
+/// held a while so that they would overlap if nothing bounded them), and
+/// every namespace registered once and charged.
+#[tokio::test]
+async fn batches_are_bounded_and_so_are_calls_in_flight() {
+    let Setup {
+        ch_server,
+        rest,
+        mut cfg,
+        ch,
+        _dir,
+        ..
+    } = Setup::start(Engine::ClickHouse18).await;
+    rest.add(TENANT_A, Account::NoCredentials);
+    cfg.resources.batch_size = 40;
+    cfg.resources.concurrency = 2;
+    let rollup = Rollup::from_config(&cfg).unwrap();
+    rest.hold_bulk(Duration::from_millis(300));
+    let start = D0 + 6 * 3600;
+    let samples: Vec<Sample> = (0..250)
+        .flat_map(|i| {
+            (0..5i64).map(move |k| {
+                (
+                    TENANT_A,
+                    format!("ns-{i:03}"),
+                    (start + k * 60) * 1000,
+                    rate(i, k),
+                )
+            })
+        })
+        .collect();
+    insert(&ch, &samples, start + 300).await;
+    let r = rollup.pass_at((start + 330) as u64).await.unwrap();
+    assert_eq!(r.buckets_waiting, 0, "{r:?}");
+    let sizes: Vec<usize> = rest
+        .bulk_calls()
+        .iter()
+        .map(|c| c.resources.len())
+        .collect();
+    assert_eq!(sizes.len(), 7, "{sizes:?}");
+    assert!(sizes.iter().all(|&n| n <= 40), "{sizes:?}");
+    assert_eq!(appearances(&rest).len(), 250);
+    assert!(appearances(&rest).values().all(|&n| n == 1));
+    assert_eq!(rest.max_bulk_in_flight(), 2, "{sizes:?}");
+    let got = platform_view(&ch_server, &rest, TENANT_A, &[D0]).await;
+    same_money(&got, &want_by_day(&of(&samples, TENANT_A)), 1e-9).unwrap();
+}

@@ -30,6 +30,7 @@
 //!   limit) but flagged in the call record.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -116,6 +117,26 @@ pub(super) struct BulkState {
     pub(super) fail: Mutex<Option<u16>>,
     pub(super) fail_accounts: Mutex<BTreeMap<String, u16>>,
     pub(super) hold: Mutex<Duration>,
+    /// Bulk calls being answered now, and the most at once.
+    pub(super) in_flight: AtomicUsize,
+    pub(super) max_in_flight: AtomicUsize,
+}
+
+/// Counts a bulk call in flight while it lives.
+struct InFlight<'a>(&'a BulkState);
+
+impl<'a> InFlight<'a> {
+    fn enter(st: &'a BulkState) -> InFlight<'a> {
+        let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(st)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn error(status: u16, code: &str, reason: String) -> (u16, String, String) {
@@ -129,6 +150,7 @@ fn error_body(status: u16, code: &str, reason: &str) -> String {
 
 /// Answers a bulk call.
 pub(super) async fn answer(st: &RestState, seen: Seen) -> http::Response<Full<Bytes>> {
+    let _counted = InFlight::enter(&st.bulk);
     let account = seen
         .uri
         .path()
@@ -175,7 +197,6 @@ pub(super) async fn answer(st: &RestState, seen: Seen) -> http::Response<Full<By
 }
 
 fn decide(st: &RestState, seen: &Seen, account: &str) -> Result<String, (u16, String, String)> {
-    use std::sync::atomic::Ordering;
     if st.down.load(Ordering::SeqCst) {
         return Err(error(503, "OE0003", "service unavailable".into()));
     }

@@ -1041,6 +1041,11 @@ impl RestApi {
     pub fn hold_bulk(&self, d: Duration) {
         *self.state.bulk.hold.lock().expect("hold lock") = d;
     }
+
+    /// The most bulk calls the stand-in was answering at once.
+    pub fn max_bulk_in_flight(&self) -> usize {
+        self.state.bulk.max_in_flight.load(Ordering::SeqCst)
+    }
 }
 
 fn rest_answer(st: &RestState, seen: Seen) -> http::Response<Full<Bytes>> {
