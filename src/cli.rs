@@ -767,6 +767,9 @@ mod tests {
                 "pod",
                 "--rollup-interval",
                 "5s",
+                // It registers resources: without a REST API, only with this.
+                "--set",
+                "resources.enabled=false",
             ],
             &[
                 "reconcile",
