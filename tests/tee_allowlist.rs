@@ -17,6 +17,7 @@ const DAY_S: i64 = 1_709_337_600;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_allowlist_without_the_cost_metrics_keeps_its_expense_rows() {
     let ch = ClickHouseServer::start();
+    ch.migrate().await;
     let prom = Prometheus::start().await;
     let spool = tempfile::tempdir().expect("spool dir");
     let dir = tempfile::tempdir().expect("tenants dir");
