@@ -110,7 +110,8 @@ async fn main() -> anyhow::Result<()> {
          = {:.0} samples/s end to end",
         samples / drain_secs
     );
-    tee.shutdown(Duration::from_secs(5)).await;
+    tee.shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
 
     // 3: rollup of a day of 1,000 namespaces (1.44 M samples).
     let ch = ClickHouse::new(&cfg.clickhouse)?;

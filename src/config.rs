@@ -176,10 +176,13 @@ pub struct LimitsConfig {
     /// (Prometheus: 30s), so that they get an answer rather than time out.
     #[serde(with = "human_duration")]
     pub request_timeout: Duration,
-    /// On SIGTERM/SIGINT, the one deadline of the whole shutdown: finishing
-    /// in-flight requests, stopping the rollup and the drain, and flushing
-    /// the spool. Keep it (plus a preStop delay) below the pod's
-    /// `terminationGracePeriodSeconds`.
+    /// On SIGTERM/SIGINT, the one deadline of the whole shutdown, counted
+    /// from the signal: finishing in-flight requests, stopping the rollup
+    /// and the drain, and flushing the spool each get what the stages
+    /// before them left. Kubernetes kills the pod
+    /// `terminationGracePeriodSeconds` after it starts the preStop hook, so
+    /// keep preStop sleep + `shutdown_grace` below that (deploy/: 5s + 25s
+    /// against 60s).
     #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
 }

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
                 }
                 None => shutdown_signal().await,
             }
-            rollup.shutdown(grace).await;
+            rollup.shutdown(tokio::time::Instant::now() + grace).await;
             Ok(())
         }),
     }

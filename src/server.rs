@@ -92,8 +92,8 @@ impl State {
 }
 
 /// Serves on `listener` (and on `metrics_listen`, when set) until `shutdown`
-/// completes, then stops accepting, lets in-flight requests finish within
-/// `limits.shutdown_grace`, and returns.
+/// completes, then stops accepting, lets in-flight requests finish and
+/// stops the cost pipeline, all within `limits.shutdown_grace`, and returns.
 pub async fn run(
     cfg: Config,
     listener: TcpListener,
@@ -220,22 +220,24 @@ pub async fn serve(
         operator,
     );
 
-    // Shutdown, in order: stop accepting, fail readiness, drain connections.
+    // Shutdown, in order: stop accepting, fail readiness, drain connections,
+    // then the cost pipeline (the rollup, the drain, the spool's flush). One
+    // deadline for all of it: each stage gets what the earlier ones left.
+    let deadline = tokio::time::Instant::now() + grace;
     drop(listener);
     drop(metrics);
     housekeeping.abort();
     state.ready.store(false, Ordering::Release);
     tracing::info!(grace = %crate::clock::HumanDuration(grace), "shutting down: finishing in-flight requests");
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+    match tokio::time::timeout_at(deadline, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections closed"),
         Err(_) => tracing::warn!("grace period over with requests still in flight"),
     }
-    // Then the cost pipeline: stop the rollup and the drain, flush the spool.
     if let Some(rollup) = rollup {
-        rollup.shutdown(grace).await;
+        rollup.shutdown(deadline).await;
     }
     if let Some(tee) = &state.tee {
-        tee.shutdown(grace).await;
+        tee.shutdown(deadline).await;
     }
     Ok(())
 }

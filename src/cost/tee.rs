@@ -4,7 +4,7 @@
 //! makes the spool grow (up to its bound, then 503).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -128,19 +128,24 @@ impl Tee {
         self.spool.pending_bytes()
     }
 
-    /// Stops the drain (within `limit`; an insert in flight is abandoned
-    /// and re-sent after restart) and flushes the spool's committer.
-    pub async fn shutdown(&self, limit: Duration) {
+    /// Stops the drain by `deadline` (an insert in flight is abandoned and
+    /// re-sent after restart) and flushes the spool's committer, waiting
+    /// for that flush until `deadline` too (appends already acknowledged
+    /// are durable; the flush only syncs what nobody waits for).
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) {
         let _ = self.stop.send(true);
         let drain = self.drain.lock().ok().and_then(|mut d| d.take());
         if let Some(task) = drain {
             let abort = task.abort_handle();
-            if tokio::time::timeout(limit, task).await.is_err() {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
                 abort.abort();
             }
         }
         let spool = self.spool.clone();
-        let _ = tokio::task::spawn_blocking(move || spool.close()).await;
+        let close = tokio::task::spawn_blocking(move || spool.close());
+        if tokio::time::timeout_at(deadline, close).await.is_err() {
+            tracing::warn!("grace period over before the spool's committer finished");
+        }
         tracing::info!(pending_bytes = self.spool.pending_bytes(), "tee stopped");
     }
 }

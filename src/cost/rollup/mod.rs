@@ -1120,12 +1120,12 @@ impl RollupTask {
         Ok(RollupTask { stop, task })
     }
 
-    /// Stops the loop within `limit` (a pass in flight is abandoned; the
+    /// Stops the loop by `deadline` (a pass in flight is abandoned; the
     /// next one redoes it).
-    pub async fn shutdown(self, limit: Duration) {
+    pub async fn shutdown(self, deadline: tokio::time::Instant) {
         let _ = self.stop.send(true);
         let abort = self.task.abort_handle();
-        if tokio::time::timeout(limit, self.task).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.task).await.is_err() {
             abort.abort();
         }
         tracing::info!("rollup stopped");
