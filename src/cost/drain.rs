@@ -56,7 +56,8 @@ struct ReadErrors {
 }
 
 impl Drain {
-    /// Runs until `stop` turns true.
+    /// Runs until `stop` turns true, or its sender is gone (the tee was
+    /// dropped without a shutdown: nobody is left to stop it).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let retry = (self.cfg.retry_backoff, self.cfg.retry_max_backoff);
         if self.migrate && !self.ch.migrate_until_done(retry, &mut stop).await {
@@ -67,7 +68,9 @@ impl Drain {
             backoff: Backoff::new(self.cfg.retry_backoff, self.cfg.retry_max_backoff),
         };
         let mut seen = SeenSeries::default();
-        while !*stop.borrow() {
+        // A closed channel makes every `changed()` return at once: without
+        // the `has_changed` check the loop would spin.
+        while !*stop.borrow() && stop.has_changed().is_ok() {
             let Some((records, end)) = self.next_batch(&mut stop, &mut read_errors).await else {
                 continue;
             };
@@ -352,5 +355,44 @@ async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
         () = tokio::time::sleep(d) => false,
         _ = stop.changed() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::spool::SpoolOptions;
+
+    /// The tee dropped without a shutdown drops the drain's stop sender:
+    /// the drain ends instead of spinning on a closed channel.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_drain_ends_when_its_tee_is_dropped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = crate::config::Config::default();
+        cfg.clickhouse.url = Some("http://127.0.0.1:1".into());
+        cfg.spool.dir = dir.path().into();
+        let opts = SpoolOptions {
+            dir: cfg.spool.dir.clone(),
+            max_bytes: cfg.spool.max_bytes.bytes(),
+            segment_bytes: cfg.spool.segment_bytes.bytes(),
+            commit_delay: cfg.spool.commit_delay,
+            commit_interval: cfg.spool.commit_interval,
+        };
+        let (spool, reader) = Spool::open(&opts).expect("open the spool");
+        let drain = Drain {
+            ch: ClickHouse::new(&cfg.clickhouse).expect("client"),
+            reader: Arc::new(std::sync::Mutex::new(reader)),
+            spool: Arc::new(spool),
+            cfg: cfg.spool.clone(),
+            migrate: false,
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(drain.run(stop_rx));
+        drop(stop);
+        let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert!(
+            matches!(ended, Ok(Ok(()))),
+            "the drain still runs 10s after its stop sender was dropped"
+        );
     }
 }
