@@ -90,7 +90,8 @@ pub struct SeriesRefused {
     pub first_index: u32,
     pub first: String,
     /// (reason, series refused) for each reason that occurred, reasons
-    /// named as in [`Invalid::REASONS`] (1.0) or `wire_v2::Invalid::REASONS`.
+    /// named as in [`Invalid::REASONS`] (1.0) or `wire_v2::Invalid::REASONS`
+    /// (which uses 1.0's names for the refusals the two share).
     pub by_reason: Vec<(&'static str, u64)>,
 }
 
@@ -392,7 +393,7 @@ pub fn process_v2(
         refused: refused.iter().sum(),
         series: out.series_received,
         first_index,
-        first: format!("is invalid: {why}"),
+        first: why.describe(buf),
         by_reason: wire_v2::Invalid::REASONS
             .iter()
             .zip(refused)

@@ -169,16 +169,10 @@ pub enum DecodeError {
     Malformed { what: &'static str, at: usize },
     #[error("label {which} is not valid UTF-8 at byte {at}")]
     InvalidUtf8 { which: &'static str, at: usize },
+    /// The one limit that refuses a whole request; the per-series limits
+    /// refuse the series alone, in 1.0 and 2.0 alike ([`Invalid`]).
     #[error("too many series: more than {limit} in one request")]
     TooManySeries { limit: usize },
-    /// Per-series limits that refuse a whole Remote-Write 2.0 request (a
-    /// 1.0 request has the series refused alone, as [`Invalid`]).
-    #[error("too many labels: a series has {count}, the limit is {limit}")]
-    TooManyLabels { count: usize, limit: usize },
-    #[error("label name too long: {len} bytes, the limit is {limit}")]
-    LabelNameTooLong { len: usize, limit: usize },
-    #[error("label value too long: {len} bytes, the limit is {limit}")]
-    LabelValueTooLong { len: usize, limit: usize },
 }
 
 pub(crate) fn malformed(what: &'static str, at: usize) -> DecodeError {
@@ -1383,10 +1377,9 @@ pub(crate) mod tests {
         assert_eq!(d.series[0].name.get(&buf), b"x");
     }
 
-    /// The request the shape limits are tested on, and each limit with the
-    /// error the 2.0 decoder gives there (the 2.0 test sends the same
-    /// series). The 1.0 decoder refuses the series instead of the request
-    /// for the per-series limits (`limits_are_enforced`).
+    /// The request the shape limits are tested on, the same series in 1.0
+    /// and 2.0 (each protocol's `limits_are_enforced` sends it), and what
+    /// each limit does there ([`limit_cases`]).
     pub(crate) fn limits_request() -> prompb::WriteRequest {
         prompb::WriteRequest {
             timeseries: vec![
@@ -1397,7 +1390,26 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn limit_cases() -> [(ShapeLimits, DecodeError); 4] {
+    /// What a limit does to [`limits_request`], in both protocols alike.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) enum LimitOutcome {
+        /// The whole request is refused.
+        Request(DecodeError),
+        /// Only the series breaking the limit are refused, the others are
+        /// written: the names of those kept, the number refused, and the
+        /// first refusal's reason and words (as in the 400's line).
+        Series {
+            kept: &'static [&'static str],
+            refused: u32,
+            reason: &'static str,
+            first: &'static str,
+        },
+    }
+
+    /// Each shape limit and its outcome on [`limits_request`]: too many
+    /// series refuses the request; the per-series limits refuse the series
+    /// alone (a partial write), in 1.0 and 2.0 alike.
+    pub(crate) fn limit_cases() -> [(ShapeLimits, LimitOutcome); 4] {
         let lim = |f: fn(&mut ShapeLimits)| {
             let mut l = ShapeLimits::UNLIMITED;
             f(&mut l);
@@ -1406,19 +1418,34 @@ pub(crate) mod tests {
         [
             (
                 lim(|l| l.max_series = 1),
-                DecodeError::TooManySeries { limit: 1 },
+                LimitOutcome::Request(DecodeError::TooManySeries { limit: 1 }),
             ),
             (
                 lim(|l| l.max_labels_per_series = 2),
-                DecodeError::TooManyLabels { count: 3, limit: 2 },
+                LimitOutcome::Series {
+                    kept: &["y"],
+                    refused: 1,
+                    reason: "too_many_labels",
+                    first: "has 3 labels, the limit is 2",
+                },
             ),
             (
                 lim(|l| l.max_label_name_bytes = 7),
-                DecodeError::LabelNameTooLong { len: 8, limit: 7 },
+                LimitOutcome::Series {
+                    kept: &[],
+                    refused: 2,
+                    reason: "label_name_too_long",
+                    first: "has a label name of 8 bytes, the limit is 7",
+                },
             ),
             (
                 lim(|l| l.max_label_value_bytes = 0),
-                DecodeError::LabelValueTooLong { len: 1, limit: 0 },
+                LimitOutcome::Series {
+                    kept: &[],
+                    refused: 2,
+                    reason: "label_value_too_long",
+                    first: "has a value of 1 bytes for label \"__name__\", the limit is 0",
+                },
             ),
         ]
     }
@@ -1852,15 +1879,31 @@ pub(crate) mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        let req = prompb::WriteRequest {
-            timeseries: vec![
-                ts(&[("__name__", "x"), ("a", "1"), ("b", "2")], &[(1.0, 1)]),
-                ts(&[("__name__", "y")], &[(1.0, 1)]),
-            ],
-            metadata: vec![],
-        };
-        let buf = req.encode_to_vec();
+        // The table shared with 2.0: the two protocols refuse alike.
+        let buf = limits_request().encode_to_vec();
         let mut d = Decoded::default();
+        for (limits, want) in limit_cases() {
+            let LimitOutcome::Series {
+                kept,
+                refused,
+                reason,
+                first,
+            } = want
+            else {
+                assert_eq!(
+                    decode(&buf, &limits, &mut d).map_err(LimitOutcome::Request),
+                    Err(want)
+                );
+                continue;
+            };
+            decode(&buf, &limits, &mut d).unwrap();
+            let names: Vec<&[u8]> = d.series.iter().map(|s| s.name.get(&buf)).collect();
+            let kept: Vec<&[u8]> = kept.iter().map(|n| n.as_bytes()).collect();
+            assert_eq!(names, kept, "{reason}");
+            assert_eq!(d.refused.count(), refused, "{reason}");
+            let (_, why) = d.refused.first.expect("a series is refused");
+            assert_eq!((why.reason(), why.describe(&buf).as_str()), (reason, first));
+        }
         let lim = |f: fn(&mut ShapeLimits)| {
             let mut l = ShapeLimits::UNLIMITED;
             f(&mut l);

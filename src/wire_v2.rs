@@ -38,7 +38,7 @@ use std::cmp::Ordering;
 use std::fmt;
 
 use crate::wire::{
-    cmp_names, label_msg_len, malformed, put_label, put_varint, read_sample, varint_len,
+    self, cmp_names, label_msg_len, malformed, put_label, put_varint, read_sample, varint_len,
     DecodeError, Injected, Reader, Sample, ShapeLimits, Span, DEPTH, FIXED64, LEN, VARINT,
 };
 
@@ -200,17 +200,38 @@ pub enum Invalid {
     Malformed {
         what: &'static str,
     },
+    /// More labels than `limits.max_labels_per_series` (counted as sent).
+    TooManyLabels {
+        count: u32,
+        limit: u32,
+    },
+    /// A label name longer than `limits.max_label_name_bytes`.
+    LabelNameTooLong {
+        len: u32,
+        limit: u32,
+    },
+    /// A label value longer than `limits.max_label_value_bytes`; `name` is
+    /// the label name's symbol in the body.
+    LabelValueTooLong {
+        name: Span,
+        len: u32,
+        limit: u32,
+    },
 }
 
 impl Invalid {
     /// The metric labels of the reasons, by [`Invalid::index`].
-    pub const REASONS: [&'static str; 6] = [
+    /// The names shared with 1.0 are 1.0's ([`wire::Invalid::REASONS`]).
+    pub const REASONS: [&'static str; 9] = [
         "odd_labels_refs",
         "symbol_out_of_range",
         "empty_label_name",
         "duplicate_label_name",
         "missing_metric_name",
         "malformed_series",
+        "too_many_labels",
+        "label_name_too_long",
+        "label_value_too_long",
     ];
 
     /// The reason's place in [`Invalid::REASONS`].
@@ -222,6 +243,36 @@ impl Invalid {
             Invalid::DuplicateLabelName => 3,
             Invalid::MissingName => 4,
             Invalid::Malformed { .. } => 5,
+            Invalid::TooManyLabels { .. } => 6,
+            Invalid::LabelNameTooLong { .. } => 7,
+            Invalid::LabelValueTooLong { .. } => 8,
+        }
+    }
+
+    /// The same refusal in 1.0's terms, for the reasons 1.0 also has a
+    /// series for (the shape limits): one wording and one reason name.
+    pub fn as_v1(&self) -> Option<wire::Invalid> {
+        match *self {
+            Invalid::TooManyLabels { count, limit } => {
+                Some(wire::Invalid::TooManyLabels { count, limit })
+            }
+            Invalid::LabelNameTooLong { len, limit } => {
+                Some(wire::Invalid::LabelNameTooLong { len, limit })
+            }
+            Invalid::LabelValueTooLong { name, len, limit } => {
+                Some(wire::Invalid::LabelValueTooLong { name, len, limit })
+            }
+            _ => None,
+        }
+    }
+
+    /// What is wrong, as the end of a sentence about the series (label
+    /// names it mentions read from `buf`, the request's body), worded as
+    /// 1.0 words the refusals the two share.
+    pub fn describe(&self, buf: &[u8]) -> String {
+        match self.as_v1() {
+            Some(v1) => v1.describe(buf),
+            None => format!("is invalid: {self}"),
         }
     }
 
@@ -243,6 +294,15 @@ impl fmt::Display for Invalid {
             Invalid::DuplicateLabelName => f.write_str("a label name appears twice"),
             Invalid::MissingName => f.write_str("__name__ is missing or empty"),
             Invalid::Malformed { what } => write!(f, "{what}"),
+            Invalid::TooManyLabels { count, limit } => {
+                write!(f, "{count} labels, the limit is {limit}")
+            }
+            Invalid::LabelNameTooLong { len, limit } => {
+                write!(f, "a label name of {len} bytes, the limit is {limit}")
+            }
+            Invalid::LabelValueTooLong { len, limit, .. } => {
+                write!(f, "a label value of {len} bytes, the limit is {limit}")
+            }
         }
     }
 }
@@ -296,10 +356,11 @@ impl DecodedV2 {
     }
 }
 
-/// Why decoding one series stopped: a limit refuses the whole request, as
-/// for 1.0; anything else refuses only the series.
+/// Why decoding one series stopped: an error that refuses the whole
+/// request, or one that refuses only the series (the shape limits
+/// included, as in 1.0).
 enum Stop {
-    Limit(DecodeError),
+    Request(DecodeError),
     Invalid(Invalid),
 }
 
@@ -307,7 +368,7 @@ impl From<DecodeError> for Stop {
     fn from(e: DecodeError) -> Stop {
         match e {
             DecodeError::Malformed { what, .. } => Stop::Invalid(Invalid::Malformed { what }),
-            other => Stop::Limit(other),
+            other => Stop::Request(other),
         }
     }
 }
@@ -371,7 +432,7 @@ pub fn decode(buf: &[u8], limits: &ShapeLimits, out: &mut DecodedV2) -> Result<(
         let mut s = out.series[i];
         match decode_series(buf, &out.symbols, limits, &mut out.labels, &mut s) {
             Ok(()) => {}
-            Err(Stop::Limit(e)) => return Err(e),
+            Err(Stop::Request(e)) => return Err(e),
             Err(Stop::Invalid(why)) => {
                 out.labels.truncate(labels_start);
                 s.invalid = Some(why);
@@ -435,11 +496,14 @@ struct LabelReader<'a> {
     buf: &'a [u8],
     symbols: &'a [Span],
     limits: &'a ShapeLimits,
-    body: Span,
     start: usize,
     pending: Option<u32>,
     sorted: bool,
     prev: &'a [u8],
+    /// Labels sent, kept or not (only the limit's worth is kept).
+    sent: u32,
+    /// The first label name or value over its limit.
+    too_long: Option<Invalid>,
 }
 
 impl<'a> LabelReader<'a> {
@@ -450,26 +514,31 @@ impl<'a> LabelReader<'a> {
             self.pending = Some(r);
             return Ok(());
         };
+        // As in 1.0, a series over a limit is read to its end (a part that
+        // does not decode is the reason then), and too many labels is the
+        // reason before a name or value too long.
+        self.sent += 1;
         let n = labels.len() - self.start;
         if n >= self.limits.max_labels_per_series {
-            return Err(Stop::Limit(DecodeError::TooManyLabels {
-                count: count_label_refs(self.buf, self.body) / 2,
-                limit: self.limits.max_labels_per_series,
-            }));
+            return Ok(());
         }
-        let name_bytes = self.symbols[name as usize].get(self.buf);
-        let value_len = self.symbols[r as usize].len();
-        if name_bytes.len() > self.limits.max_label_name_bytes {
-            return Err(Stop::Limit(DecodeError::LabelNameTooLong {
-                len: name_bytes.len(),
-                limit: self.limits.max_label_name_bytes,
-            }));
-        }
-        if value_len > self.limits.max_label_value_bytes {
-            return Err(Stop::Limit(DecodeError::LabelValueTooLong {
-                len: value_len,
-                limit: self.limits.max_label_value_bytes,
-            }));
+        let name_span = self.symbols[name as usize];
+        let name_bytes = name_span.get(self.buf);
+        if self.too_long.is_none() {
+            let cap = |n: usize| n.min(u32::MAX as usize) as u32;
+            let value_len = self.symbols[r as usize].len();
+            if name_bytes.len() > self.limits.max_label_name_bytes {
+                self.too_long = Some(Invalid::LabelNameTooLong {
+                    len: name_bytes.len() as u32,
+                    limit: cap(self.limits.max_label_name_bytes),
+                });
+            } else if value_len > self.limits.max_label_value_bytes {
+                self.too_long = Some(Invalid::LabelValueTooLong {
+                    name: name_span,
+                    len: value_len as u32,
+                    limit: cap(self.limits.max_label_value_bytes),
+                });
+            }
         }
         if n > 0 && cmp_names(self.prev, name_bytes) == Ordering::Greater {
             self.sorted = false;
@@ -492,11 +561,12 @@ fn decode_series(
         buf,
         symbols,
         limits,
-        body: s.body,
         start: labels.len(),
         pending: None,
         sorted: true,
         prev: &[],
+        sent: 0,
+        too_long: None,
     };
     let mut r = Reader::new(&buf[start..end], start);
     while !r.done() {
@@ -547,6 +617,15 @@ fn decode_series(
     if lr.pending.is_some() {
         return Err(Stop::Invalid(Invalid::OddLabelRefs));
     }
+    if lr.sent as usize > limits.max_labels_per_series {
+        return Err(Stop::Invalid(Invalid::TooManyLabels {
+            count: lr.sent,
+            limit: limits.max_labels_per_series.min(u32::MAX as usize) as u32,
+        }));
+    }
+    if let Some(why) = lr.too_long {
+        return Err(Stop::Invalid(why));
+    }
     let series_labels = &mut labels[lr.start..];
     if !lr.sorted {
         series_labels.sort_unstable_by(|a, b| {
@@ -585,35 +664,6 @@ fn check_label_set(
         Some(v) if !symbols[v as usize].is_empty() => Ok(name),
         _ => Err(Stop::Invalid(Invalid::MissingName)),
     }
-}
-
-/// How many `labels_refs` a series has (for the limit error only).
-fn count_label_refs(buf: &[u8], body: Span) -> usize {
-    let (s, e) = (body.start as usize, body.end as usize);
-    let mut r = Reader::new(&buf[s..e], s);
-    let mut n = 0;
-    while let Ok((field, wt)) = r.key() {
-        match (field, wt) {
-            (1, LEN) => {
-                let Ok((ps, pe)) = r.len_delimited() else {
-                    break;
-                };
-                n += buf[ps..pe].iter().filter(|&&b| b < 0x80).count();
-            }
-            (1, VARINT) => {
-                n += 1;
-                if r.varint().is_err() {
-                    break;
-                }
-            }
-            (field, wt) if r.skip(field, wt, DEPTH).is_ok() => {}
-            _ => break,
-        }
-        if r.done() {
-            break;
-        }
-    }
-    n
 }
 
 /// Checks one `Sample`; true when it holds only a value and a timestamp.
@@ -1814,12 +1864,80 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
+        use crate::wire::tests::LimitOutcome;
         // The 1.0 test's series and table: the two protocols refuse alike.
         let buf = v2::Request::from_v1(&crate::wire::tests::limits_request()).encode_to_vec();
         let mut d = DecodedV2::default();
         for (limits, want) in crate::wire::tests::limit_cases() {
-            assert_eq!(decode(&buf, &limits, &mut d), Err(want.clone()), "{want}");
+            let LimitOutcome::Series {
+                kept,
+                refused,
+                reason,
+                first,
+            } = want
+            else {
+                assert_eq!(
+                    decode(&buf, &limits, &mut d).map_err(LimitOutcome::Request),
+                    Err(want)
+                );
+                continue;
+            };
+            decode(&buf, &limits, &mut d).unwrap();
+            let names: Vec<&[u8]> = d
+                .series
+                .iter()
+                .filter(|s| s.invalid.is_none())
+                .filter_map(|s| d.name(&buf, s))
+                .collect();
+            let kept: Vec<&[u8]> = kept.iter().map(|n| n.as_bytes()).collect();
+            assert_eq!(names, kept, "{reason}");
+            let invalid: Vec<Invalid> = d.series.iter().filter_map(|s| s.invalid).collect();
+            assert_eq!(invalid.len(), refused as usize, "{reason}");
+            let why = invalid[0];
+            assert_eq!((why.reason(), why.describe(&buf).as_str()), (reason, first));
+            // One set of reason names: 1.0's, for the refusals 1.0 has too.
+            assert_eq!(why.as_v1().map(|v1| v1.reason()), Some(reason));
         }
+    }
+
+    #[test]
+    fn a_series_over_two_limits_has_1_0s_reason() {
+        // Series 0 has too many labels and a value too long: too many
+        // labels is the reason, in both protocols; series 1 only the value.
+        let req = crate::wire::tests::limits_request();
+        let mut limits = ShapeLimits::UNLIMITED;
+        limits.max_labels_per_series = 2;
+        limits.max_label_value_bytes = 0;
+        let buf = v2::Request::from_v1(&req).encode_to_vec();
+        let mut d = DecodedV2::default();
+        decode(&buf, &limits, &mut d).unwrap();
+        let got: Vec<&str> = d
+            .series
+            .iter()
+            .filter_map(|s| s.invalid)
+            .map(|i| i.reason())
+            .collect();
+        assert_eq!(got, ["too_many_labels", "label_value_too_long"]);
+        let mut d1 = crate::wire::Decoded::default();
+        crate::wire::decode(&req.encode_to_vec(), &limits, &mut d1).unwrap();
+        let v1: Vec<&str> = crate::wire::Invalid::REASONS
+            .iter()
+            .zip(d1.refused.by_reason)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, _)| *r)
+            .collect();
+        assert_eq!(v1, ["too_many_labels", "label_value_too_long"]);
+        // A part that does not decode is the reason over a limit, as in 1.0.
+        let buf = hand_series(&[0x12, 0x02, 0x09, 0x01]);
+        let mut d = DecodedV2::default();
+        let mut one_label = ShapeLimits::UNLIMITED;
+        one_label.max_labels_per_series = 0;
+        decode(&buf, &one_label, &mut d).unwrap();
+        assert!(
+            matches!(d.series[0].invalid, Some(Invalid::Malformed { .. })),
+            "{:?}",
+            d.series[0].invalid
+        );
     }
 
     #[test]

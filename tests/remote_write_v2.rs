@@ -488,6 +488,117 @@ async fn invalid_series_are_a_partial_write() {
     gw.stop().await;
 }
 
+/// The per-series shape limits (label count, name and value length) refuse
+/// the series alone in 2.0, as in 1.0: the same series sent in each protocol
+/// get the same 400 line, the valid rest is forwarded, and the refused are
+/// counted under the same reasons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_limits_refuse_the_series_alone_as_in_1_0() {
+    let up = FakeUpstream::start(vec![]).await;
+    let mut cfg = test_config(&up.url());
+    cfg.limits.max_labels_per_series = 4;
+    cfg.limits.max_label_name_bytes = 16;
+    cfg.limits.max_label_value_bytes = 16;
+    let gw = Gateway::start(cfg).await;
+    let http = client();
+    let series = |labels: &[(&str, &str)]| rwgate::prompb::TimeSeries {
+        labels: labels
+            .iter()
+            .map(|(n, v)| rwgate::prompb::Label {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        samples: vec![rwgate::prompb::Sample {
+            value: 1.0,
+            timestamp: 10,
+        }],
+        ..Default::default()
+    };
+    let req = rwgate::prompb::WriteRequest {
+        timeseries: vec![
+            series(&[("__name__", "up"), ("job", "a")]),
+            series(&[("__name__", "up"), ("job", "a-value-of-17-byt")]),
+            series(&[("__name__", "up"), ("a_name_of_17_byte", "v")]),
+            series(&[
+                ("__name__", "up"),
+                ("a", "1"),
+                ("b", "2"),
+                ("c", "3"),
+                ("d", "4"),
+            ]),
+            series(&[("__name__", "node_load1"), ("job", "b")]),
+        ],
+        metadata: vec![],
+    };
+    let want = (
+        400,
+        "3 of 5 series refused, the others were accepted: series 1 (counting from 0) \
+         has a value of 17 bytes for label \"job\", the limit is 16\n"
+            .to_string(),
+    );
+    let v1 = rw_post(
+        &http,
+        &gw.write_url(),
+        Some(TENANT_A),
+        write_body(req.timeseries.clone()),
+    )
+    .send()
+    .await
+    .expect("POST 1.0");
+    assert_eq!(status_body(v1).await, want, "1.0");
+    let resp = v2::post(
+        &http,
+        &gw.write_url(),
+        TENANT_A,
+        v2::body(&pb::Request::from_v1(&req)),
+    )
+    .send()
+    .await
+    .expect("POST 2.0");
+    assert_eq!(v2::written(resp.headers()), (2, 0, 0));
+    assert_eq!(status_body(resp).await, want, "2.0");
+
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2, "both requests forwarded their valid rest");
+    // The same two series reach the upstream from either protocol.
+    let v1_fwd: Vec<LabelSet> = decode_body(&seen[0].body)
+        .timeseries
+        .iter()
+        .map(labels_of)
+        .collect();
+    let v2_fwd: Vec<LabelSet> = v2::decode_v1(&seen[1].body)
+        .timeseries
+        .iter()
+        .map(|ts| {
+            ts.labels
+                .iter()
+                .map(|l| (l.name.clone(), l.value.clone()))
+                .collect()
+        })
+        .collect();
+    let tenant = [("cloud_account_id", TENANT_A), ("tenant_id", TENANT_A)];
+    let kept = |name: &str, job: &str| {
+        let mut l = vec![("__name__", name), ("job", job)];
+        l.extend(tenant);
+        labels(&l)
+    };
+    let want_fwd = vec![kept("up", "a"), kept("node_load1", "b")];
+    assert_eq!(v1_fwd, want_fwd, "1.0");
+    assert_eq!(v2_fwd, want_fwd, "2.0");
+    // One refusal of each kind per protocol, under 1.0's reason names.
+    let m = gw.metrics().await;
+    for reason in [
+        "label_value_too_long",
+        "label_name_too_long",
+        "too_many_labels",
+    ] {
+        let line = format!("rwgate_series_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric_value(&m, &line), 2.0, "{line}\n{m}");
+    }
+    gw.stop().await;
+}
+
 /// Content negotiation for 2.0: any encoding but snappy, or a `proto` other
 /// than the two messages, is 415; and the Written headers follow the
 /// upstream's refusal (409: nothing forwarded was written).
