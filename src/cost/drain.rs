@@ -371,13 +371,7 @@ mod tests {
         let mut cfg = crate::config::Config::default();
         cfg.clickhouse.url = Some("http://127.0.0.1:1".into());
         cfg.spool.dir = dir.path().into();
-        let opts = SpoolOptions {
-            dir: cfg.spool.dir.clone(),
-            max_bytes: cfg.spool.max_bytes.bytes(),
-            segment_bytes: cfg.spool.segment_bytes.bytes(),
-            commit_delay: cfg.spool.commit_delay,
-            commit_interval: cfg.spool.commit_interval,
-        };
+        let opts = SpoolOptions::from_config(&cfg.spool);
         let (spool, reader) = Spool::open(&opts).expect("open the spool");
         let drain = Drain {
             ch: ClickHouse::new(&cfg.clickhouse).expect("client"),

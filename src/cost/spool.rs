@@ -66,6 +66,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use crate::clock::unix_now_ms;
+use crate::config::SpoolConfig;
 
 /// Bytes of a record header.
 pub const HEADER_LEN: u64 = 16;
@@ -96,6 +97,19 @@ pub struct SpoolOptions {
     /// Least time between the starts of two group commits (under load a
     /// group then stays open longer than `commit_delay`).
     pub commit_interval: Duration,
+}
+
+impl SpoolOptions {
+    /// The options the `[spool]` settings give.
+    pub fn from_config(cfg: &SpoolConfig) -> SpoolOptions {
+        SpoolOptions {
+            dir: cfg.dir.clone(),
+            max_bytes: cfg.max_bytes.bytes(),
+            segment_bytes: cfg.segment_bytes.bytes(),
+            commit_delay: cfg.commit_delay,
+            commit_interval: cfg.commit_interval,
+        }
+    }
 }
 
 /// One record read back.

@@ -55,13 +55,7 @@ impl Tee {
     /// is not an error here.
     pub async fn start(cfg: &Config) -> anyhow::Result<Tee> {
         let ch = ClickHouse::new(&cfg.clickhouse)?;
-        let opts = SpoolOptions {
-            dir: cfg.spool.dir.clone(),
-            max_bytes: cfg.spool.max_bytes.bytes(),
-            segment_bytes: cfg.spool.segment_bytes.bytes(),
-            commit_delay: cfg.spool.commit_delay,
-            commit_interval: cfg.spool.commit_interval,
-        };
+        let opts = SpoolOptions::from_config(&cfg.spool);
         let dir = opts.dir.display().to_string();
         let (spool, reader) = tokio::task::spawn_blocking(move || Spool::open(&opts))
             .await?
