@@ -225,11 +225,7 @@ async fn two_accounts_over_two_days(engine: Engine) {
     gw.stop().await;
 }
 
-on_both_engines!(
-    two_accounts_over_two_days,
-    flavor = "multi_thread",
-    worker_threads = 2
-);
+on_both_engines!(two_accounts_over_two_days, multi_thread);
 
 async fn a_rest_outage_at_a_namespace_first_appearance(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);
@@ -338,11 +334,7 @@ async fn a_rest_outage_at_a_namespace_first_appearance(engine: Engine) {
     gw.stop().await;
 }
 
-on_both_engines!(
-    a_rest_outage_at_a_namespace_first_appearance,
-    flavor = "multi_thread",
-    worker_threads = 2
-);
+on_both_engines!(a_rest_outage_at_a_namespace_first_appearance, multi_thread);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_fifty_namespaces_in_one_request() {

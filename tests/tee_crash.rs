@@ -60,11 +60,7 @@ impl Drop for Rwgate {
     }
 }
 
-on_both_engines!(
-    kill_9_mid_stream_loses_and_doubles_nothing,
-    flavor = "multi_thread",
-    worker_threads = 2
-);
+on_both_engines!(kill_9_mid_stream_loses_and_doubles_nothing, multi_thread);
 async fn kill_9_mid_stream_loses_and_doubles_nothing(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);
     ch.migrate().await;

@@ -81,8 +81,7 @@ fn expected(s: &Scenario) -> BTreeMap<(String, i64), f64> {
 
 on_both_engines!(
     retries_replicas_disorder_and_gaps_do_not_change_money,
-    flavor = "multi_thread",
-    worker_threads = 2
+    multi_thread
 );
 async fn retries_replicas_disorder_and_gaps_do_not_change_money(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);

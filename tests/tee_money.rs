@@ -22,11 +22,7 @@ fn rate(i: usize, k: i64) -> f64 {
         + ((k / 37) % 5) as f64 * 0.01
 }
 
-on_both_engines!(
-    synthetic_day_is_charged_exactly,
-    flavor = "multi_thread",
-    worker_threads = 2
-);
+on_both_engines!(synthetic_day_is_charged_exactly, multi_thread);
 async fn synthetic_day_is_charged_exactly(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);
     ch.migrate().await;

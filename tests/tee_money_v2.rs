@@ -23,11 +23,7 @@ fn rate(i: usize, k: i64) -> f64 {
     [0.75, 2.5][i] * (1.0 + 0.25 * ((k as f64) / 50.0).sin()) + ((k / 17) % 3) as f64 * 0.01
 }
 
-on_both_engines!(
-    money_from_2_0_is_the_money_from_1_0,
-    flavor = "multi_thread",
-    worker_threads = 2
-);
+on_both_engines!(money_from_2_0_is_the_money_from_1_0, multi_thread);
 async fn money_from_2_0_is_the_money_from_1_0(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);
     ch.migrate().await;

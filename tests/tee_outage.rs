@@ -21,8 +21,7 @@ fn rate(i: usize, k: i64) -> f64 {
 
 on_both_engines!(
     clickhouse_outage_loses_nothing_and_blocks_nothing,
-    flavor = "multi_thread",
-    worker_threads = 2
+    multi_thread
 );
 async fn clickhouse_outage_loses_nothing_and_blocks_nothing(engine: Engine) {
     let mut ch = ClickHouseServer::start_engine(engine);

@@ -30,8 +30,7 @@ async fn expense_rows(ch: &ClickHouseServer) -> Vec<serde_json::Value> {
 
 on_both_engines!(
     long_namespace_values_do_not_wedge_the_rollup_for_everyone,
-    flavor = "multi_thread",
-    worker_threads = 2
+    multi_thread
 );
 async fn long_namespace_values_do_not_wedge_the_rollup_for_everyone(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);

@@ -22,8 +22,7 @@ fn now_ms() -> i64 {
 
 on_both_engines!(
     a_poison_row_is_dead_lettered_and_the_rest_goes_through,
-    flavor = "multi_thread",
-    worker_threads = 2
+    multi_thread
 );
 async fn a_poison_row_is_dead_lettered_and_the_rest_goes_through(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);

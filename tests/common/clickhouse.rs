@@ -41,11 +41,16 @@ impl Engine {
 }
 
 /// One test per [`Engine`] for a shared `async fn case(engine: Engine)`:
-/// `on_both_engines!(case);` (or `on_both_engines!(case, flavor =
-/// "multi_thread", worker_threads = 2);`) makes the tests `case::clickhouse18`
-/// and `case::modern`.
+/// `on_both_engines!(case);` makes the tests `case::clickhouse18` and
+/// `case::modern`. `on_both_engines!(case, multi_thread);` runs them on the
+/// two-worker runtime the end-to-end tests use (the gateway, the spool
+/// writer and the rollup beside the test's own client); any other
+/// `#[tokio::test(...)]` arguments pass through as they are.
 #[macro_export]
 macro_rules! on_both_engines {
+    ($case:ident, multi_thread) => {
+        $crate::on_both_engines!($case, flavor = "multi_thread", worker_threads = 2);
+    };
     ($case:ident $(, $($arg:tt)*)?) => {
         mod $case {
             #[tokio::test $( ( $($arg)* ) )?]
