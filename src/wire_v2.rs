@@ -39,7 +39,7 @@ use std::fmt;
 
 use crate::wire::{
     self, cmp_names, label_msg_len, malformed, put_label, put_varint, read_sample, varint_len,
-    DecodeError, Injected, Reader, Sample, ShapeLimits, Span, DEPTH, FIXED64, LEN, VARINT,
+    DecodeError, Injected, Merged, Reader, Sample, ShapeLimits, Span, DEPTH, FIXED64, LEN, VARINT,
 };
 
 /// The `Content-Type` of a 2.0 request (the media type with its `proto`).
@@ -878,48 +878,18 @@ pub fn for_each_sample(
     Ok(())
 }
 
-/// A series label or a tenant label, in the order they are written.
-#[derive(Clone, Copy)]
-enum Merged {
-    Sent(LabelSyms),
-    /// Label `i` of the [`Injected`] set.
-    Tenant(usize),
-}
-
-/// Merges a series' sorted labels with the tenant labels (sorted too),
-/// which replace labels of the same name whatever symbol the sender used.
+/// [`Injected::merge`] of a 2.0 series' labels, named by symbol: the
+/// tenant labels replace labels of the same name whatever symbol the
+/// sender used.
 #[inline(always)]
 fn merge_labels(
     buf: &[u8],
     d: &DecodedV2,
     labels: &[LabelSyms],
     inject: &Injected,
-    mut f: impl FnMut(Merged),
+    f: impl FnMut(Merged<LabelSyms>),
 ) {
-    let mut next = 0;
-    for &l in labels {
-        let name = d.symbol(buf, l.name);
-        let mut replaced = false;
-        while next < inject.len() {
-            match cmp_names(inject.name(next), name) {
-                Ordering::Less => {
-                    f(Merged::Tenant(next));
-                    next += 1;
-                }
-                Ordering::Equal => {
-                    replaced = true;
-                    break;
-                }
-                Ordering::Greater => break,
-            }
-        }
-        if !replaced {
-            f(Merged::Sent(l));
-        }
-    }
-    for i in next..inject.len() {
-        f(Merged::Tenant(i));
-    }
+    inject.merge(labels, |l| d.symbol(buf, l.name), f);
 }
 
 /// Size of a length-delimited field with a one-byte key.
