@@ -1479,6 +1479,41 @@ pub(crate) mod tests {
         ]
     }
 
+    /// What one protocol's decode of [`limits_request`] under some limits
+    /// came to: the names of the series kept, in order; how many were
+    /// refused; the first refusal's reason and words.
+    pub(crate) struct LimitSeen {
+        pub kept: Vec<Vec<u8>>,
+        pub refused: u32,
+        pub first: Option<(&'static str, String)>,
+    }
+
+    /// Checks each of [`limit_cases`] against `run`, one protocol's decode
+    /// of [`limits_request`] under the case's limits: the two protocols
+    /// refuse alike.
+    pub(crate) fn assert_limit_cases(
+        mut run: impl FnMut(&ShapeLimits) -> Result<LimitSeen, DecodeError>,
+    ) {
+        for (limits, want) in limit_cases() {
+            let seen = run(&limits);
+            let LimitOutcome::Series {
+                kept,
+                refused,
+                reason,
+                first,
+            } = want
+            else {
+                assert_eq!(seen.map(|_| ()).map_err(LimitOutcome::Request), Err(want));
+                continue;
+            };
+            let seen = seen.unwrap();
+            let kept: Vec<&[u8]> = kept.iter().map(|n| n.as_bytes()).collect();
+            assert_eq!(seen.kept, kept, "{reason}");
+            assert_eq!(seen.refused, refused, "{reason}");
+            assert_eq!(seen.first, Some((reason, first.to_string())));
+        }
+    }
+
     /// What re-encoding must produce, computed the obvious way on prost types.
     fn reference(req: &prompb::WriteRequest, inject: &[(&str, &str)]) -> prompb::WriteRequest {
         let mut want = req.clone();
@@ -1911,28 +1946,17 @@ pub(crate) mod tests {
         // The table shared with 2.0: the two protocols refuse alike.
         let buf = limits_request().encode_to_vec();
         let mut d = Decoded::default();
-        for (limits, want) in limit_cases() {
-            let LimitOutcome::Series {
-                kept,
-                refused,
-                reason,
-                first,
-            } = want
-            else {
-                assert_eq!(
-                    decode(&buf, &limits, &mut d).map_err(LimitOutcome::Request),
-                    Err(want)
-                );
-                continue;
-            };
-            decode(&buf, &limits, &mut d).unwrap();
-            let names: Vec<&[u8]> = d.series.iter().map(|s| s.name.get(&buf)).collect();
-            let kept: Vec<&[u8]> = kept.iter().map(|n| n.as_bytes()).collect();
-            assert_eq!(names, kept, "{reason}");
-            assert_eq!(d.refused.count(), refused, "{reason}");
-            let (_, why) = d.refused.first.expect("a series is refused");
-            assert_eq!((why.reason(), why.describe(&buf).as_str()), (reason, first));
-        }
+        assert_limit_cases(|limits| {
+            decode(&buf, limits, &mut d)?;
+            Ok(LimitSeen {
+                kept: d.series.iter().map(|s| s.name.get(&buf).to_vec()).collect(),
+                refused: d.refused.count(),
+                first: d
+                    .refused
+                    .first
+                    .map(|(_, why)| (why.reason(), why.describe(&buf))),
+            })
+        });
         let lim = |f: fn(&mut ShapeLimits)| {
             let mut l = ShapeLimits::UNLIMITED;
             f(&mut l);

@@ -1834,40 +1834,30 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        use crate::wire::tests::LimitOutcome;
+        use crate::wire::tests::{assert_limit_cases, limits_request, LimitSeen};
         // The 1.0 test's series and table: the two protocols refuse alike.
-        let buf = v2::Request::from_v1(&crate::wire::tests::limits_request()).encode_to_vec();
+        let buf = v2::Request::from_v1(&limits_request()).encode_to_vec();
         let mut d = DecodedV2::default();
-        for (limits, want) in crate::wire::tests::limit_cases() {
-            let LimitOutcome::Series {
-                kept,
-                refused,
-                reason,
-                first,
-            } = want
-            else {
-                assert_eq!(
-                    decode(&buf, &limits, &mut d).map_err(LimitOutcome::Request),
-                    Err(want)
-                );
-                continue;
-            };
-            decode(&buf, &limits, &mut d).unwrap();
-            let names: Vec<&[u8]> = d
-                .series
-                .iter()
-                .filter(|s| s.invalid.is_none())
-                .filter_map(|s| d.name(&buf, s))
-                .collect();
-            let kept: Vec<&[u8]> = kept.iter().map(|n| n.as_bytes()).collect();
-            assert_eq!(names, kept, "{reason}");
+        assert_limit_cases(|limits| {
+            decode(&buf, limits, &mut d)?;
             let invalid: Vec<Invalid> = d.series.iter().filter_map(|s| s.invalid).collect();
-            assert_eq!(invalid.len(), refused as usize, "{reason}");
-            let why = invalid[0];
-            assert_eq!((why.reason(), why.describe(&buf).as_str()), (reason, first));
             // One set of reason names: 1.0's, for the refusals 1.0 has too.
-            assert_eq!(why.as_v1().map(|v1| v1.reason()), Some(reason));
-        }
+            for why in &invalid {
+                assert_eq!(why.as_v1().map(|v1| v1.reason()), Some(why.reason()));
+            }
+            Ok(LimitSeen {
+                kept: d
+                    .series
+                    .iter()
+                    .filter(|s| s.invalid.is_none())
+                    .filter_map(|s| d.name(&buf, s).map(<[u8]>::to_vec))
+                    .collect(),
+                refused: invalid.len() as u32,
+                first: invalid
+                    .first()
+                    .map(|why| (why.reason(), why.describe(&buf))),
+            })
+        });
     }
 
     #[test]
