@@ -184,6 +184,16 @@ struct KeyRow {
     pod: String,
 }
 
+impl From<KeyRow> for Resource {
+    fn from(k: KeyRow) -> Resource {
+        Resource {
+            account: k.account,
+            namespace: k.namespace,
+            pod: k.pod,
+        }
+    }
+}
+
 #[derive(Debug, Row, Deserialize)]
 struct ExistingRow {
     #[serde(rename = "cloud_account_id")]
@@ -764,11 +774,7 @@ impl Rollup {
             let q = cond.bind(q).bind(lead_in);
             let rows: Vec<KeyRow> = self.ch.timed(q.fetch_all::<KeyRow>()).await?;
             // MD5 matches are re-checked by the exact key here.
-            has_earlier.extend(rows.into_iter().map(|k| Resource {
-                account: k.account,
-                namespace: k.namespace,
-                pod: k.pod,
-            }));
+            has_earlier.extend(rows.into_iter().map(Resource::from));
         }
         // What the expenses table holds now: rows under cloud resource ids,
         // and under platform ids the resources table knows.
@@ -1036,11 +1042,7 @@ impl Rollup {
                 )
                 .await?;
             for k in pods {
-                let res = Resource {
-                    account: k.account,
-                    namespace: k.namespace,
-                    pod: k.pod,
-                };
+                let res = Resource::from(k);
                 let crid = res.cloud_resource_id(self.charge);
                 if wanted.contains(&(res.account.as_str(), crid.as_str())) {
                     out.insert((res.account.clone(), crid), res);
