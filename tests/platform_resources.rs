@@ -109,6 +109,20 @@ fn want_by_day(samples: &Sent) -> BTreeMap<(String, i64), f64> {
     out
 }
 
+/// Waits until the platform shows the money of `sent` for [`TENANT_A`] on
+/// [`D0`], per namespace.
+async fn until_namespaces_show(ch: &ClickHouseServer, rest: &RestApi, sent: &Sent) {
+    until_platform_shows(
+        ch,
+        rest,
+        TENANT_A,
+        &[D0],
+        "k8s_namespace",
+        &want_by_day(sent),
+    )
+    .await;
+}
+
 async fn two_accounts_over_two_days(engine: Engine) {
     let ch = ClickHouseServer::start_engine(engine);
     let rest = RestApi::start(SECRET).await;
@@ -247,15 +261,7 @@ async fn a_rest_outage_at_a_namespace_first_appearance(engine: Engine) {
     let s = samples(0, 0..30);
     sent.insert("old".into(), s.clone());
     assert_eq!(send(&gw, TENANT_A, &exporter_series("old", s)).await, 204);
-    until_platform_shows(
-        &ch,
-        &rest,
-        TENANT_A,
-        &[D0],
-        "k8s_namespace",
-        &want_by_day(&sent),
-    )
-    .await;
+    until_namespaces_show(&ch, &rest, &sent).await;
 
     // The REST API goes down (lookups and registration). "new" appears.
     rest.set_mode(RestMode::Down);
@@ -361,15 +367,7 @@ async fn two_hundred_fifty_namespaces_in_one_request() {
         ));
     }
     assert_eq!(send(&gw, TENANT_A, &series).await, 204);
-    until_platform_shows(
-        &ch,
-        &rest,
-        TENANT_A,
-        &[D0],
-        "k8s_namespace",
-        &want_by_day(&sent),
-    )
-    .await;
+    until_namespaces_show(&ch, &rest, &sent).await;
     assert_eq!(rest.resources(TENANT_A).len(), 250);
     let calls = rest.bulk_calls();
     let sizes: Vec<usize> = calls.iter().map(|c| c.resources.len()).collect();
