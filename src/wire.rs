@@ -1370,12 +1370,10 @@ pub(crate) mod tests {
             metadata: vec![],
         };
         let got = reencode(&req, &[("tenant_id", "t")]);
-        let names: Vec<&str> = got.timeseries[0]
-            .labels
-            .iter()
-            .map(|l| l.name.as_str())
-            .collect();
-        assert_eq!(names, ["__name__", "a", "tenant_id", "zone"]);
+        assert_eq!(
+            label_names(&got.timeseries[0].labels),
+            ["__name__", "a", "tenant_id", "zone"]
+        );
     }
 
     #[test]
@@ -1404,6 +1402,11 @@ pub(crate) mod tests {
         );
         assert_eq!(d.series[0].samples, 2);
         assert_eq!(d.series[0].name.get(&buf), b"x");
+    }
+
+    /// The names of a series' labels, in the order it carries them.
+    pub(crate) fn label_names(labels: &[prompb::Label]) -> Vec<&str> {
+        labels.iter().map(|l| l.name.as_str()).collect()
     }
 
     /// The request the shape limits are tested on, the same series in 1.0

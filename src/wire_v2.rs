@@ -1363,7 +1363,7 @@ mod tests {
             // The same series the 1.0 request carries, labels and samples.
             for (a, b) in got.timeseries.iter().zip(&v1.timeseries) {
                 assert_eq!(a.samples, b.samples);
-                let names: Vec<_> = b.labels.iter().map(|l| l.name.as_str()).collect();
+                let names = crate::wire::tests::label_names(&b.labels);
                 assert!(names.contains(&"cloud_account_id"));
                 assert!(a
                     .labels
@@ -1913,12 +1913,10 @@ mod tests {
             timeseries: vec![s],
         };
         let got = assert_converts(&req, &[("tenant_id", "t")]);
-        let names: Vec<&str> = got.timeseries[0]
-            .labels
-            .iter()
-            .map(|l| l.name.as_str())
-            .collect();
-        assert_eq!(names, ["__name__", "a", "tenant_id", "zone"]);
+        assert_eq!(
+            crate::wire::tests::label_names(&got.timeseries[0].labels),
+            ["__name__", "a", "tenant_id", "zone"]
+        );
         let got = v2::Request::decode(
             passthrough(&req.encode_to_vec(), &[("tenant_id", "t")]).as_slice(),
         )
