@@ -196,33 +196,43 @@ pub enum Invalid {
     /// A label's name is empty.
     EmptyLabelName,
     /// Two labels have this name (`__name__` included).
-    DuplicateLabelName {
-        name: Span,
-    },
+    DuplicateLabelName { name: Span },
     /// No `__name__` label.
     MissingMetricName,
     /// `__name__` is empty.
     EmptyMetricName,
-    /// More labels than the limit (counted as sent).
-    TooManyLabels {
-        count: u32,
-        limit: u32,
-    },
-    LabelNameTooLong {
-        len: u32,
-        limit: u32,
-    },
-    LabelValueTooLong {
-        name: Span,
-        len: u32,
-        limit: u32,
-    },
+    /// Over one of the per-series [`ShapeLimits`].
+    OverLimit(OverLimit),
     /// A part of the series does not decode.
     Malformed {
         part: Part,
         what: &'static str,
         at: u32,
     },
+}
+
+/// A series over one of the per-series [`ShapeLimits`]: one refusal, with
+/// one reason name and one wording, in 1.0 and 2.0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    /// More labels than `max_labels_per_series` (counted as sent).
+    TooManyLabels { count: u32, limit: u32 },
+    /// A label name longer than `max_label_name_bytes`.
+    LabelNameTooLong { len: u32, limit: u32 },
+    /// A label value longer than `max_label_value_bytes`; `name` is the
+    /// label's name in the body.
+    LabelValueTooLong { name: Span, len: u32, limit: u32 },
+}
+
+impl OverLimit {
+    /// Its place among the three, in the order of [`Invalid::REASONS`].
+    pub(crate) fn index(&self) -> usize {
+        match self {
+            OverLimit::TooManyLabels { .. } => 0,
+            OverLimit::LabelNameTooLong { .. } => 1,
+            OverLimit::LabelValueTooLong { .. } => 2,
+        }
+    }
 }
 
 impl Invalid {
@@ -248,9 +258,7 @@ impl Invalid {
             Invalid::DuplicateLabelName { .. } => 1,
             Invalid::MissingMetricName => 2,
             Invalid::EmptyMetricName => 3,
-            Invalid::TooManyLabels { .. } => 4,
-            Invalid::LabelNameTooLong { .. } => 5,
-            Invalid::LabelValueTooLong { .. } => 6,
+            Invalid::OverLimit(o) => 4 + o.index(),
             Invalid::Malformed { part, .. } => match part {
                 Part::Series => 7,
                 Part::Label => 8,
@@ -314,13 +322,13 @@ impl fmt::Display for Describe<'_> {
             }
             Invalid::MissingMetricName => write!(f, "has no __name__ label"),
             Invalid::EmptyMetricName => write!(f, "has an empty __name__"),
-            Invalid::TooManyLabels { count, limit } => {
+            Invalid::OverLimit(OverLimit::TooManyLabels { count, limit }) => {
                 write!(f, "has {count} labels, the limit is {limit}")
             }
-            Invalid::LabelNameTooLong { len, limit } => {
+            Invalid::OverLimit(OverLimit::LabelNameTooLong { len, limit }) => {
                 write!(f, "has a label name of {len} bytes, the limit is {limit}")
             }
-            Invalid::LabelValueTooLong { name, len, limit } => write!(
+            Invalid::OverLimit(OverLimit::LabelValueTooLong { name, len, limit }) => write!(
                 f,
                 "has a value of {len} bytes for label {}, the limit is {limit}",
                 quoted(name)
@@ -561,7 +569,7 @@ struct Scan {
     /// series otherwise decodes).
     bad_utf8: Option<DecodeError>,
     /// The first label over a length limit.
-    too_long: Option<Invalid>,
+    too_long: Option<OverLimit>,
 }
 
 /// Decodes the series in `buf[start..end]` (number `index` in the request):
@@ -591,13 +599,8 @@ fn decode_series(
             if let Some(e) = scan.bad_utf8 {
                 return Err(e);
             }
-            if scan.labels_sent > limits.max_labels_per_series {
-                Err(Invalid::TooManyLabels {
-                    count: scan.labels_sent as u32,
-                    limit: limits.max_labels_per_series.min(u32::MAX as usize) as u32,
-                })
-            } else if let Some(why) = scan.too_long {
-                Err(why)
+            if let Some(why) = check_label_count(scan.labels_sent, limits).or(scan.too_long) {
+                Err(Invalid::OverLimit(why))
             } else {
                 check_label_set(buf, &mut out.labels[labels_start..])
             }
@@ -702,17 +705,33 @@ fn scan_series(
     Ok(())
 }
 
+/// A limit as it is reported (`usize::MAX`, no limit, never is).
 #[inline]
-fn check_lengths(name: Span, value: Span, limits: &ShapeLimits) -> Option<Invalid> {
-    let cap = |n: usize| n.min(u32::MAX as usize) as u32;
+fn cap(limit: usize) -> u32 {
+    limit.min(u32::MAX as usize) as u32
+}
+
+/// Too many labels, if `sent` (counted as sent) is over the limit. Too many
+/// labels is the reason before a name or value too long, in 1.0 and 2.0.
+#[inline]
+pub(crate) fn check_label_count(sent: usize, limits: &ShapeLimits) -> Option<OverLimit> {
+    (sent > limits.max_labels_per_series).then(|| OverLimit::TooManyLabels {
+        count: sent as u32,
+        limit: cap(limits.max_labels_per_series),
+    })
+}
+
+/// The label `name` = `value`'s length limit it is over, the name's first.
+#[inline]
+pub(crate) fn check_lengths(name: Span, value: Span, limits: &ShapeLimits) -> Option<OverLimit> {
     if name.len() > limits.max_label_name_bytes {
-        return Some(Invalid::LabelNameTooLong {
+        return Some(OverLimit::LabelNameTooLong {
             len: name.len() as u32,
             limit: cap(limits.max_label_name_bytes),
         });
     }
     if value.len() > limits.max_label_value_bytes {
-        return Some(Invalid::LabelValueTooLong {
+        return Some(OverLimit::LabelValueTooLong {
             name,
             len: value.len() as u32,
             limit: cap(limits.max_label_value_bytes),
@@ -1980,13 +1999,19 @@ pub(crate) mod tests {
         assert_eq!(names, [b"y"]);
         assert_eq!(
             first,
-            Some((0, Invalid::TooManyLabels { count: 3, limit: 2 }))
+            Some((
+                0,
+                Invalid::OverLimit(OverLimit::TooManyLabels { count: 3, limit: 2 })
+            ))
         );
         let (names, first) = refused(lim(|l| l.max_label_name_bytes = 7), &mut d);
         assert!(names.is_empty());
         assert_eq!(
             first,
-            Some((0, Invalid::LabelNameTooLong { len: 8, limit: 7 }))
+            Some((
+                0,
+                Invalid::OverLimit(OverLimit::LabelNameTooLong { len: 8, limit: 7 })
+            ))
         );
         assert_eq!(d.refused.count(), 2);
         let (names, first) = refused(lim(|l| l.max_label_value_bytes = 0), &mut d);
@@ -1995,11 +2020,11 @@ pub(crate) mod tests {
             first,
             Some((
                 0,
-                Invalid::LabelValueTooLong {
+                Invalid::OverLimit(OverLimit::LabelValueTooLong {
                     len: 1,
                     limit: 0,
                     ..
-                }
+                })
             ))
         ));
         // Labels past the count limit are not kept in the index.
@@ -2018,10 +2043,10 @@ pub(crate) mod tests {
             d.refused.first,
             Some((
                 0,
-                Invalid::TooManyLabels {
+                Invalid::OverLimit(OverLimit::TooManyLabels {
                     count: 1001,
                     limit: 10
-                }
+                })
             ))
         );
         assert!(d.labels.is_empty());

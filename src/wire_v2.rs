@@ -38,8 +38,9 @@ use std::cmp::Ordering;
 use std::fmt;
 
 use crate::wire::{
-    self, cmp_names, label_msg_len, malformed, put_label, put_varint, read_sample, varint_len,
-    DecodeError, Injected, Merged, Reader, Sample, ShapeLimits, Span, DEPTH, FIXED64, LEN, VARINT,
+    self, check_label_count, check_lengths, cmp_names, label_msg_len, malformed, put_label,
+    put_varint, read_sample, varint_len, DecodeError, Injected, Merged, OverLimit, Reader, Sample,
+    ShapeLimits, Span, DEPTH, FIXED64, LEN, VARINT,
 };
 
 /// The `Content-Type` of a 2.0 request (the media type with its `proto`).
@@ -200,23 +201,9 @@ pub enum Invalid {
     Malformed {
         what: &'static str,
     },
-    /// More labels than `limits.max_labels_per_series` (counted as sent).
-    TooManyLabels {
-        count: u32,
-        limit: u32,
-    },
-    /// A label name longer than `limits.max_label_name_bytes`.
-    LabelNameTooLong {
-        len: u32,
-        limit: u32,
-    },
-    /// A label value longer than `limits.max_label_value_bytes`; `name` is
-    /// the label name's symbol in the body.
-    LabelValueTooLong {
-        name: Span,
-        len: u32,
-        limit: u32,
-    },
+    /// Over one of the per-series [`ShapeLimits`], as in 1.0 (a label
+    /// value's `name` is the label name's symbol in the body).
+    OverLimit(OverLimit),
 }
 
 impl Invalid {
@@ -243,9 +230,7 @@ impl Invalid {
             Invalid::DuplicateLabelName => 3,
             Invalid::MissingName => 4,
             Invalid::Malformed { .. } => 5,
-            Invalid::TooManyLabels { .. } => 6,
-            Invalid::LabelNameTooLong { .. } => 7,
-            Invalid::LabelValueTooLong { .. } => 8,
+            Invalid::OverLimit(o) => 6 + o.index(),
         }
     }
 
@@ -253,15 +238,7 @@ impl Invalid {
     /// series for (the shape limits): one wording and one reason name.
     pub fn as_v1(&self) -> Option<wire::Invalid> {
         match *self {
-            Invalid::TooManyLabels { count, limit } => {
-                Some(wire::Invalid::TooManyLabels { count, limit })
-            }
-            Invalid::LabelNameTooLong { len, limit } => {
-                Some(wire::Invalid::LabelNameTooLong { len, limit })
-            }
-            Invalid::LabelValueTooLong { name, len, limit } => {
-                Some(wire::Invalid::LabelValueTooLong { name, len, limit })
-            }
+            Invalid::OverLimit(o) => Some(wire::Invalid::OverLimit(o)),
             _ => None,
         }
     }
@@ -294,13 +271,13 @@ impl fmt::Display for Invalid {
             Invalid::DuplicateLabelName => f.write_str("a label name appears twice"),
             Invalid::MissingName => f.write_str("__name__ is missing or empty"),
             Invalid::Malformed { what } => write!(f, "{what}"),
-            Invalid::TooManyLabels { count, limit } => {
+            Invalid::OverLimit(OverLimit::TooManyLabels { count, limit }) => {
                 write!(f, "{count} labels, the limit is {limit}")
             }
-            Invalid::LabelNameTooLong { len, limit } => {
+            Invalid::OverLimit(OverLimit::LabelNameTooLong { len, limit }) => {
                 write!(f, "a label name of {len} bytes, the limit is {limit}")
             }
-            Invalid::LabelValueTooLong { len, limit, .. } => {
+            Invalid::OverLimit(OverLimit::LabelValueTooLong { len, limit, .. }) => {
                 write!(f, "a label value of {len} bytes, the limit is {limit}")
             }
         }
@@ -503,7 +480,7 @@ struct LabelReader<'a> {
     /// Labels sent, kept or not (only the limit's worth is kept).
     sent: u32,
     /// The first label name or value over its limit.
-    too_long: Option<Invalid>,
+    too_long: Option<OverLimit>,
 }
 
 impl<'a> LabelReader<'a> {
@@ -525,20 +502,7 @@ impl<'a> LabelReader<'a> {
         let name_span = self.symbols[name as usize];
         let name_bytes = name_span.get(self.buf);
         if self.too_long.is_none() {
-            let cap = |n: usize| n.min(u32::MAX as usize) as u32;
-            let value_len = self.symbols[r as usize].len();
-            if name_bytes.len() > self.limits.max_label_name_bytes {
-                self.too_long = Some(Invalid::LabelNameTooLong {
-                    len: name_bytes.len() as u32,
-                    limit: cap(self.limits.max_label_name_bytes),
-                });
-            } else if value_len > self.limits.max_label_value_bytes {
-                self.too_long = Some(Invalid::LabelValueTooLong {
-                    name: name_span,
-                    len: value_len as u32,
-                    limit: cap(self.limits.max_label_value_bytes),
-                });
-            }
+            self.too_long = check_lengths(name_span, self.symbols[r as usize], self.limits);
         }
         if n > 0 && cmp_names(self.prev, name_bytes) == Ordering::Greater {
             self.sorted = false;
@@ -617,14 +581,8 @@ fn decode_series(
     if lr.pending.is_some() {
         return Err(Stop::Invalid(Invalid::OddLabelRefs));
     }
-    if lr.sent as usize > limits.max_labels_per_series {
-        return Err(Stop::Invalid(Invalid::TooManyLabels {
-            count: lr.sent,
-            limit: limits.max_labels_per_series.min(u32::MAX as usize) as u32,
-        }));
-    }
-    if let Some(why) = lr.too_long {
-        return Err(Stop::Invalid(why));
+    if let Some(why) = check_label_count(lr.sent as usize, limits).or(lr.too_long) {
+        return Err(Stop::Invalid(Invalid::OverLimit(why)));
     }
     let series_labels = &mut labels[lr.start..];
     if !lr.sorted {
