@@ -123,20 +123,53 @@ async fn until_namespaces_show(ch: &ClickHouseServer, rest: &RestApi, sent: &Sen
     .await;
 }
 
+/// What each test runs against: ClickHouse with the schema, the REST
+/// stand-in, a sink upstream and rwgate on [`config`]. Dropped rwgate
+/// first, ClickHouse last.
+struct Stack {
+    gw: Gateway,
+    _dir: tempfile::TempDir,
+    _sink: Sink,
+    rest: RestApi,
+    ch: ClickHouseServer,
+}
+
+impl Stack {
+    /// Starts the stand-in knowing `accounts` (with the exporter's
+    /// credentials), the sink and rwgate on [`config`] as `tune` leaves
+    /// it, then waits for the schema in `ch`.
+    async fn start(
+        ch: ClickHouseServer,
+        accounts: &[&str],
+        tune: impl FnOnce(&mut rwgate::config::Config),
+    ) -> Stack {
+        let rest = RestApi::start(SECRET).await;
+        let sink = Sink::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        for a in accounts {
+            rest.add(a, Account::Credentials(credentials()));
+        }
+        let mut cfg = config(&ch, &rest, &sink, dir.path());
+        tune(&mut cfg);
+        let gw = Gateway::start(cfg).await;
+        migrated(&ch).await;
+        Stack {
+            gw,
+            _dir: dir,
+            _sink: sink,
+            rest,
+            ch,
+        }
+    }
+}
+
 async fn two_accounts_over_two_days(engine: Engine) {
-    let ch = ClickHouseServer::start_engine(engine);
-    let rest = RestApi::start(SECRET).await;
-    let sink = Sink::start().await;
-    let dir = tempfile::tempdir().unwrap();
     let plan: [(&str, &[&str]); 2] = [
         (TENANT_A, &["web", "db", "kube-system"]),
         (TENANT_B, &["web", "batch-o'neil"]),
     ];
-    for (a, _) in plan {
-        rest.add(a, Account::Credentials(credentials()));
-    }
-    let gw = Gateway::start(config(&ch, &rest, &sink, dir.path())).await;
-    migrated(&ch).await;
+    let ch = ClickHouseServer::start_engine(engine);
+    let p = Stack::start(ch, &plan.map(|(a, _)| a), |_| {}).await;
 
     // 20:00 on the first day to 04:00 on the second, a sample a minute,
     // in half-hour requests as a Prometheus sends them.
@@ -157,7 +190,7 @@ async fn two_accounts_over_two_days(engine: Engine) {
                     .extend(&s);
                 series.extend(exporter_series(ns, s));
             }
-            while !(200..300).contains(&send(&gw, a, &series).await) {
+            while !(200..300).contains(&send(&p.gw, a, &series).await) {
                 assert!(Instant::now() < deadline, "requests never succeeded");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -168,8 +201,8 @@ async fn two_accounts_over_two_days(engine: Engine) {
     let days = [D0, D0 + 86_400];
     for (a, _) in plan {
         until_platform_shows(
-            &ch,
-            &rest,
+            &p.ch,
+            &p.rest,
             a,
             &days,
             "k8s_namespace",
@@ -177,13 +210,13 @@ async fn two_accounts_over_two_days(engine: Engine) {
         )
         .await;
     }
-    assert_no_unknown_ids(&ch, &rest, &[TENANT_A, TENANT_B]).await;
+    assert_no_unknown_ids(&p.ch, &p.rest, &[TENANT_A, TENANT_B]).await;
 
     // Each namespace registered once, under its own account, as the
     // platform expects a namespace; its window within an hour of its samples.
     let (first, last) = (start, start + 479 * 60);
     for (a, nss) in plan {
-        let docs = rest.resources(a);
+        let docs = p.rest.resources(a);
         let crids: BTreeSet<String> = docs
             .iter()
             .map(|d| d["cloud_resource_id"].as_str().unwrap().into())
@@ -206,7 +239,7 @@ async fn two_accounts_over_two_days(engine: Engine) {
             assert!(l >= last && l < last + 3600, "{d}");
         }
     }
-    let calls = rest.bulk_calls();
+    let calls = p.rest.bulk_calls();
     for c in &calls {
         assert_eq!(c.status, 200, "{c:?}");
         assert!(!c.oversized && !c.duplicates);
@@ -236,19 +269,13 @@ async fn two_accounts_over_two_days(engine: Engine) {
         "{} bulk calls for 5 namespaces over 8 sample hours",
         calls.len()
     );
-    gw.stop().await;
+    p.gw.stop().await;
 }
 
 on_both_engines!(two_accounts_over_two_days, multi_thread);
 
 async fn a_rest_outage_at_a_namespace_first_appearance(engine: Engine) {
-    let ch = ClickHouseServer::start_engine(engine);
-    let rest = RestApi::start(SECRET).await;
-    let sink = Sink::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    rest.add(TENANT_A, Account::Credentials(credentials()));
-    let gw = Gateway::start(config(&ch, &rest, &sink, dir.path())).await;
-    migrated(&ch).await;
+    let p = Stack::start(ClickHouseServer::start_engine(engine), &[TENANT_A], |_| {}).await;
     let start = D0 + 10 * 3600;
     let samples = |i: usize, minutes: std::ops::Range<i64>| -> Vec<(i64, f64)> {
         minutes
@@ -260,19 +287,19 @@ async fn a_rest_outage_at_a_namespace_first_appearance(engine: Engine) {
     // "old" is registered and charged before the outage.
     let s = samples(0, 0..30);
     sent.insert("old".into(), s.clone());
-    assert_eq!(send(&gw, TENANT_A, &exporter_series("old", s)).await, 204);
-    until_namespaces_show(&ch, &rest, &sent).await;
+    assert_eq!(send(&p.gw, TENANT_A, &exporter_series("old", s)).await, 204);
+    until_namespaces_show(&p.ch, &p.rest, &sent).await;
 
     // The REST API goes down (lookups and registration). "new" appears.
-    rest.set_mode(RestMode::Down);
-    let calls_before = rest.bulk_calls().len();
+    p.rest.set_mode(RestMode::Down);
+    let calls_before = p.rest.bulk_calls().len();
     let (s_old, s_new) = (samples(0, 30..60), samples(1, 30..60));
     sent.get_mut("old").unwrap().extend(&s_old);
     sent.insert("new".into(), s_new.clone());
     let mut series = exporter_series("old", s_old);
     series.extend(exporter_series("new", s_new));
     assert_eq!(
-        send(&gw, TENANT_A, &series).await,
+        send(&p.gw, TENANT_A, &series).await,
         204,
         "ingestion does not wait for the platform"
     );
@@ -290,40 +317,41 @@ async fn a_rest_outage_at_a_namespace_first_appearance(engine: Engine) {
             Instant::now() < deadline,
             "old_done {old_done}, waiting {waiting}"
         );
-        assert_no_unknown_ids(&ch, &rest, &[TENANT_A]).await;
+        assert_no_unknown_ids(&p.ch, &p.rest, &[TENANT_A]).await;
         old_done = same_money(
-            &platform_view(&ch, &rest, TENANT_A, &[D0]).await,
+            &platform_view(&p.ch, &p.rest, TENANT_A, &[D0]).await,
             &old_only,
             1e-9,
         )
         .is_ok();
-        waiting = gw.metric("rwgate_resources_waiting").await.unwrap_or(0.0);
+        waiting = p.gw.metric("rwgate_resources_waiting").await.unwrap_or(0.0);
         polls += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let new_rows = ch
-        .rows("SELECT count() AS n FROM expenses WHERE k8s_namespace = 'new'")
-        .await;
+    let new_rows =
+        p.ch.rows("SELECT count() AS n FROM expenses WHERE k8s_namespace = 'new'")
+            .await;
     assert_eq!(int(&new_rows[0]["n"]), 0);
-    assert_eq!(rest.resources(TENANT_A).len(), 1);
+    assert_eq!(p.rest.resources(TENANT_A).len(), 1);
     assert!(
-        rest.bulk_calls().len() > calls_before,
+        p.rest.bulk_calls().len() > calls_before,
         "registration was tried"
     );
-    assert!(gw
+    assert!(p
+        .gw
         .metric("rwgate_resources_waiting_oldest_age_seconds")
         .await
         .is_some());
 
     // Recovery: "new" is registered, every total exact.
-    rest.set_mode(RestMode::Up);
+    p.rest.set_mode(RestMode::Up);
     eventually(
         Duration::from_secs(60),
         "new charged after recovery",
         || async {
-            assert_no_unknown_ids(&ch, &rest, &[TENANT_A]).await;
+            assert_no_unknown_ids(&p.ch, &p.rest, &[TENANT_A]).await;
             same_money(
-                &platform_view(&ch, &rest, TENANT_A, &[D0]).await,
+                &platform_view(&p.ch, &p.rest, TENANT_A, &[D0]).await,
                 &want_by_day(&sent),
                 1e-9,
             )
@@ -331,26 +359,20 @@ async fn a_rest_outage_at_a_namespace_first_appearance(engine: Engine) {
     )
     .await;
     eventually(Duration::from_secs(10), "nothing waits", || async {
-        match gw.metric("rwgate_resources_waiting").await {
+        match p.gw.metric("rwgate_resources_waiting").await {
             Some(0.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
-    gw.stop().await;
+    p.gw.stop().await;
 }
 
 on_both_engines!(a_rest_outage_at_a_namespace_first_appearance, multi_thread);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_fifty_namespaces_in_one_request() {
-    let ch = ClickHouseServer::start();
-    let rest = RestApi::start(SECRET).await;
-    let sink = Sink::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    rest.add(TENANT_A, Account::Credentials(credentials()));
-    let gw = Gateway::start(config(&ch, &rest, &sink, dir.path())).await;
-    migrated(&ch).await;
+    let p = Stack::start(ClickHouseServer::start(), &[TENANT_A], |_| {}).await;
     let start = D0 + 6 * 3600;
     let mut sent: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
     let mut series = Vec::new();
@@ -366,10 +388,10 @@ async fn two_hundred_fifty_namespaces_in_one_request() {
             s,
         ));
     }
-    assert_eq!(send(&gw, TENANT_A, &series).await, 204);
-    until_namespaces_show(&ch, &rest, &sent).await;
-    assert_eq!(rest.resources(TENANT_A).len(), 250);
-    let calls = rest.bulk_calls();
+    assert_eq!(send(&p.gw, TENANT_A, &series).await, 204);
+    until_namespaces_show(&p.ch, &p.rest, &sent).await;
+    assert_eq!(p.rest.resources(TENANT_A).len(), 250);
+    let calls = p.rest.bulk_calls();
     let sizes: Vec<usize> = calls.iter().map(|c| c.resources.len()).collect();
     assert!(sizes.iter().all(|&n| n <= 200), "{sizes:?}");
     assert!(
@@ -381,21 +403,16 @@ async fn two_hundred_fifty_namespaces_in_one_request() {
         250,
         "each registered in one call: {sizes:?}"
     );
-    assert_no_unknown_ids(&ch, &rest, &[TENANT_A]).await;
-    gw.stop().await;
+    assert_no_unknown_ids(&p.ch, &p.rest, &[TENANT_A]).await;
+    p.gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_are_registered_as_the_platform_models_them() {
-    let ch = ClickHouseServer::start();
-    let rest = RestApi::start(SECRET).await;
-    let sink = Sink::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    rest.add(TENANT_A, Account::Credentials(credentials()));
-    let mut cfg = config(&ch, &rest, &sink, dir.path());
-    cfg.rollup.charge = rwgate::config::Charge::Pod;
-    let gw = Gateway::start(cfg).await;
-    migrated(&ch).await;
+    let p = Stack::start(ClickHouseServer::start(), &[TENANT_A], |cfg| {
+        cfg.rollup.charge = rwgate::config::Charge::Pod
+    })
+    .await;
     let start = D0 + 3 * 3600;
     let pods = [
         ("shop", "web-7d9f", Some("node-a")),
@@ -416,9 +433,9 @@ async fn pods_are_registered_as_the_platform_models_them() {
             s,
         ));
     }
-    assert_eq!(send(&gw, TENANT_A, &series).await, 204);
-    until_platform_shows(&ch, &rest, TENANT_A, &[D0], "name", &want_by_day(&sent)).await;
-    let docs = rest.resources(TENANT_A);
+    assert_eq!(send(&p.gw, TENANT_A, &series).await, 204);
+    until_platform_shows(&p.ch, &p.rest, TENANT_A, &[D0], "name", &want_by_day(&sent)).await;
+    let docs = p.rest.resources(TENANT_A);
     assert_eq!(docs.len(), 2);
     for (ns, pod, node) in pods {
         let d = docs.iter().find(|d| d["name"] == pod).unwrap();
@@ -428,12 +445,12 @@ async fn pods_are_registered_as_the_platform_models_them() {
         assert_eq!(d["k8s_namespace"], ns);
         assert_eq!(d.get("k8s_node").and_then(|v| v.as_str()), node, "{d}");
     }
-    for c in rest.bulk_calls() {
+    for c in p.rest.bulk_calls() {
         assert_eq!(c.status, 200, "{c:?}");
         for r in &c.resources {
             assert_eq!(r["meta"], json!({"k8s_cluster": CLUSTER}), "{r}");
         }
     }
-    assert_no_unknown_ids(&ch, &rest, &[TENANT_A]).await;
-    gw.stop().await;
+    assert_no_unknown_ids(&p.ch, &p.rest, &[TENANT_A]).await;
+    p.gw.stop().await;
 }
