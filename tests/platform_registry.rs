@@ -65,6 +65,12 @@ impl Setup {
             _dir: dir,
         }
     }
+
+    /// The servers, the client and the rollup, for the tests that need
+    /// neither the config nor the directory after the start.
+    fn parts(self) -> (ClickHouseServer, RestApi, ClickHouse, Rollup) {
+        (self.ch_server, self.rest, self.ch, self.rollup)
+    }
 }
 
 /// One sample: (account, namespace, ts ms, USD/h).
@@ -342,13 +348,7 @@ async fn the_stand_in_enforces_the_bulk_contract() {
 
 #[tokio::test]
 async fn bulk_calls_per_resource_per_hour_stay_bounded_under_steady_load() {
-    let Setup {
-        ch_server,
-        rest,
-        ch,
-        rollup,
-        ..
-    } = Setup::start(Engine::ClickHouse18).await;
+    let (ch_server, rest, ch, rollup) = Setup::start(Engine::ClickHouse18).await.parts();
     let accounts = [TENANT_A, TENANT_B];
     for a in accounts {
         rest.add(a, Account::NoCredentials);
@@ -410,13 +410,7 @@ async fn bulk_calls_per_resource_per_hour_stay_bounded_under_steady_load() {
 
 #[tokio::test]
 async fn a_week_of_catch_up_costs_a_few_calls_and_shows_every_day() {
-    let Setup {
-        ch_server,
-        rest,
-        ch,
-        rollup,
-        ..
-    } = Setup::start(Engine::ClickHouse18).await;
+    let (ch_server, rest, ch, rollup) = Setup::start(Engine::ClickHouse18).await.parts();
     rest.add(TENANT_A, Account::NoCredentials);
     let nss: Vec<String> = (0..10).map(|i| format!("svc-{i}")).collect();
 
@@ -475,13 +469,7 @@ async fn a_week_of_catch_up_costs_a_few_calls_and_shows_every_day() {
 
 #[tokio::test]
 async fn one_accounts_404_or_400_holds_only_that_account() {
-    let Setup {
-        ch_server,
-        rest,
-        ch,
-        rollup,
-        ..
-    } = Setup::start(Engine::ClickHouse18).await;
+    let (ch_server, rest, ch, rollup) = Setup::start(Engine::ClickHouse18).await.parts();
     // The recorder the gauges go to (the server installs it at start).
     rwgate::telemetry::metrics_handle();
     let (ok, unknown, refused) = (TENANT_A, TENANT_B, "0b7f4c8e-1a2b-4c3d-8e9f-00000000000c");
