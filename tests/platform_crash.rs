@@ -79,17 +79,6 @@ async fn kill_9_between_registration_and_the_row_write() {
 mode = "rest"
 rest_url = "{rest}"
 cluster_secret_file = "{secret}"
-[upstream]
-url = "{upstream}"
-max_retries = 0
-[clickhouse]
-url = "{ch}"
-[spool]
-dir = "{spool}"
-batch_max_age = "30ms"
-max_sample_age = "20years"
-[rollup]
-interval = "100ms"
 [resources]
 timeout = "2min"
 update_interval = "200ms"
@@ -97,12 +86,10 @@ retry_backoff = "100ms"
 retry_max_backoff = "500ms"
 [log]
 level = "warn"
-"#,
+{tee}"#,
             rest = rest.url(),
             secret = secret_file(dir.path()).display(),
-            upstream = sink.url(),
-            ch = ch.url(),
-            spool = dir.path().join("spool").display(),
+            tee = tee_toml(&sink.url(), &ch.url(), &dir.path().join("spool"), ""),
         ),
     )
     .unwrap();

@@ -79,25 +79,15 @@ async fn kill_9_mid_stream_loses_and_doubles_nothing(engine: Engine) {
 listen = "127.0.0.1:{port}"
 [auth]
 mode = "none"
-[upstream]
-url = "{upstream}"
-max_retries = 0
-[clickhouse]
-url = "{ch}"
-[spool]
-dir = "{spool}"
-batch_max_age = "30ms"
-retry_backoff = "50ms"
-retry_max_backoff = "200ms"
-max_sample_age = "20years"
-[rollup]
-interval = "100ms"
 [log]
 level = "error"
-"#,
-            upstream = sink.url(),
-            ch = ch.url(),
-            spool = dir.path().join("spool").display(),
+{tee}"#,
+            tee = tee_toml(
+                &sink.url(),
+                &ch.url(),
+                &dir.path().join("spool"),
+                "retry_backoff = \"50ms\"\nretry_max_backoff = \"200ms\"",
+            ),
         ),
     )
     .unwrap();

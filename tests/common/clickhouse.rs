@@ -440,6 +440,37 @@ pub fn tee_config(upstream: &str, clickhouse: &str, spool: PathBuf) -> rwgate::c
     c
 }
 
+/// [`tee_config`]'s counterpart for an rwgate process: the `[upstream]`
+/// (no retries), `[clickhouse]`, `[spool]` and `[rollup]` tables of its
+/// config file, with the spool in `spool`, quick batches, the 2024
+/// timestamps the tests replay let in and a quick rollup. `spool_more`:
+/// more `[spool]` lines. The test adds its root keys before, its own
+/// tables (`[auth]`, `[log]`, ...) before or after.
+pub fn tee_toml(
+    upstream: &str,
+    clickhouse: &str,
+    spool: &std::path::Path,
+    spool_more: &str,
+) -> String {
+    format!(
+        r#"
+[upstream]
+url = "{upstream}"
+max_retries = 0
+[clickhouse]
+url = "{clickhouse}"
+[spool]
+dir = "{spool}"
+batch_max_age = "30ms"
+max_sample_age = "20years"
+{spool_more}
+[rollup]
+interval = "100ms"
+"#,
+        spool = spool.display(),
+    )
+}
+
 /// An integer from JSONEachRow (18.16 quotes 64-bit integers).
 pub fn int(v: &serde_json::Value) -> i64 {
     v.as_i64()
