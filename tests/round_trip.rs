@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use rwgate::config::AuthMode;
 use rwgate::server::WRITE_PATHS;
 
 /// Two tenants of a static tenants file write on all three paths, each
@@ -22,15 +21,15 @@ async fn two_tenants_on_every_path_get_exactly_their_own_allowed_series() {
     let creds_a = basic_credentials("alice", "a-secret");
     let creds_b = basic_credentials("bob", "b-secret");
     let mut cfg = test_config(&prom.write_url());
-    cfg.auth.mode = AuthMode::Static;
     // Tenant B has its own, narrower allowlist: kube_* is dropped for B only.
-    cfg.auth.tenants_file = Some(tenants_file(
+    static_auth(
+        &mut cfg,
         dir.path(),
         &[
             (TENANT_A, &creds_a, None),
             (TENANT_B, &creds_b, Some("node_.*|up")),
         ],
-    ));
+    );
     let gw = Gateway::start(cfg).await;
     let http = client();
     let ts = now_ms();
@@ -172,11 +171,11 @@ async fn vmagent_writes_through_rwgate_with_header_and_basic_auth() {
     let prom = Prometheus::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = test_config(&prom.write_url());
-    cfg.auth.mode = AuthMode::Static;
-    cfg.auth.tenants_file = Some(tenants_file(
+    static_auth(
+        &mut cfg,
         dir.path(),
         &[(TENANT_A, &basic_credentials("vm", "pa55"), None)],
-    ));
+    );
     let gw = Gateway::start(cfg).await;
 
     // A spoofed tenant label set by the sender, as an external label would be.
@@ -212,12 +211,7 @@ async fn vmagent_writes_through_rwgate_with_header_and_basic_auth() {
         agent.log_tail()
     );
     // Nothing but `up` passes the default allowlist from such a scrape.
-    let names: BTreeSet<String> = prom
-        .all_series()
-        .await
-        .into_iter()
-        .map(|l| l["__name__"].clone())
-        .collect();
+    let names: BTreeSet<String> = prom.series_names().await.into_iter().collect();
     assert_eq!(names, BTreeSet::from(["up".to_string()]));
     let m = gw.metrics().await;
     assert!(

@@ -399,10 +399,7 @@ async fn upstream_409_429_and_5xx_are_mapped_and_retried() {
         .send()
         .await
         .expect("POST");
-    let retry_after = resp
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().expect("ASCII").to_string());
+    let retry_after = retry_after(&resp);
     assert_eq!(
         status_body(resp).await,
         (429, "upstream is rate limiting; retry later\n".to_string())

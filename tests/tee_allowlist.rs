@@ -22,11 +22,11 @@ async fn a_tenant_allowlist_without_the_cost_metrics_keeps_its_expense_rows() {
     let spool = tempfile::tempdir().expect("spool dir");
     let dir = tempfile::tempdir().expect("tenants dir");
     let mut cfg = tee_config(&prom.write_url(), &ch.url(), spool.path().into());
-    cfg.auth.mode = rwgate::config::AuthMode::Static;
-    cfg.auth.tenants_file = Some(tenants_file(
+    static_auth(
+        &mut cfg,
         dir.path(),
         &[(TENANT, &basic_credentials("u", "p"), Some("up|kube_.*"))],
-    ));
+    );
     let gw = Gateway::start(cfg).await;
 
     let samples: Vec<(i64, f64)> = (0..30).map(|k| ((DAY_S + k * 60) * 1000, 0.5)).collect();
@@ -51,13 +51,7 @@ async fn a_tenant_allowlist_without_the_cost_metrics_keeps_its_expense_rows() {
     assert_eq!(resp.status(), 204);
 
     // Forwarded: what the tenant's allowlist keeps, nothing else.
-    let names: Vec<String> = prom
-        .all_series()
-        .await
-        .into_iter()
-        .map(|l| l["__name__"].clone())
-        .collect();
-    assert_eq!(names, ["up"]);
+    assert_eq!(prom.series_names().await, ["up"]);
 
     // Teed: every cost sample, and the expense row derived from them.
     let raw = format!(

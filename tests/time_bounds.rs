@@ -124,10 +124,7 @@ async fn a_retry_after_beyond_the_deadline_is_passed_back_capped() {
             .send()
             .await
             .expect("an answer");
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().expect("ascii").to_string());
+        let retry_after = retry_after(&resp);
         assert_eq!(status_body(resp).await.0, want);
         assert_eq!(retry_after.as_deref(), Some("30"), "{want}");
         assert!(started.elapsed() < Duration::from_secs(1), "{want}");

@@ -441,6 +441,15 @@ impl Prometheus {
         self.series("{__name__=~\".+\"}").await
     }
 
+    /// The metric name of every series in the receiver, one per series.
+    pub async fn series_names(&self) -> Vec<String> {
+        self.all_series()
+            .await
+            .into_iter()
+            .map(|l| l["__name__"].clone())
+            .collect()
+    }
+
     /// Waits until `selector` matches at least one series and returns them.
     pub async fn wait_series(&self, selector: &str, timeout: Duration) -> BTreeSet<LabelSet> {
         wait_for(
@@ -1569,6 +1578,13 @@ pub fn rw_post(
     r
 }
 
+/// The `Retry-After` header of a response, if it has one.
+pub fn retry_after(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get("retry-after")
+        .map(|v| v.to_str().expect("ASCII Retry-After").to_string())
+}
+
 /// Status and body text of a response.
 pub async fn status_body(resp: reqwest::Response) -> (u16, String) {
     let status = resp.status().as_u16();
@@ -1596,6 +1612,13 @@ pub fn tenants_file(dir: &Path, entries: &[(&str, &str, Option<&str>)]) -> PathB
     let path = dir.join("tenants.toml");
     std::fs::write(&path, text).expect("write tenants file");
     path
+}
+
+/// Static auth in `cfg`, from a tenants file of `entries` written in `dir`
+/// ([`tenants_file`]).
+pub fn static_auth(cfg: &mut Config, dir: &Path, entries: &[(&str, &str, Option<&str>)]) {
+    cfg.auth.mode = AuthMode::Static;
+    cfg.auth.tenants_file = Some(tenants_file(dir, entries));
 }
 
 /// Sends raw bytes on a fresh TCP connection and returns the whole answer
