@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use common::v2::{self, Builder};
 use common::*;
-use rwgate::config::{AuthMode, RemoteWriteVersion};
+use rwgate::config::RemoteWriteVersion;
 use rwgate::prompb_v2 as pb;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -55,14 +55,14 @@ async fn two_tenants_write_2_0_into_a_1_0_receiver() {
     let prom = Prometheus::start_with_features(&["native-histograms", "exemplar-storage"]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = test_config(&prom.write_url());
-    cfg.auth.mode = AuthMode::Static;
-    cfg.auth.tenants_file = Some(tenants_file(
+    static_auth(
+        &mut cfg,
         dir.path(),
         &[
             (TENANT_A, &basic_credentials("alice", "a"), None),
             (TENANT_B, &basic_credentials("bob", "b"), Some("node_.*|up")),
         ],
-    ));
+    );
     let gw = Gateway::start(cfg).await;
     let http = client();
     let ts = now_ms();
@@ -214,12 +214,8 @@ async fn conversion_to_1_0_as_the_upstream_receives_it() {
         raw.extend_from_slice(&series);
     }
 
-    let resp = v2::post(&http, &gw.write_url(), TENANT_A, v2::snappy(&raw))
-        .send()
-        .await
-        .expect("POST 2.0");
-    let written = v2::written(resp.headers());
-    assert_eq!(status_body(resp).await, (204, String::new()));
+    let (answer, written) = v2::send(&http, &gw.write_url(), TENANT_A, v2::snappy(&raw)).await;
+    assert_eq!(answer, (204, String::new()));
     // 5 float samples (go_goroutines' dropped on purpose), 1 histogram, 1 exemplar.
     assert_eq!(written, (5, 1, 1));
 
@@ -301,12 +297,8 @@ async fn upstream_protocol_2_0_forwards_2_0() {
     b.series(&[("__name__", "go_goroutines")], &[(5, 2.0), (6, 2.0)]);
     let req = b.request();
 
-    let resp = v2::post(&http, &gw.write_url(), TENANT_A, v2::body(&req))
-        .send()
-        .await
-        .expect("POST 2.0");
-    let written = v2::written(resp.headers());
-    assert_eq!(status_body(resp).await, (204, String::new()));
+    let (answer, written) = v2::send(&http, &gw.write_url(), TENANT_A, v2::body(&req)).await;
+    assert_eq!(answer, (204, String::new()));
     // The upstream's 1 sample + 1 histogram, and the 2 samples dropped.
     assert_eq!(written, (3, 1, 0));
     let seen = up.seen();
@@ -338,12 +330,8 @@ async fn upstream_protocol_2_0_forwards_2_0() {
     }
 
     // No Written headers on a 2xx: not a 2.0 receiver.
-    let resp = v2::post(&http, &gw.write_url(), TENANT_A, v2::body(&req))
-        .send()
-        .await
-        .expect("POST 2.0");
-    let written = v2::written(resp.headers());
-    assert_eq!(resp.status(), 503);
+    let (answer, written) = v2::send(&http, &gw.write_url(), TENANT_A, v2::body(&req)).await;
+    assert_eq!(answer.0, 503);
     assert_eq!(written, (2, 0, 0), "only what the allowlist dropped");
 
     // 1.0 stays 1.0.
@@ -408,13 +396,9 @@ async fn invalid_series_are_a_partial_write() {
     raw.extend_from_slice(&[
         0x2a, 0x0a, 0x0a, 0x02, 1, 2, 0x12, 0x04, 0x08, 0x01, 0x10, 0x01,
     ]);
-    let resp = v2::post(&http, &gw.write_url(), TENANT_A, v2::snappy(&raw))
-        .send()
-        .await
-        .expect("POST 2.0");
-    let written = v2::written(resp.headers());
+    let (answer, written) = v2::send(&http, &gw.write_url(), TENANT_A, v2::snappy(&raw)).await;
     assert_eq!(
-        status_body(resp).await,
+        answer,
         (
             400,
             "5 of 6 series refused, the others were accepted: series 0 (counting from 0) is invalid: labels_refs has an odd number of entries\n"
@@ -458,12 +442,9 @@ async fn invalid_series_are_a_partial_write() {
         symbols: SYMBOLS.iter().map(|s| s.to_string()).collect(),
         timeseries: vec![series_refs(&[1])],
     };
-    let resp = v2::post(&http, &gw.write_url(), TENANT_A, v2::body(&only_bad))
-        .send()
-        .await
-        .expect("POST 2.0");
-    assert_eq!(v2::written(resp.headers()), (0, 0, 0));
-    assert_eq!(resp.status(), 400);
+    let (answer, written) = v2::send(&http, &gw.write_url(), TENANT_A, v2::body(&only_bad)).await;
+    assert_eq!(written, (0, 0, 0));
+    assert_eq!(answer.0, 400);
     assert_eq!(up.count(), 1, "nothing forwarded");
 
     // Invalid as a whole: a symbol table that does not start with "".
@@ -471,13 +452,10 @@ async fn invalid_series_are_a_partial_write() {
         symbols: vec!["x".into(), "__name__".into(), "up".into()],
         timeseries: vec![series_refs(&[1, 2])],
     };
-    let resp = v2::post(&http, &gw.write_url(), TENANT_A, v2::body(&whole))
-        .send()
-        .await
-        .expect("POST 2.0");
-    assert_eq!(v2::written(resp.headers()), (0, 0, 0));
+    let (answer, written) = v2::send(&http, &gw.write_url(), TENANT_A, v2::body(&whole)).await;
+    assert_eq!(written, (0, 0, 0));
     assert_eq!(
-        status_body(resp).await,
+        answer,
         (
             400,
             "invalid remote-write body: protobuf: symbols must start with the empty string at byte 2\n"
@@ -662,11 +640,11 @@ async fn refusals_before_any_work_say_nothing_was_written() {
     let up = FakeUpstream::start(vec![]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = test_config(&up.url());
-    cfg.auth.mode = AuthMode::Static;
-    cfg.auth.tenants_file = Some(tenants_file(
+    static_auth(
+        &mut cfg,
         dir.path(),
         &[(TENANT_A, &basic_credentials("alice", "a"), None)],
-    ));
+    );
     let gw = Gateway::start(cfg).await;
     let http = client();
     let mut b = Builder::new();

@@ -149,6 +149,22 @@ pub fn written(headers: &http::HeaderMap) -> (u64, u64, u64) {
     (get("Samples"), get("Histograms"), get("Exemplars"))
 }
 
+/// Sends a [`post`] of `body` as `account`: the answer's status and body
+/// ([`super::status_body`]), and what it says was written ([`written`]).
+pub async fn send(
+    http: &reqwest::Client,
+    url: &str,
+    account: &str,
+    body: Vec<u8>,
+) -> ((u16, String), (u64, u64, u64)) {
+    let resp = post(http, url, account, body)
+        .send()
+        .await
+        .expect("POST 2.0");
+    let written = written(resp.headers());
+    (super::status_body(resp).await, written)
+}
+
 /// A 1.0 body as a 1.0 receiver reads it, histograms included.
 pub fn decode_v1(body: &[u8]) -> as_v1::WriteRequest {
     let raw = snap::raw::Decoder::new()
