@@ -43,11 +43,21 @@ fn bad_sample_series() -> Vec<u8> {
     s
 }
 
+/// POSTs `body` as [`TENANT`]: the status and the body of the answer.
+async fn post(gw: &Gateway, body: Vec<u8>) -> (u16, String) {
+    status_body(
+        rw_post(&client(), &gw.write_url(), Some(TENANT), body)
+            .send()
+            .await
+            .expect("post"),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_series_are_refused_and_the_rest_is_stored() {
     let prom = Prometheus::start().await;
     let gw = Gateway::start(test_config(&prom.write_url())).await;
-    let http = client();
     let ts = now_ms();
 
     let mut dup = series("up", &[("job", "a"), ("job", "b")], 9.0, ts);
@@ -78,13 +88,7 @@ async fn invalid_series_are_refused_and_the_rest_is_stored() {
         ],
         &[bad_sample_series()],
     );
-    let (status, text) = status_body(
-        rw_post(&http, &gw.write_url(), Some(TENANT), body)
-            .send()
-            .await
-            .expect("post"),
-    )
-    .await;
+    let (status, text) = post(&gw, body).await;
     assert_eq!(status, 400, "{text}");
     assert_eq!(
         text,
@@ -131,13 +135,7 @@ async fn invalid_series_are_refused_and_the_rest_is_stored() {
 
     // A request whose series are all valid still answers 204.
     let ok = write_body(vec![series("up", &[("job", "later")], 1.0, ts)]);
-    let (status, text) = status_body(
-        rw_post(&http, &gw.write_url(), Some(TENANT), ok)
-            .send()
-            .await
-            .expect("post"),
-    )
-    .await;
+    let (status, text) = post(&gw, ok).await;
     assert_eq!((status, text.as_str()), (204, ""));
     gw.stop().await;
 }
@@ -177,13 +175,7 @@ async fn a_snappy_length_the_body_cannot_expand_to_is_refused() {
     let mut bomb = Vec::new();
     prost::encoding::encode_varint(64 << 20, &mut bomb);
     bomb.push(0x00);
-    let (status, text) = status_body(
-        rw_post(&client(), &gw.write_url(), Some(TENANT), bomb)
-            .send()
-            .await
-            .expect("post"),
-    )
-    .await;
+    let (status, text) = post(&gw, bomb).await;
     assert_eq!(status, 400);
     assert_eq!(
         text,
