@@ -16,23 +16,6 @@ use common::*;
 /// 2024-03-04T00:00:00Z.
 const D0: i64 = 1_709_510_400;
 
-fn credentials() -> String {
-    basic_credentials("exporter", "s3cret")
-}
-
-async fn send(url: &str, series: &[Series]) -> u16 {
-    client()
-        .post(url)
-        .header("Cloud-Account-Id", TENANT_A)
-        .header("Authorization", format!("Basic {}", credentials()))
-        .header("Content-Encoding", "snappy")
-        .header("Content-Type", "application/x-protobuf")
-        .body(body(series))
-        .send()
-        .await
-        .map_or(0, |r| r.status().as_u16())
-}
-
 fn samples(i: usize, minutes: std::ops::Range<i64>) -> Vec<(i64, f64)> {
     let start = D0 + 10 * 3600;
     minutes
@@ -67,7 +50,7 @@ fn series(ns: &str, s: Vec<(i64, f64)>) -> Vec<Series> {
 async fn kill_9_between_registration_and_the_row_write() {
     let ch = ClickHouseServer::start();
     let rest = RestApi::start(SECRET).await;
-    rest.add(TENANT_A, Account::Credentials(credentials()));
+    rest.add(TENANT_A, Account::Credentials(exporter_credentials()));
     let sink = Sink::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("rwgate.toml");
@@ -101,7 +84,10 @@ level = "warn"
     let mut gw = RwgateProcess::start(&args).await;
     let s = samples(0, 0..30);
     sent.insert("x".into(), s.clone());
-    assert_eq!(send(&gw.url("/api/v1/write"), &series("x", s)).await, 204);
+    assert_eq!(
+        send_as_exporter(&gw.url("/api/v1/write"), TENANT_A, &series("x", s)).await,
+        204
+    );
     wait_for(
         "the platform registered x",
         Duration::from_secs(30),
@@ -137,7 +123,10 @@ level = "warn"
     sent.get_mut("x").unwrap().extend(&sx);
     let mut s = series("x", sx);
     s.extend(series("y", sy.clone()));
-    assert_eq!(send(&gw.url("/api/v1/write"), &s).await, 204);
+    assert_eq!(
+        send_as_exporter(&gw.url("/api/v1/write"), TENANT_A, &s).await,
+        204
+    );
     // x's rows come from the resources table; y waits for the platform.
     until_platform_shows(&ch, &rest, TENANT_A, &[D0], "k8s_namespace", &want(&sent)).await;
     let tried = rest.bulk_calls()[calls_before..].to_vec();

@@ -37,25 +37,6 @@ fn config(
     c
 }
 
-fn credentials() -> String {
-    basic_credentials("exporter", "s3cret")
-}
-
-/// POSTs as an authenticated Prometheus; returns the status.
-async fn send(gw: &Gateway, account: &str, series: &[Series]) -> u16 {
-    client()
-        .post(gw.write_url())
-        .header("Cloud-Account-Id", account)
-        .header("Authorization", format!("Basic {}", credentials()))
-        .header("Content-Encoding", "snappy")
-        .header("Content-Type", "application/x-protobuf")
-        .header("X-Prometheus-Remote-Write-Version", "0.1.0")
-        .body(body(series))
-        .send()
-        .await
-        .map_or(0, |r| r.status().as_u16())
-}
-
 /// The exporter's namespace total (charged) and a component (raw only).
 fn exporter_series(ns: &str, samples: Vec<(i64, f64)>) -> Vec<Series> {
     let labels = [("cluster", CLUSTER), ("namespace", ns), ("currency", "USD")];
@@ -147,7 +128,7 @@ impl Stack {
         let sink = Sink::start().await;
         let dir = tempfile::tempdir().unwrap();
         for a in accounts {
-            rest.add(a, Account::Credentials(credentials()));
+            rest.add(a, Account::Credentials(exporter_credentials()));
         }
         let mut cfg = config(&ch, &rest, &sink, dir.path());
         tune(&mut cfg);
@@ -190,7 +171,7 @@ async fn two_accounts_over_two_days(engine: Engine) {
                     .extend(&s);
                 series.extend(exporter_series(ns, s));
             }
-            while !(200..300).contains(&send(&p.gw, a, &series).await) {
+            while !(200..300).contains(&send_as_exporter(&p.gw.write_url(), a, &series).await) {
                 assert!(Instant::now() < deadline, "requests never succeeded");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -287,7 +268,10 @@ async fn a_rest_outage_at_a_namespace_first_appearance(engine: Engine) {
     // "old" is registered and charged before the outage.
     let s = samples(0, 0..30);
     sent.insert("old".into(), s.clone());
-    assert_eq!(send(&p.gw, TENANT_A, &exporter_series("old", s)).await, 204);
+    assert_eq!(
+        send_as_exporter(&p.gw.write_url(), TENANT_A, &exporter_series("old", s)).await,
+        204
+    );
     until_namespaces_show(&p.ch, &p.rest, &sent).await;
 
     // The REST API goes down (lookups and registration). "new" appears.
@@ -299,7 +283,7 @@ async fn a_rest_outage_at_a_namespace_first_appearance(engine: Engine) {
     let mut series = exporter_series("old", s_old);
     series.extend(exporter_series("new", s_new));
     assert_eq!(
-        send(&p.gw, TENANT_A, &series).await,
+        send_as_exporter(&p.gw.write_url(), TENANT_A, &series).await,
         204,
         "ingestion does not wait for the platform"
     );
@@ -388,7 +372,10 @@ async fn two_hundred_fifty_namespaces_in_one_request() {
             s,
         ));
     }
-    assert_eq!(send(&p.gw, TENANT_A, &series).await, 204);
+    assert_eq!(
+        send_as_exporter(&p.gw.write_url(), TENANT_A, &series).await,
+        204
+    );
     until_namespaces_show(&p.ch, &p.rest, &sent).await;
     assert_eq!(p.rest.resources(TENANT_A).len(), 250);
     let calls = p.rest.bulk_calls();
@@ -433,7 +420,10 @@ async fn pods_are_registered_as_the_platform_models_them() {
             s,
         ));
     }
-    assert_eq!(send(&p.gw, TENANT_A, &series).await, 204);
+    assert_eq!(
+        send_as_exporter(&p.gw.write_url(), TENANT_A, &series).await,
+        204
+    );
     until_platform_shows(&p.ch, &p.rest, TENANT_A, &[D0], "name", &want_by_day(&sent)).await;
     let docs = p.rest.resources(TENANT_A);
     assert_eq!(docs.len(), 2);

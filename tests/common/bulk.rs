@@ -449,6 +449,32 @@ pub fn secret_file(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// The Basic credentials of the tests' exporter, as the stand-in stores them.
+pub fn exporter_credentials() -> String {
+    super::basic_credentials("exporter", "s3cret")
+}
+
+/// POSTs `series` to `url` as the exporter of `account` would, with a
+/// Prometheus's headers and [`exporter_credentials`]; returns the status
+/// (0 when no answer came).
+pub async fn send_as_exporter(
+    url: &str,
+    account: &str,
+    series: &[super::clickhouse::Series],
+) -> u16 {
+    super::client()
+        .post(url)
+        .header("Cloud-Account-Id", account)
+        .header("Authorization", format!("Basic {}", exporter_credentials()))
+        .header("Content-Encoding", "snappy")
+        .header("Content-Type", "application/x-protobuf")
+        .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+        .body(super::clickhouse::body(series))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
 /// What the platform shows per (namespace, UTC day start) for `account`,
 /// read the platform's way ([`platform_day_costs`](super::clickhouse::platform_day_costs))
 /// from the documents the stand-in holds; documents are mapped back to
