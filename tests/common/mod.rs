@@ -1185,60 +1185,29 @@ impl FakeUpstream {
 pub struct Sink {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
+    /// Stops accepting when the sink is dropped.
+    _server: TestServer,
 }
 
 impl Sink {
     pub async fn start() -> Sink {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind sink");
-        let addr = listener.local_addr().expect("sink addr");
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let counter = counter.clone();
-                            async move {
-                                use http_body_util::BodyExt;
-                                let _ = req.into_body().collect().await;
-                                counter.fetch_add(1, Ordering::Relaxed);
-                                let mut resp = http::Response::new(http_body_util::Full::new(
-                                    bytes::Bytes::new(),
-                                ));
-                                *resp.status_mut() = http::StatusCode::NO_CONTENT;
-                                Ok::<_, std::convert::Infallible>(resp)
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        // Called once the body is read whole.
+        let handler: Handler = Arc::new(move |_: Seen| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { respond(204, Bytes::new()) })
         });
+        let server = TestServer::start(handler).await;
         Sink {
-            addr,
+            addr: server.addr,
             requests,
-            task,
+            _server: server,
         }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}/api/v1/write", self.addr)
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
