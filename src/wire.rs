@@ -23,7 +23,9 @@
 //! cannot be read or trusted at all:
 //!
 //! - **The whole request** ([`DecodeError`]): the `WriteRequest` itself does
-//!   not decode (a series' bytes cannot even be delimited), it has more than
+//!   not decode (a series' bytes cannot even be delimited, or a metadata
+//!   entry does not decode or holds a string that is not UTF-8: metadata
+//!   is dropped, not forwarded, but prost refuses such a request), it has more than
 //!   `max_series` series, or a label string (of a series or of an exemplar)
 //!   in a series that decodes is not valid UTF-8.
 //! - **One series** ([`Invalid`], counted in [`Decoded::refused`]): any part
@@ -50,7 +52,10 @@ pub(crate) const FIXED32: u8 = 5;
 /// 0 fails, a group's fields get one less than the group. The
 /// `WriteRequest`'s own fields start at this, a `TimeSeries`' at one less,
 /// a label's, sample's, exemplar's or histogram's at two less, an
-/// exemplar's label's at three less.
+/// exemplar's label's at three less. Remote-Write 2.0 counts the same way:
+/// a `Request`'s fields at this, a `TimeSeries`' at one less, a sample's,
+/// histogram's, exemplar's or metadata's at two less, a `BucketSpan`'s at
+/// three less.
 pub(crate) const DEPTH: u32 = 100;
 
 /// A byte range `[start, end)` into the decompressed request.
@@ -169,6 +174,8 @@ pub enum DecodeError {
     Malformed { what: &'static str, at: usize },
     #[error("label {which} is not valid UTF-8 at byte {at}")]
     InvalidUtf8 { which: &'static str, at: usize },
+    #[error("a metadata string is not valid UTF-8 at byte {at}")]
+    MetadataUtf8 { at: usize },
     /// The one limit that refuses a whole request; the per-series limits
     /// refuse the series alone, in 1.0 and 2.0 alike ([`Invalid`]).
     #[error("too many series: more than {limit} in one request")]
@@ -547,11 +554,40 @@ pub fn decode(buf: &[u8], limits: &ShapeLimits, out: &mut Decoded) -> Result<(),
                 seen += 1;
             }
             (3, LEN) => {
-                r.len_delimited()?;
+                let (s, e) = r.len_delimited()?;
+                check_metadata(buf, s, e)?;
                 out.metadata += 1;
             }
             (1 | 3, _) => return Err(malformed("wrong wire type for WriteRequest field", r.at())),
             (field, wt) => r.skip(field, wt, DEPTH)?,
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a `MetricMetadata` decodes as prost decodes it (its
+/// strings UTF-8): it is not forwarded, but a request holding one that
+/// does not decode is not a valid `WriteRequest`.
+fn check_metadata(buf: &[u8], start: usize, end: usize) -> Result<(), DecodeError> {
+    let mut r = Reader::over(buf, start, end);
+    while !r.done() {
+        match r.key()? {
+            (1, VARINT) => {
+                r.varint()?;
+            }
+            (2 | 4 | 5, LEN) => {
+                let (s, e) = r.len_delimited()?;
+                if std::str::from_utf8(&buf[s..e]).is_err() {
+                    return Err(DecodeError::MetadataUtf8 { at: s });
+                }
+            }
+            (1 | 2 | 4 | 5, _) => {
+                return Err(malformed(
+                    "wrong wire type for MetricMetadata field",
+                    r.at(),
+                ))
+            }
+            (field, wt) => r.skip(field, wt, DEPTH - 1)?,
         }
     }
     Ok(())
@@ -1924,6 +1960,60 @@ pub(crate) mod tests {
         let buf = request_of(&[series]);
         prompb::WriteRequest::decode(buf.as_slice()).expect_err("prost refuses it");
         assert_eq!(verdicts(&buf).1, [("malformed_sample", 1)]);
+    }
+
+    /// Found by the fuzzer (`crate::fuzz`): metadata entries were only
+    /// delimited, so a request prost refuses (a metadata field of the wrong
+    /// wire type, a string that is not UTF-8) was accepted.
+    #[test]
+    fn metadata_decodes_as_prost_decodes_it() {
+        let series = {
+            let mut s = Vec::new();
+            field(&mut s, 0x0a, &label_msg(b"__name__", b"up"));
+            s
+        };
+        let with_metadata = |m: &[u8]| {
+            let mut buf = request_of(std::slice::from_ref(&series));
+            field(&mut buf, 0x1a, m);
+            buf
+        };
+        let cases: [(&[u8], bool); 7] = [
+            // type, family name, help, unit.
+            (
+                &[
+                    0x08, 0x03, 0x12, 0x01, b'u', 0x22, 0x01, b'h', 0x2a, 0x01, b's',
+                ],
+                true,
+            ),
+            // An unknown field.
+            (&[0x30, 0x05], true),
+            // help as a varint.
+            (&[0x20, 0x04], false),
+            // type as a string.
+            (&[0x0a, 0x00], false),
+            // A family name that is not UTF-8.
+            (&[0x12, 0x01, 0xff], false),
+            // A unit that is not UTF-8.
+            (&[0x2a, 0x02, 0xc3, 0x28], false),
+            // A length past the end.
+            (&[0x22, 0x05, b'h'], false),
+        ];
+        let mut d = Decoded::default();
+        for (m, ok) in cases {
+            let buf = with_metadata(m);
+            let prost_ok = prompb::WriteRequest::decode(buf.as_slice()).is_ok();
+            assert_eq!(prost_ok, ok, "{m:x?}: prost");
+            let got = decode(&buf, &ShapeLimits::UNLIMITED, &mut d);
+            assert_eq!(got.is_ok(), ok, "{m:x?}: {got:?}");
+            if ok {
+                assert_eq!((d.series.len(), d.metadata), (1, 1));
+            }
+        }
+        let buf = with_metadata(&[0x12, 0x01, 0xff]);
+        assert_eq!(
+            decode(&buf, &ShapeLimits::UNLIMITED, &mut d),
+            Err(DecodeError::MetadataUtf8 { at: buf.len() - 1 })
+        );
     }
 
     #[test]
