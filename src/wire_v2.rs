@@ -532,6 +532,7 @@ fn decode_series(
         sent: 0,
         too_long: None,
     };
+    let mut meta_refs = [None, None];
     let mut r = Reader::new(&buf[start..end], start);
     while !r.done() {
         let field_start = start + r.pos;
@@ -565,17 +566,26 @@ fn decode_series(
             }
             (5, LEN) => {
                 let (ps, pe) = r.len_delimited()?;
-                s.metadata = Some(check_metadata(buf, ps, pe, symbols.len())?);
+                let m = s.metadata.get_or_insert_with(Meta::default);
+                read_metadata(buf, ps, pe, m, &mut meta_refs)?;
             }
             // rc.3's created timestamp (reserved in rc.4).
             (6, VARINT) => {
                 r.varint()?;
             }
             (1..=6, _) => return Err(invalid("a TimeSeries field has the wrong wire type")),
-            (field, wt) => r.skip(field, wt, DEPTH)?,
+            (field, wt) => r.skip(field, wt, DEPTH - 1)?,
         }
         if field != 1 {
             s.other.add(field_start, start + r.pos);
+        }
+    }
+    if let Some(m) = &mut s.metadata {
+        if let Some(help) = meta_refs[0] {
+            m.help = symbol_ref(help, symbols.len())?;
+        }
+        if let Some(unit) = meta_refs[1] {
+            m.unit = symbol_ref(unit, symbols.len())?;
         }
     }
     if lr.pending.is_some() {
@@ -654,7 +664,7 @@ fn check_sample(buf: &[u8], start: usize, end: usize) -> Result<bool, Stop> {
             }
             (1..=3, _) => return Err(invalid("a Sample field has the wrong wire type")),
             (field, wt) => {
-                r.skip(field, wt, DEPTH)?;
+                r.skip(field, wt, DEPTH - 2)?;
                 plain = false;
             }
         }
@@ -690,7 +700,7 @@ fn check_histogram(buf: &[u8], start: usize, end: usize) -> Result<bool, Stop> {
                         (1 | 2, _) => {
                             return Err(invalid("a BucketSpan field has the wrong wire type"))
                         }
-                        (field, wt) => span_r.skip(field, wt, DEPTH)?,
+                        (field, wt) => span_r.skip(field, wt, DEPTH - 3)?,
                     }
                 }
             }
@@ -708,7 +718,7 @@ fn check_histogram(buf: &[u8], start: usize, end: usize) -> Result<bool, Stop> {
                 }
             }
             (1..=17, _) => return Err(invalid("a Histogram field has the wrong wire type")),
-            (field, wt) => r.skip(field, wt, DEPTH)?,
+            (field, wt) => r.skip(field, wt, DEPTH - 2)?,
         }
     }
     Ok(has_start)
@@ -739,7 +749,7 @@ fn check_exemplar(buf: &[u8], start: usize, end: usize, symbols: usize) -> Resul
                 r.varint()?;
             }
             (1..=3, _) => return Err(invalid("an Exemplar field has the wrong wire type")),
-            (field, wt) => r.skip(field, wt, DEPTH)?,
+            (field, wt) => r.skip(field, wt, DEPTH - 2)?,
         }
     }
     if refs % 2 != 0 {
@@ -748,20 +758,29 @@ fn check_exemplar(buf: &[u8], start: usize, end: usize, symbols: usize) -> Resul
     Ok(())
 }
 
-/// Reads a series' `Metadata`, its references checked against the table.
-fn check_metadata(buf: &[u8], start: usize, end: usize, symbols: usize) -> Result<Meta, Stop> {
+/// Reads a series' `Metadata` into `m` and `refs` (help, unit), as prost
+/// reads it: a field given twice is the last one, a second `Metadata`
+/// merges into the first. The references are checked against the table
+/// once the series is read, so that only those that remain count (the
+/// fuzzer found an overridden one refusing a series prost accepts).
+fn read_metadata(
+    buf: &[u8],
+    start: usize,
+    end: usize,
+    m: &mut Meta,
+    refs: &mut [Option<u64>; 2],
+) -> Result<(), Stop> {
     let mut r = Reader::new(&buf[start..end], start);
-    let mut m = Meta::default();
     while !r.done() {
         match r.key()? {
             (1, VARINT) => m.kind = r.varint()? as u32,
-            (3, VARINT) => m.help = symbol_ref(r.varint()?, symbols)?,
-            (4, VARINT) => m.unit = symbol_ref(r.varint()?, symbols)?,
+            (3, VARINT) => refs[0] = Some(r.varint()?),
+            (4, VARINT) => refs[1] = Some(r.varint()?),
             (1 | 3 | 4, _) => return Err(invalid("a Metadata field has the wrong wire type")),
-            (field, wt) => r.skip(field, wt, DEPTH)?,
+            (field, wt) => r.skip(field, wt, DEPTH - 2)?,
         }
     }
-    Ok(m)
+    Ok(())
 }
 
 /// The fields of a message that decoded already: (field number, the whole
@@ -1759,6 +1778,115 @@ mod tests {
                 symbols: 3
             })
         );
+    }
+
+    /// Found by the fuzzer (`crate::fuzz`): a series' metadata is read as
+    /// prost reads it (the last of a field given twice, a second
+    /// `Metadata` merged into the first), so a reference overridden by a
+    /// later one does not refuse the series.
+    #[test]
+    fn metadata_is_read_as_prost_merges_it() {
+        let cases: [(&[u8], Option<Meta>); 3] = [
+            // help 99 (past the table), then help 2.
+            (
+                &[0x2a, 0x04, 0x18, 0x63, 0x18, 0x02],
+                Some(Meta {
+                    kind: 0,
+                    help: 2,
+                    unit: 0,
+                }),
+            ),
+            // {type 3, help 1}, then {unit 2}.
+            (
+                &[0x2a, 0x04, 0x08, 0x03, 0x18, 0x01, 0x2a, 0x02, 0x20, 0x02],
+                Some(Meta {
+                    kind: 3,
+                    help: 1,
+                    unit: 2,
+                }),
+            ),
+            // {help 99}, then {unit 1}: help is still past the table.
+            (&[0x2a, 0x02, 0x18, 0x63, 0x2a, 0x02, 0x20, 0x01], None),
+        ];
+        for (extra, want) in cases {
+            let buf = hand_series(extra);
+            let d = decoded(&buf);
+            match want {
+                Some(meta) => {
+                    assert_eq!(d.series[0].invalid, None, "{extra:x?}");
+                    assert_eq!(d.series[0].metadata, Some(meta), "{extra:x?}");
+                    let m = v2::Request::decode(buf.as_slice()).unwrap().timeseries[0]
+                        .metadata
+                        .unwrap();
+                    assert_eq!(
+                        (m.r#type as u32, m.help_ref, m.unit_ref),
+                        (meta.kind, meta.help, meta.unit),
+                        "prost reads {extra:x?} the same"
+                    );
+                }
+                None => assert!(
+                    matches!(
+                        d.series[0].invalid,
+                        Some(Invalid::SymbolOutOfRange { index: 99, .. })
+                    ),
+                    "{extra:x?}: {:?}",
+                    d.series[0].invalid
+                ),
+            }
+        }
+    }
+
+    /// Found by the fuzzer (`crate::fuzz`): unknown groups inside a series
+    /// were skipped with the whole request's nesting budget, so a series
+    /// prost refuses (groups nested past its recursion limit) was accepted.
+    #[test]
+    fn groups_nest_as_deep_as_prost_allows() {
+        // `depth` groups of field 7 nested in a series, in a sample, in a
+        // histogram's bucket span; a varint innermost.
+        let groups = |depth: usize| {
+            let mut g = vec![0x3b; depth];
+            g.extend_from_slice(&[0x08, 0x01]);
+            g.extend(std::iter::repeat_n(0x3c, depth));
+            g
+        };
+        type Place = (&'static str, fn(Vec<u8>) -> Vec<u8>);
+        let places: [Place; 3] = [
+            ("series", |g| g),
+            ("sample", |g| {
+                let mut f = vec![0x12];
+                put_varint(&mut f, g.len() as u64);
+                f.extend_from_slice(&g);
+                f
+            }),
+            ("bucket span", |g| {
+                let mut span = vec![0x42];
+                put_varint(&mut span, g.len() as u64);
+                span.extend_from_slice(&g);
+                let mut f = vec![0x1a];
+                put_varint(&mut f, span.len() as u64);
+                f.extend_from_slice(&span);
+                f
+            }),
+        ];
+        for (place, put) in places {
+            let mut deepest = None;
+            for depth in 90..105 {
+                let buf = hand_series(&put(groups(depth)));
+                let prost_ok = v2::Request::decode(buf.as_slice()).is_ok();
+                let d = decoded(&buf);
+                assert_eq!(
+                    d.series[0].invalid.is_none(),
+                    prost_ok,
+                    "{place}, depth {depth}: {:?}",
+                    d.series[0].invalid
+                );
+                if prost_ok {
+                    deepest = Some(depth);
+                }
+            }
+            // The edge is inside the range tried.
+            assert!(matches!(deepest, Some(90..=103)), "{place}: {deepest:?}");
+        }
     }
 
     #[test]
