@@ -349,12 +349,12 @@ pub fn process_v2(
     let mut refused = [0u64; wire_v2::Invalid::REASONS.len()];
     let mut first_refused = None;
     for (index, s) in d.series.iter().enumerate() {
-        out.series_received += 1;
         if let Some(why) = s.invalid {
             refused[why.index()] += 1;
             first_refused.get_or_insert((index as u32, why));
             continue;
         }
+        out.series_received += 1;
         let held = Written {
             samples: u64::from(s.samples),
             histograms: u64::from(s.histograms),
@@ -391,7 +391,7 @@ pub fn process_v2(
     }
     out.refused = first_refused.map(|(first_index, why)| SeriesRefused {
         refused: refused.iter().sum(),
-        series: out.series_received,
+        series: d.series.len() as u64,
         first_index,
         first: why.describe(buf),
         by_reason: wire_v2::Invalid::REASONS
@@ -1029,6 +1029,9 @@ mod tests {
             )
             .unwrap();
             assert_eq!((out.series_kept, out.series_dropped), (1, 1));
+            // Valid series only, as for 1.0 (the fuzzer found 2.0 counting
+            // the refused ones too); the refused are counted apart.
+            assert_eq!(out.series_received, 2);
             let refused = out.refused.as_ref().expect("series refused");
             assert_eq!((refused.refused, refused.series), (2, 4));
             assert_eq!(
