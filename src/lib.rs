@@ -31,7 +31,8 @@
 //! one precedence), [`cli`] (the subcommands and their flags), [`client`] (the outbound HTTP client),
 //! [`clock`] (time, backoff, dates), [`telemetry`] (metric names and
 //! logging), and, with the `loadgen` feature, `loadgen` (realistic payloads
-//! shared by `benches/` and `rwgate-loadgen`).
+//! shared by `benches/` and `rwgate-loadgen`), and, with the `fuzz`
+//! feature or in tests, `fuzz` (the decoders and the pipeline against prost).
 
 pub mod admission;
 pub mod auth;
@@ -43,6 +44,8 @@ pub mod connection;
 pub mod cost;
 pub mod error;
 pub mod filter;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 #[cfg(any(test, feature = "loadgen"))]
 pub mod loadgen;
 pub mod pipeline;

@@ -1,0 +1,478 @@
+//! The Remote-Write 2.0 property: [`wire_v2::decode`] and
+//! [`pipeline::process_v2`] (to a 1.0 and to a 2.0 upstream) against prost.
+//!
+//! The reference decodes with prost into the messages of
+//! `proto/io/prometheus/write/v2/types.proto` with two changes: symbol
+//! references are read as `uint64` (prost reads a `uint32` by truncating
+//! the varint, the gateway refuses a reference past the table however
+//! large), and `TimeSeries` field 6 is rc.3's `int64 created_timestamp`
+//! (which the gateway accepts and rc.4 reserves). Each series is decoded on
+//! its own, framed as field 5 at the depth it has inside a `Request`. Then
+//! the decoder's rules:
+//!
+//! - the request is refused when prost refuses its framing or a symbol (not
+//!   UTF-8), when it has more than `max_series` series, or when its symbol
+//!   table does not start with the empty string (or is missing while there
+//!   are series);
+//! - a series is refused alone when prost refuses it, when its
+//!   `labels_refs` or an exemplar's have an odd length, when a reference
+//!   (label, exemplar, metadata help or unit) is past the table, when it
+//!   has more label pairs than `max_labels_per_series`, a name or value
+//!   over its length limit, an empty name, a name twice, or no or an empty
+//!   `__name__`;
+//! - every other series is valid, with prost's reading of it (a repeated
+//!   singular field: the last one, a repeated message: merged).
+
+use proptest::test_runner::TestCaseError;
+use prost::Message;
+
+use super::expect::{self, fail, TeeWant};
+use crate::config::RemoteWriteVersion;
+use crate::pipeline::{self, Outcome, PipelineError, Scratch};
+use crate::wire::ShapeLimits;
+use crate::wire_v2::{self, DecodedV2, Written};
+use crate::{prompb, prompb_v2};
+
+#[derive(Clone, PartialEq, Message)]
+struct RawRequest {
+    #[prost(string, repeated, tag = "4")]
+    symbols: Vec<String>,
+    #[prost(bytes = "vec", repeated, tag = "5")]
+    timeseries: Vec<Vec<u8>>,
+}
+
+/// One series framed as field 5, at the depth it has inside a `Request`.
+#[derive(Clone, PartialEq, Message)]
+struct OneSeries {
+    #[prost(message, optional, tag = "5")]
+    series: Option<RawSeries>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RawSeries {
+    #[prost(uint64, repeated, tag = "1")]
+    labels_refs: Vec<u64>,
+    #[prost(message, repeated, tag = "2")]
+    samples: Vec<prompb_v2::Sample>,
+    #[prost(message, repeated, tag = "3")]
+    histograms: Vec<prompb_v2::Histogram>,
+    #[prost(message, repeated, tag = "4")]
+    exemplars: Vec<RawExemplar>,
+    #[prost(message, optional, tag = "5")]
+    metadata: Option<RawMetadata>,
+    /// rc.3's created timestamp.
+    #[prost(int64, optional, tag = "6")]
+    created_timestamp: Option<i64>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RawExemplar {
+    #[prost(uint64, repeated, tag = "1")]
+    labels_refs: Vec<u64>,
+    #[prost(double, tag = "2")]
+    value: f64,
+    #[prost(int64, tag = "3")]
+    timestamp: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RawMetadata {
+    #[prost(int32, tag = "1")]
+    r#type: i32,
+    #[prost(uint64, tag = "3")]
+    help_ref: u64,
+    #[prost(uint64, tag = "4")]
+    unit_ref: u64,
+}
+
+/// The gateway's 2.0 output as prost decodes it.
+#[derive(Clone, PartialEq, Message)]
+struct OutRequest {
+    #[prost(string, repeated, tag = "4")]
+    symbols: Vec<String>,
+    #[prost(message, repeated, tag = "5")]
+    timeseries: Vec<RawSeries>,
+}
+
+/// Series with their references resolved, to compare two 2.0 bodies
+/// whatever their symbol tables.
+#[derive(Clone, PartialEq, Message)]
+struct Resolved {
+    #[prost(message, repeated, tag = "1")]
+    series: Vec<ResolvedSeries>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ResolvedSeries {
+    /// Sorted by name.
+    #[prost(message, repeated, tag = "1")]
+    labels: Vec<prompb::Label>,
+    #[prost(message, repeated, tag = "2")]
+    samples: Vec<prompb_v2::Sample>,
+    #[prost(message, repeated, tag = "3")]
+    histograms: Vec<prompb_v2::Histogram>,
+    #[prost(message, repeated, tag = "4")]
+    exemplars: Vec<prompb::Exemplar>,
+    /// Type, help and unit (no family name).
+    #[prost(message, optional, tag = "5")]
+    metadata: Option<prompb::MetricMetadata>,
+    #[prost(int64, optional, tag = "6")]
+    created_timestamp: Option<i64>,
+}
+
+/// Resolves `ts` through `symbols`, with `tenant` set on its labels
+/// (replacing any of the same name); `None` if a reference is past the table.
+fn resolve(symbols: &[String], ts: &RawSeries, tenant: &[(&str, &str)]) -> Option<ResolvedSeries> {
+    let sym = |r: u64| symbols.get(usize::try_from(r).ok()?).cloned();
+    let pairs = |refs: &[u64]| -> Option<Vec<prompb::Label>> {
+        refs.chunks(2)
+            .map(|p| match p {
+                [n, v] => Some(prompb::Label {
+                    name: sym(*n)?,
+                    value: sym(*v)?,
+                }),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut labels = pairs(&ts.labels_refs)?;
+    labels.retain(|l| !tenant.iter().any(|(n, _)| *n == l.name));
+    labels.extend(tenant.iter().map(|(n, v)| prompb::Label {
+        name: n.to_string(),
+        value: v.to_string(),
+    }));
+    labels.sort_by(|a, b| a.name.cmp(&b.name));
+    let exemplars = ts
+        .exemplars
+        .iter()
+        .map(|e| {
+            Some(prompb::Exemplar {
+                labels: pairs(&e.labels_refs)?,
+                value: e.value,
+                timestamp: e.timestamp,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let metadata = match &ts.metadata {
+        None => None,
+        Some(m) => Some(prompb::MetricMetadata {
+            r#type: m.r#type,
+            metric_family_name: String::new(),
+            help: sym(m.help_ref)?,
+            unit: sym(m.unit_ref)?,
+        }),
+    };
+    Some(ResolvedSeries {
+        labels,
+        samples: ts.samples.clone(),
+        histograms: ts.histograms.clone(),
+        exemplars,
+        metadata,
+        created_timestamp: ts.created_timestamp,
+    })
+}
+
+/// A valid series as the reference sees it.
+#[derive(Debug, Clone)]
+struct Series {
+    raw: RawSeries,
+    /// As the prost reference type reads it (for [`prompb_v2::Request::to_v1`]).
+    ts: prompb_v2::TimeSeries,
+    tee: TeeWant,
+}
+
+#[derive(Debug)]
+enum Verdict {
+    Refused,
+    /// Each series in request order, `None` if refused.
+    Accepted {
+        symbols: Vec<String>,
+        series: Vec<Option<Series>>,
+    },
+}
+
+fn reference(raw: &[u8], limits: &ShapeLimits) -> Verdict {
+    let Ok(req) = RawRequest::decode(raw) else {
+        return Verdict::Refused;
+    };
+    if req.timeseries.len() > limits.max_series {
+        return Verdict::Refused;
+    }
+    match req.symbols.first() {
+        Some(first) if !first.is_empty() => return Verdict::Refused,
+        None if !req.timeseries.is_empty() => return Verdict::Refused,
+        _ => {}
+    }
+    let series = req
+        .timeseries
+        .iter()
+        .map(|bytes| {
+            let mut framed = vec![0x2a];
+            prost::encoding::encode_varint(bytes.len() as u64, &mut framed);
+            framed.extend_from_slice(bytes);
+            match OneSeries::decode(framed.as_slice()) {
+                Ok(OneSeries { series: Some(ts) }) => check(&req.symbols, ts, bytes, limits),
+                _ => None,
+            }
+        })
+        .collect();
+    Verdict::Accepted {
+        symbols: req.symbols,
+        series,
+    }
+}
+
+/// The per-series rules.
+fn check(symbols: &[String], raw: RawSeries, bytes: &[u8], limits: &ShapeLimits) -> Option<Series> {
+    if raw.labels_refs.len() % 2 != 0 || raw.exemplars.iter().any(|e| e.labels_refs.len() % 2 != 0)
+    {
+        return None;
+    }
+    // Every reference in range (`resolve` says).
+    resolve(symbols, &raw, &[])?;
+    if raw.labels_refs.len() / 2 > limits.max_labels_per_series {
+        return None;
+    }
+    let mut labels: Vec<(Vec<u8>, Vec<u8>)> = raw
+        .labels_refs
+        .chunks(2)
+        .map(|p| {
+            (
+                symbols[p[0] as usize].as_bytes().to_vec(),
+                symbols[p[1] as usize].as_bytes().to_vec(),
+            )
+        })
+        .collect();
+    if labels.iter().any(|(n, v)| {
+        n.len() > limits.max_label_name_bytes || v.len() > limits.max_label_value_bytes
+    }) {
+        return None;
+    }
+    labels.sort();
+    if labels.iter().any(|(n, _)| n.is_empty()) || labels.windows(2).any(|w| w[0].0 == w[1].0) {
+        return None;
+    }
+    let name = labels.iter().find(|(n, _)| n == b"__name__")?.1.clone();
+    if name.is_empty() {
+        return None;
+    }
+    let ts = prompb_v2::TimeSeries::decode(bytes).expect("a valid series decodes");
+    Some(Series {
+        tee: TeeWant {
+            name,
+            labels,
+            samples: raw
+                .samples
+                .iter()
+                .map(|s| (s.timestamp, s.value.to_bits()))
+                .collect(),
+        },
+        raw,
+        ts,
+    })
+}
+
+/// [`wire_v2::decode`] against the reference: the same decision for the
+/// request and for each series; for the valid ones the same labels, name,
+/// metadata, counts and float samples.
+pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseError> {
+    let mut d = DecodedV2::default();
+    let got = wire_v2::decode(raw, limits, &mut d);
+    let series = match (reference(raw, limits), got) {
+        (Verdict::Refused, Err(_)) => return Ok(()),
+        (Verdict::Refused, Ok(())) => {
+            return Err(fail("decode accepts what the reference refuses"))
+        }
+        (Verdict::Accepted { .. }, Err(e)) => {
+            return Err(fail(format!(
+                "decode refuses what the reference accepts: {e}"
+            )))
+        }
+        (Verdict::Accepted { series, .. }, Ok(())) => series,
+    };
+    if d.series.len() != series.len() {
+        return Err(fail(format!(
+            "decode reads {} series, the reference {}",
+            d.series.len(),
+            series.len()
+        )));
+    }
+    for (i, (s, want)) in d.series.iter().zip(&series).enumerate() {
+        let want = match (s.invalid, want) {
+            (Some(_), None) => continue,
+            (None, Some(want)) => want,
+            (got, want) => {
+                return Err(fail(format!(
+                    "series {i}: decode says {got:?}, the reference {}",
+                    if want.is_some() { "valid" } else { "refused" }
+                )))
+            }
+        };
+        let labels: Vec<(Vec<u8>, Vec<u8>)> = d
+            .label_pairs(raw, s)
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
+        if labels != want.tee.labels || d.name(raw, s) != Some(want.tee.name.as_slice()) {
+            return Err(fail(format!(
+                "series {i}: decode's labels {labels:?}, the reference's {:?}",
+                want.tee.labels
+            )));
+        }
+        let meta = s.metadata.map(|m| (m.kind, m.help, m.unit));
+        let want_meta = want
+            .raw
+            .metadata
+            .as_ref()
+            .map(|m| (m.r#type as u32, m.help_ref as u32, m.unit_ref as u32));
+        let counts = (s.samples, s.histograms, s.exemplars);
+        let want_counts = (
+            want.raw.samples.len() as u32,
+            want.raw.histograms.len() as u32,
+            want.raw.exemplars.len() as u32,
+        );
+        if meta != want_meta || counts != want_counts {
+            return Err(fail(format!(
+                "series {i}: decode's metadata {meta:?} and counts {counts:?}, the reference's {want_meta:?} {want_counts:?}"
+            )));
+        }
+        let mut samples = Vec::new();
+        wire_v2::for_each_sample(raw, s, |x| {
+            samples.push((x.timestamp_ms, x.value.to_bits()))
+        })
+        .map_err(|e| fail(format!("series {i}: samples: {e}")))?;
+        if samples != want.tee.samples {
+            return Err(fail(format!(
+                "series {i}: decode's samples {samples:?}, the reference's {:?}",
+                want.tee.samples
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// [`pipeline::process_v2`] on a body as sent, to a 1.0 and to a 2.0
+/// upstream: the snappy layer, the decoder, the same decision as the
+/// reference, and for an accepted request the counts, the refused series,
+/// the forwarded body and the tee. To 1.0, prost decodes the body to
+/// exactly what [`prompb_v2::Request::to_v1`] makes of the kept series; to
+/// 2.0, to the kept series with the tenant labels set, references resolved.
+pub fn check_process(
+    compressed: &[u8],
+    limits: ShapeLimits,
+    max_decoded: u64,
+) -> Result<(), TestCaseError> {
+    let p = expect::params(limits, max_decoded);
+    for upstream in [RemoteWriteVersion::V1, RemoteWriteVersion::V2] {
+        let got = pipeline::process_v2(compressed, &p, upstream, &mut Scratch::default());
+        let Some(raw) = expect::snappy(compressed, max_decoded, &got)? else {
+            continue;
+        };
+        let limits = expect::pipeline_limits(&limits);
+        check_decode(&raw, &limits)?;
+        match (reference(&raw, &limits), got) {
+            (Verdict::Refused, Err(PipelineError::Decode(_))) => {}
+            (Verdict::Accepted { symbols, series }, Ok(out)) => {
+                check_outcome(&symbols, &series, upstream, &out)
+                    .map_err(|e| fail(format!("to a {upstream:?} upstream: {e}")))?
+            }
+            (v, g) => return Err(fail(format!("reference {v:?}, process {g:?}"))),
+        }
+    }
+    Ok(())
+}
+
+fn check_outcome(
+    symbols: &[String],
+    series: &[Option<Series>],
+    upstream: RemoteWriteVersion,
+    out: &Outcome,
+) -> Result<(), TestCaseError> {
+    let valid: Vec<&Series> = series.iter().flatten().collect();
+    let refused = (series.len() - valid.len()) as u64;
+    let got_refused = out
+        .refused
+        .as_ref()
+        .map_or((0, 0), |r| (r.refused, r.series));
+    let want_refused = (refused, if refused > 0 { series.len() as u64 } else { 0 });
+    if got_refused != want_refused {
+        return Err(fail(format!(
+            "refused (series, of) {got_refused:?}, want {want_refused:?}"
+        )));
+    }
+    let allow = expect::allowlist();
+    let (kept, dropped): (Vec<&Series>, Vec<&Series>) =
+        valid.iter().partition(|s| allow.keeps(Some(&s.tee.name)));
+    let held = |s: &[&Series]| {
+        s.iter().fold(Written::default(), |w, s| {
+            w + Written {
+                samples: s.raw.samples.len() as u64,
+                histograms: s.raw.histograms.len() as u64,
+                exemplars: s.raw.exemplars.len() as u64,
+            }
+        })
+    };
+    let samples = |w: Written| w.samples + w.histograms;
+    let counts = (
+        out.series_received,
+        out.samples_received,
+        out.series_kept,
+        out.kept,
+        out.dropped,
+    );
+    let want_counts = (
+        valid.len() as u64,
+        samples(held(&valid)),
+        kept.len() as u64,
+        held(&kept),
+        held(&dropped),
+    );
+    if counts != want_counts || out.body_version != upstream {
+        return Err(fail(format!(
+            "counts (received, samples, kept, kept held, dropped held) {counts:?}, want {want_counts:?}"
+        )));
+    }
+    let body = if out.body.is_empty() {
+        Vec::new()
+    } else {
+        snap::raw::Decoder::new()
+            .decompress_vec(&out.body)
+            .map_err(|e| fail(format!("the forwarded body is not snappy: {e}")))?
+    };
+    match upstream {
+        RemoteWriteVersion::V1 => {
+            let got = prompb_v2::as_v1::WriteRequest::decode(body.as_slice())
+                .map_err(|e| fail(format!("prost refuses the forwarded body: {e}")))?;
+            let want = prompb_v2::Request {
+                symbols: symbols.to_vec(),
+                timeseries: kept.iter().map(|s| s.ts.clone()).collect(),
+            }
+            .to_v1(&expect::tenant_pairs());
+            expect::same_message(&got, &want)?;
+        }
+        RemoteWriteVersion::V2 => {
+            let got = OutRequest::decode(body.as_slice())
+                .map_err(|e| fail(format!("prost refuses the forwarded body: {e}")))?;
+            if !body.is_empty() && got.symbols.first().map(String::as_str) != Some("") {
+                return Err(fail("the forwarded symbols do not start with \"\""));
+            }
+            let got = Resolved {
+                series: got
+                    .timeseries
+                    .iter()
+                    .map(|ts| resolve(&got.symbols, ts, &[]))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| fail("a forwarded reference is past the table"))?,
+            };
+            let tenant = expect::tenant_pairs();
+            let want = Resolved {
+                series: kept
+                    .iter()
+                    .map(|s| resolve(symbols, &s.raw, &tenant).expect("checked in range"))
+                    .collect(),
+            };
+            expect::same_message(&got, &want)?;
+        }
+    }
+    let tee: Vec<TeeWant> = valid.iter().map(|s| s.tee.clone()).collect();
+    expect::check_tee(out, &tee)
+}
