@@ -66,6 +66,88 @@ pub fn pipeline_limits(limits: &ShapeLimits) -> ShapeLimits {
     }
 }
 
+/// The decoder's decision on a request against the reference's (`None`:
+/// refused): what the reference accepted when both accept, `None` when
+/// both refuse.
+pub fn decision<V>(
+    reference: Option<V>,
+    got: Result<(), crate::wire::DecodeError>,
+) -> Result<Option<V>, TestCaseError> {
+    match (reference, got) {
+        (None, Err(_)) => Ok(None),
+        (None, Ok(())) => Err(fail("decode accepts what the reference refuses")),
+        (Some(_), Err(e)) => Err(fail(format!(
+            "decode refuses what the reference accepts: {e}"
+        ))),
+        (Some(v), Ok(())) => Ok(Some(v)),
+    }
+}
+
+/// A valid series as the decoder read it (its sorted labels, its metric
+/// name, its float samples through `samples`) is the reference's.
+pub fn same_series(
+    labels: Vec<(Vec<u8>, Vec<u8>)>,
+    name: Option<&[u8]>,
+    samples: impl FnOnce(&mut dyn FnMut(crate::wire::Sample)) -> Result<(), crate::wire::DecodeError>,
+    want: &TeeWant,
+) -> Result<(), TestCaseError> {
+    if labels != want.labels || name != Some(want.name.as_slice()) {
+        return Err(fail(format!(
+            "decode's labels {labels:?}, the reference's {:?}",
+            want.labels
+        )));
+    }
+    let mut got = Vec::new();
+    samples(&mut |x| got.push((x.timestamp_ms, x.value.to_bits())))
+        .map_err(|e| fail(format!("the samples of a valid series: {e}")))?;
+    if got != want.samples {
+        return Err(fail(format!(
+            "decode's samples {got:?}, the reference's {:?}",
+            want.samples
+        )));
+    }
+    Ok(())
+}
+
+/// A series' labels (name, value) as sent, against the per-series limits
+/// (labels counted as sent, name and value lengths) and the spec's label
+/// rules (no empty name, no name twice, a non-empty `__name__`): the
+/// labels sorted by name and the metric name, or `None` if the series is
+/// refused.
+pub fn label_rules(
+    mut labels: Vec<(Vec<u8>, Vec<u8>)>,
+    limits: &ShapeLimits,
+) -> Option<(Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>)> {
+    if labels.len() > limits.max_labels_per_series
+        || labels.iter().any(|(n, v)| {
+            n.len() > limits.max_label_name_bytes || v.len() > limits.max_label_value_bytes
+        })
+    {
+        return None;
+    }
+    labels.sort();
+    if labels.iter().any(|(n, _)| n.is_empty()) || labels.windows(2).any(|w| w[0].0 == w[1].0) {
+        return None;
+    }
+    let name = labels.iter().find(|(n, _)| n == b"__name__")?.1.clone();
+    (!name.is_empty()).then_some((labels, name))
+}
+
+/// Runs `process` (the pipeline of one protocol) on `compressed` with the
+/// case's [`params`], and checks its snappy layer ([`snappy`]). Returns,
+/// when the rest of the property applies, the decompressed body, the
+/// limits the pipeline decodes it with and what `process` gave.
+#[allow(clippy::type_complexity)]
+pub fn processed<T: std::fmt::Debug>(
+    compressed: &[u8],
+    limits: ShapeLimits,
+    max_decoded: u64,
+    process: impl FnOnce(&Params<'_>) -> Result<T, PipelineError>,
+) -> Result<Option<(Vec<u8>, ShapeLimits, Result<T, PipelineError>)>, TestCaseError> {
+    let got = process(&params(limits, max_decoded));
+    Ok(snappy(compressed, max_decoded, &got)?.map(|raw| (raw, pipeline_limits(&limits), got)))
+}
+
 /// The snappy layer of `process`/`process_v2`, against the `snap` crate's
 /// own decoder: a body it refuses is refused (as invalid snappy, a length
 /// its bytes cannot expand to, or one over the limit); a body it decodes

@@ -192,27 +192,13 @@ fn reference(raw: &[u8], limits: &ShapeLimits) -> Verdict {
 
 /// The per-series limits and label rules.
 fn check(ts: &RawSeries, histograms: Vec<Vec<u8>>, limits: &ShapeLimits) -> Option<Series> {
-    if ts.labels.len() > limits.max_labels_per_series {
-        return None;
-    }
-    let mut labels: Vec<(Vec<u8>, Vec<u8>)> = ts
-        .labels
-        .iter()
-        .map(|l| (l.name().to_vec(), l.value().to_vec()))
-        .collect();
-    if labels.iter().any(|(n, v)| {
-        n.len() > limits.max_label_name_bytes || v.len() > limits.max_label_value_bytes
-    }) {
-        return None;
-    }
-    labels.sort();
-    if labels.iter().any(|(n, _)| n.is_empty()) || labels.windows(2).any(|w| w[0].0 == w[1].0) {
-        return None;
-    }
-    let name = labels.iter().find(|(n, _)| n == b"__name__")?.1.clone();
-    if name.is_empty() {
-        return None;
-    }
+    let (labels, name) = expect::label_rules(
+        ts.labels
+            .iter()
+            .map(|l| (l.name().to_vec(), l.value().to_vec()))
+            .collect(),
+        limits,
+    )?;
     Some(Series {
         tee: TeeWant {
             name,
@@ -257,17 +243,12 @@ fn labels_out(labels: &[(Vec<u8>, Vec<u8>)]) -> Vec<prompb::Label> {
 pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseError> {
     let mut d = Decoded::default();
     let got = wire::decode(raw, limits, &mut d);
-    let (valid, refused) = match (reference(raw, limits), got) {
-        (Verdict::Refused, Err(_)) => return Ok(()),
-        (Verdict::Refused, Ok(())) => {
-            return Err(fail("decode accepts what the reference refuses"))
-        }
-        (Verdict::Accepted { .. }, Err(e)) => {
-            return Err(fail(format!(
-                "decode refuses what the reference accepts: {e}"
-            )))
-        }
-        (Verdict::Accepted { valid, refused, .. }, Ok(())) => (valid, refused),
+    let accepted = match reference(raw, limits) {
+        Verdict::Refused => None,
+        Verdict::Accepted { valid, refused, .. } => Some((valid, refused)),
+    };
+    let Some((valid, refused)) = expect::decision(accepted, got)? else {
+        return Ok(());
     };
     if d.refused.count() != refused {
         return Err(fail(format!(
@@ -288,23 +269,18 @@ pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseErro
             .iter()
             .map(|l| (l.name.get(raw).to_vec(), l.value.get(raw).to_vec()))
             .collect();
-        if labels != want.tee.labels || s.name.get(raw) != want.tee.name.as_slice() {
+        expect::same_series(
+            labels,
+            Some(s.name.get(raw)),
+            |f| wire::for_each_sample(raw, s, f),
+            &want.tee,
+        )?;
+        if s.samples as usize != want.tee.samples.len() + want.histograms {
             return Err(fail(format!(
-                "decode's labels {labels:?}, the reference's {:?}",
-                want.tee.labels
-            )));
-        }
-        let mut samples = Vec::new();
-        wire::for_each_sample(raw, s, |x| {
-            samples.push((x.timestamp_ms, x.value.to_bits()))
-        })
-        .map_err(|e| fail(format!("the samples of a valid series: {e}")))?;
-        if samples != want.tee.samples
-            || s.samples as usize != want.tee.samples.len() + want.histograms
-        {
-            return Err(fail(format!(
-                "decode's samples {samples:?} ({} counted), the reference's {:?}",
-                s.samples, want.tee.samples
+                "decode counts {} samples, the reference {} and {} histograms",
+                s.samples,
+                want.tee.samples.len(),
+                want.histograms
             )));
         }
     }
@@ -321,12 +297,12 @@ pub fn check_process(
     limits: ShapeLimits,
     max_decoded: u64,
 ) -> Result<(), TestCaseError> {
-    let p = expect::params(limits, max_decoded);
-    let got = pipeline::process(compressed, &p, &mut Scratch::default());
-    let Some(raw) = expect::snappy(compressed, max_decoded, &got)? else {
+    let Some((raw, limits, got)) = expect::processed(compressed, limits, max_decoded, |p| {
+        pipeline::process(compressed, p, &mut Scratch::default())
+    })?
+    else {
         return Ok(());
     };
-    let limits = expect::pipeline_limits(&limits);
     check_decode(&raw, &limits)?;
     let (valid, refused, metadata, out) = match (reference(&raw, &limits), got) {
         (Verdict::Refused, Err(PipelineError::Decode(_))) => return Ok(()),

@@ -230,32 +230,18 @@ fn check(symbols: &[String], raw: RawSeries, bytes: &[u8], limits: &ShapeLimits)
     }
     // Every reference in range (`resolve` says).
     resolve(symbols, &raw, &[])?;
-    if raw.labels_refs.len() / 2 > limits.max_labels_per_series {
-        return None;
-    }
-    let mut labels: Vec<(Vec<u8>, Vec<u8>)> = raw
-        .labels_refs
-        .chunks(2)
-        .map(|p| {
-            (
-                symbols[p[0] as usize].as_bytes().to_vec(),
-                symbols[p[1] as usize].as_bytes().to_vec(),
-            )
-        })
-        .collect();
-    if labels.iter().any(|(n, v)| {
-        n.len() > limits.max_label_name_bytes || v.len() > limits.max_label_value_bytes
-    }) {
-        return None;
-    }
-    labels.sort();
-    if labels.iter().any(|(n, _)| n.is_empty()) || labels.windows(2).any(|w| w[0].0 == w[1].0) {
-        return None;
-    }
-    let name = labels.iter().find(|(n, _)| n == b"__name__")?.1.clone();
-    if name.is_empty() {
-        return None;
-    }
+    let (labels, name) = expect::label_rules(
+        raw.labels_refs
+            .chunks(2)
+            .map(|p| {
+                (
+                    symbols[p[0] as usize].as_bytes().to_vec(),
+                    symbols[p[1] as usize].as_bytes().to_vec(),
+                )
+            })
+            .collect(),
+        limits,
+    )?;
     let ts = prompb_v2::TimeSeries::decode(bytes).expect("a valid series decodes");
     Some(Series {
         tee: TeeWant {
@@ -278,17 +264,12 @@ fn check(symbols: &[String], raw: RawSeries, bytes: &[u8], limits: &ShapeLimits)
 pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseError> {
     let mut d = DecodedV2::default();
     let got = wire_v2::decode(raw, limits, &mut d);
-    let series = match (reference(raw, limits), got) {
-        (Verdict::Refused, Err(_)) => return Ok(()),
-        (Verdict::Refused, Ok(())) => {
-            return Err(fail("decode accepts what the reference refuses"))
-        }
-        (Verdict::Accepted { .. }, Err(e)) => {
-            return Err(fail(format!(
-                "decode refuses what the reference accepts: {e}"
-            )))
-        }
-        (Verdict::Accepted { series, .. }, Ok(())) => series,
+    let accepted = match reference(raw, limits) {
+        Verdict::Refused => None,
+        Verdict::Accepted { series, .. } => Some(series),
+    };
+    let Some(series) = expect::decision(accepted, got)? else {
+        return Ok(());
     };
     if d.series.len() != series.len() {
         return Err(fail(format!(
@@ -312,12 +293,13 @@ pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseErro
             .label_pairs(raw, s)
             .map(|(n, v)| (n.to_vec(), v.to_vec()))
             .collect();
-        if labels != want.tee.labels || d.name(raw, s) != Some(want.tee.name.as_slice()) {
-            return Err(fail(format!(
-                "series {i}: decode's labels {labels:?}, the reference's {:?}",
-                want.tee.labels
-            )));
-        }
+        expect::same_series(
+            labels,
+            d.name(raw, s),
+            |f| wire_v2::for_each_sample(raw, s, f),
+            &want.tee,
+        )
+        .map_err(|e| fail(format!("series {i}: {e}")))?;
         let meta = s.metadata.map(|m| (m.kind, m.help, m.unit));
         let want_meta = want
             .raw
@@ -335,17 +317,6 @@ pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseErro
                 "series {i}: decode's metadata {meta:?} and counts {counts:?}, the reference's {want_meta:?} {want_counts:?}"
             )));
         }
-        let mut samples = Vec::new();
-        wire_v2::for_each_sample(raw, s, |x| {
-            samples.push((x.timestamp_ms, x.value.to_bits()))
-        })
-        .map_err(|e| fail(format!("series {i}: samples: {e}")))?;
-        if samples != want.tee.samples {
-            return Err(fail(format!(
-                "series {i}: decode's samples {samples:?}, the reference's {:?}",
-                want.tee.samples
-            )));
-        }
     }
     Ok(())
 }
@@ -361,13 +332,13 @@ pub fn check_process(
     limits: ShapeLimits,
     max_decoded: u64,
 ) -> Result<(), TestCaseError> {
-    let p = expect::params(limits, max_decoded);
     for upstream in [RemoteWriteVersion::V1, RemoteWriteVersion::V2] {
-        let got = pipeline::process_v2(compressed, &p, upstream, &mut Scratch::default());
-        let Some(raw) = expect::snappy(compressed, max_decoded, &got)? else {
+        let Some((raw, limits, got)) = expect::processed(compressed, limits, max_decoded, |p| {
+            pipeline::process_v2(compressed, p, upstream, &mut Scratch::default())
+        })?
+        else {
             continue;
         };
-        let limits = expect::pipeline_limits(&limits);
         check_decode(&raw, &limits)?;
         match (reference(&raw, &limits), got) {
             (Verdict::Refused, Err(PipelineError::Decode(_))) => {}
