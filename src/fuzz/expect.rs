@@ -15,6 +15,9 @@ use crate::filter::Allowlist;
 use crate::pipeline::{Outcome, Params, PipelineError};
 use crate::wire::ShapeLimits;
 
+/// Labels as (name, value) bytes.
+pub type Labels = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The tenant labels every case sets (a sender may spoof them).
 pub const TENANT_LABELS: [&str; 2] = ["cloud_account_id", "tenant_id"];
 /// The account they are set to.
@@ -117,7 +120,7 @@ pub fn same_series(
 pub fn label_rules(
     mut labels: Vec<(Vec<u8>, Vec<u8>)>,
     limits: &ShapeLimits,
-) -> Option<(Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>)> {
+) -> Option<(Labels, Vec<u8>)> {
     if labels.len() > limits.max_labels_per_series
         || labels.iter().any(|(n, v)| {
             n.len() > limits.max_label_name_bytes || v.len() > limits.max_label_value_bytes

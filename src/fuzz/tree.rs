@@ -121,7 +121,7 @@ fn put_varint(out: &mut Vec<u8>, v: u64, extra: u8) {
     crate::wire::put_varint(out, v);
     if extra > 0 {
         *out.last_mut().expect("a varint has a byte") |= 0x80;
-        out.extend(std::iter::repeat_n(0x80, usize::from(extra) - 1));
+        out.extend(std::iter::repeat(0x80).take(usize::from(extra) - 1));
         out.push(0);
     }
 }
