@@ -66,7 +66,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.rollup.enabled = false;
 
     // 1 + 2: appends under load while the writer drains into ClickHouse.
-    let tee = Arc::new(Tee::start(&cfg).await?);
+    let health = Arc::new(rwgate::health::Health::default());
+    let tee = Arc::new(Tee::start(&cfg, &health).await?);
     let tasks = 64;
     let per_task = 400;
     let started = Instant::now();

@@ -7,6 +7,7 @@ use http::StatusCode;
 
 use crate::auth::AuthError;
 use crate::cost::spool::SpoolError;
+use crate::health::{Dead, NotReady};
 use crate::pipeline::{PipelineError, SeriesRefused};
 use crate::upstream::UpstreamError;
 
@@ -59,6 +60,12 @@ pub enum ApiError {
     DeadlineExceeded { limit: Duration },
     #[error("shutting down; retry later")]
     ShuttingDown,
+    /// `/-/ready` fails.
+    #[error("not ready: {0}")]
+    NotReady(#[from] NotReady),
+    /// `/-/healthy` fails: a background component died.
+    #[error("unhealthy: {0}")]
+    Unhealthy(Dead),
 }
 
 /// What the client is told.
@@ -106,9 +113,8 @@ impl ApiError {
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Not 408: Prometheus drops a batch answered with any 4xx but 429
             // (and 429 too unless retry_on_http_429 is set).
-            BodyTimeout | Tee(_) | Overloaded | TenantOverloaded | ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            BodyTimeout | Tee(_) | Overloaded | TenantOverloaded | ShuttingDown | NotReady(_)
+            | Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
             DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -144,6 +150,8 @@ impl ApiError {
             TenantOverloaded => "tenant_overloaded",
             DeadlineExceeded { .. } => "deadline",
             ShuttingDown => "shutting_down",
+            NotReady(_) => "not_ready",
+            Unhealthy(_) => "unhealthy",
         }
     }
 

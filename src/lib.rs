@@ -30,9 +30,11 @@
 //! (how the file, `RWGATE_<PATH>` variables and the command line fill it, in
 //! one precedence), [`cli`] (the subcommands and their flags), [`client`] (the outbound HTTP client),
 //! [`clock`] (time, backoff, dates), [`telemetry`] (metric names and
-//! logging), and, with the `loadgen` feature, `loadgen` (realistic payloads
-//! shared by `benches/` and `rwgate-loadgen`), and, with the `fuzz`
-//! feature or in tests, `fuzz` (the decoders and the pipeline against prost).
+//! logging), [`health`] (what `/-/ready` and `/-/healthy` answer: the
+//! background components report their death there), and, with the
+//! `loadgen` feature, `loadgen` (realistic payloads shared by `benches/` and
+//! `rwgate-loadgen`), and, with the `fuzz` feature or in tests, `fuzz` (the
+//! decoders and the pipeline against prost).
 
 pub mod admission;
 pub mod auth;
@@ -46,6 +48,7 @@ pub mod error;
 pub mod filter;
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
+pub mod health;
 #[cfg(any(test, feature = "loadgen"))]
 pub mod loadgen;
 pub mod pipeline;

@@ -82,11 +82,14 @@ fn main() -> ExitCode {
                 }
                 None => None,
             };
-            let rollup = rwgate::cost::rollup::RollupTask::start(&cfg)?;
+            // The probes fail once the loop died (its death is logged too).
+            let health = std::sync::Arc::new(rwgate::health::Health::default());
+            let rollup = rwgate::cost::rollup::RollupTask::start(&cfg, &health)?;
+            health.set_serving(true);
             match operator {
                 Some(listener) => {
                     let timeout = cfg.limits.header_read_timeout;
-                    rwgate::server::serve_operator(listener, timeout, || true, shutdown_signal())
+                    rwgate::server::serve_operator(listener, timeout, health, shutdown_signal())
                         .await
                 }
                 None => shutdown_signal().await,

@@ -5,7 +5,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,6 +27,7 @@ use crate::cost::rollup::RollupTask;
 use crate::cost::tee::Tee;
 use crate::error::ApiError;
 use crate::filter::Allowlist;
+use crate::health::Health;
 use crate::pipeline::{self, Params, ScratchPool};
 use crate::protocol::{self, Protocol};
 use crate::ratelimit::{Exceeded, TenantLimiter};
@@ -57,7 +57,8 @@ pub struct State {
     decoded_budget: Semaphore,
     rate: TenantLimiter,
     metrics: PrometheusHandle,
-    ready: AtomicBool,
+    /// What the probes answer: serving, and the cost pipeline's components.
+    health: Arc<Health>,
     log_limiter: LogLimiter,
     /// The ClickHouse tee, when `clickhouse.url` is set.
     tee: Option<Tee>,
@@ -82,7 +83,7 @@ impl State {
             decoded_budget: Semaphore::new(kib(cfg.limits.max_decoded_bytes_in_flight.bytes())),
             rate: TenantLimiter::new(&cfg.limits),
             metrics: t::metrics_handle(),
-            ready: AtomicBool::new(false),
+            health: Arc::new(Health::default()),
             log_limiter: LogLimiter::new(cfg.log.max_rejections_per_sec),
             tee: None,
             metrics_on_ingest: true,
@@ -134,16 +135,16 @@ pub async fn serve(
     let mut state = State::new(cfg)?;
     state.metrics_on_ingest = metrics.is_none();
     if state.cfg.clickhouse.url.is_some() {
-        state.tee = Some(Tee::start(&state.cfg).await?);
+        state.tee = Some(Tee::start(&state.cfg, &state.health).await?);
     }
     // The rollup, when this process is the one rollup writer.
     let rollup = if state.cfg.clickhouse.url.is_some() && state.cfg.rollup.enabled {
-        Some(RollupTask::start(&state.cfg)?)
+        Some(RollupTask::start(&state.cfg, &state.health)?)
     } else {
         None
     };
     let state = Arc::new(state);
-    state.ready.store(true, Ordering::Release);
+    state.health.set_serving(true);
     let listen = listener.local_addr()?;
     // Where /metrics and the probes are served: metrics_listen, or listen.
     let operator = match &metrics {
@@ -195,8 +196,7 @@ pub async fn serve(
         let make = |_peer| {
             let state = state.clone();
             service_fn(move |req| {
-                let ready = state.ready.load(Ordering::Acquire);
-                let resp = answer_operator(&req, &state.metrics, ready);
+                let resp = answer_operator(&req, &state.metrics, &state.health);
                 async move { Ok::<_, Infallible>(resp) }
             })
         };
@@ -227,7 +227,7 @@ pub async fn serve(
     drop(listener);
     drop(metrics);
     housekeeping.abort();
-    state.ready.store(false, Ordering::Release);
+    state.health.set_serving(false);
     tracing::info!(grace = %crate::clock::HumanDuration(grace), "shutting down: finishing in-flight requests");
     match tokio::time::timeout_at(deadline, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections closed"),
@@ -261,8 +261,7 @@ async fn handle(state: &State, req: Request<Incoming>, peer: SocketAddr) -> Resp
             ("other", error_response(&ApiError::MetricsElsewhere))
         }
         p if OPERATOR_PATHS.contains(&p) => {
-            let ready = state.ready.load(Ordering::Acquire);
-            operator(req.method(), p, &state.metrics, ready)
+            operator(req.method(), p, &state.metrics, &state.health)
         }
         _ => ("other", error_response(&ApiError::NotFound)),
     };
@@ -284,12 +283,15 @@ const OPERATOR_PATHS: [&str; 3] = ["/metrics", "/-/healthy", "/-/ready"];
 /// Connections open at once on `metrics_listen` (scrapers and probes: few).
 const OPERATOR_MAX_CONNECTIONS: usize = 64;
 
-/// `/metrics`, `/-/healthy` or `/-/ready` (`path` is one of them).
+/// `/metrics`, `/-/healthy` or `/-/ready` (`path` is one of them). Both
+/// probes fail (503, naming what died and what to do) once a background
+/// component died: a restart is the only remedy, and the spool keeps what
+/// was acknowledged. `/-/ready` also fails while starting or shutting down.
 fn operator(
     method: &Method,
     path: &str,
     metrics: &PrometheusHandle,
-    ready: bool,
+    health: &Health,
 ) -> (&'static str, Resp) {
     if !matches!(*method, Method::GET | Method::HEAD) {
         return (
@@ -306,21 +308,23 @@ fn operator(
             );
             ("metrics", r)
         }
-        "/-/healthy" => ("healthy", text(StatusCode::OK, "OK\n".into())),
-        _ if ready => ("ready", text(StatusCode::OK, "ready\n".into())),
-        _ => (
-            "ready",
-            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
-        ),
+        "/-/healthy" => match health.live() {
+            Ok(()) => ("healthy", text(StatusCode::OK, "OK\n".into())),
+            Err(dead) => ("healthy", error_response(&ApiError::Unhealthy(dead))),
+        },
+        _ => match health.ready() {
+            Ok(()) => ("ready", text(StatusCode::OK, "ready\n".into())),
+            Err(e) => ("ready", error_response(&e.into())),
+        },
     }
 }
 
 /// One request on a port that serves only the operator endpoints.
-fn answer_operator(req: &Request<Incoming>, metrics: &PrometheusHandle, ready: bool) -> Resp {
+fn answer_operator(req: &Request<Incoming>, metrics: &PrometheusHandle, health: &Health) -> Resp {
     let started = Instant::now();
     let path = req.uri().path();
     let (route, resp) = if OPERATOR_PATHS.contains(&path) {
-        operator(req.method(), path, metrics, ready)
+        operator(req.method(), path, metrics, health)
     } else {
         ("other", error_response(&ApiError::NotOperatorPath))
     };
@@ -329,12 +333,12 @@ fn answer_operator(req: &Request<Incoming>, metrics: &PrometheusHandle, ready: b
 }
 
 /// Serves only the operator endpoints on `listener` until `shutdown`
-/// completes (the `rollup` role's `metrics_listen`); `/-/ready` answers
-/// `ready()`.
+/// completes (the `rollup` role's `metrics_listen`); the probes answer
+/// from `health`.
 pub async fn serve_operator(
     listener: TcpListener,
     header_timeout: std::time::Duration,
-    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+    health: Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) {
     let metrics = t::metrics_handle();
@@ -343,9 +347,9 @@ pub async fn serve_operator(
     let graceful = GracefulShutdown::new();
     let make = |_peer| {
         let metrics = metrics.clone();
-        let ready = ready.clone();
+        let health = health.clone();
         service_fn(move |req| {
-            let resp = answer_operator(&req, &metrics, ready());
+            let resp = answer_operator(&req, &metrics, &health);
             async move { Ok::<_, Infallible>(resp) }
         })
     };
@@ -671,5 +675,85 @@ fn status_label(s: StatusCode) -> &'static str {
         504 => "504",
         _ if s.is_client_error() => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The `rollup` role as `main` runs it (the loop, and the operator
+    /// endpoints on `metrics_listen` answering from the loop's health):
+    /// once the loop died (here cancelled, as only a fault would), both
+    /// probes answer 503 naming it and its gauge reads 0.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_rollup_roles_probes_fail_when_its_loop_dies() {
+        t::metrics_handle();
+        let mut cfg = Config::default();
+        cfg.clickhouse.url = Some("http://127.0.0.1:1".into());
+        cfg.auth.mode = crate::config::AuthMode::None;
+        cfg.resources.enabled = Some(false);
+        let health = Arc::new(Health::default());
+        let rollup = RollupTask::start(&cfg, &health).expect("the rollup starts");
+        health.set_serving(true);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let operator = tokio::spawn(serve_operator(
+            listener,
+            Duration::from_secs(5),
+            health.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("client");
+        let get = |path: &'static str| {
+            let http = http.clone();
+            async move {
+                let r = http
+                    .get(format!("http://{addr}{path}"))
+                    .send()
+                    .await
+                    .expect("an answer");
+                (r.status().as_u16(), r.text().await.expect("a body"))
+            }
+        };
+        assert_eq!(get("/-/ready").await, (200, "ready\n".to_string()));
+
+        rollup.kill();
+        let why = "the rollup loop stopped: it was cancelled; expense rows are not updated; restart rwgate";
+        let ready = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match get("/-/ready").await {
+                    (200, _) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    answer => return answer,
+                }
+            }
+        })
+        .await
+        .expect("/-/ready fails within 10s of the loop's death");
+        assert_eq!(ready, (503, format!("not ready: {why}\n")));
+        assert_eq!(
+            get("/-/healthy").await,
+            (503, format!("unhealthy: {why}\n"))
+        );
+        let (_, metrics) = get("/metrics").await;
+        let line = format!("{}{{component=\"rollup\"}} 0", t::COMPONENT_UP);
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), operator)
+            .await
+            .expect("the operator endpoints stop within 5s")
+            .expect("they did not panic");
+        rollup
+            .shutdown(tokio::time::Instant::now() + Duration::from_secs(1))
+            .await;
     }
 }

@@ -29,6 +29,9 @@ pub const UPSTREAM_RETRIES: &str = "rwgate_upstream_retries_total";
 pub const AUTH_CACHE: &str = "rwgate_auth_cache_total";
 pub const AUTH_REST_DURATION: &str = "rwgate_auth_rest_request_duration_seconds";
 pub const LOG_SUPPRESSED: &str = "rwgate_log_rejections_suppressed_total";
+/// 1 while a background component (`tee_writer`, `spool`, `rollup`) this
+/// process runs is up, 0 once it died (`health`).
+pub const COMPONENT_UP: &str = "rwgate_component_up";
 
 // The ClickHouse tee.
 /// Unsent spool bytes.
@@ -126,6 +129,10 @@ fn describe() {
     describe_counter!(
         LOG_SUPPRESSED,
         "Rejection warnings not logged because of the log rate limit."
+    );
+    describe_gauge!(
+        COMPONENT_UP,
+        "1 while a background component this process runs is up, 0 once it died (then /-/ready and /-/healthy fail naming it), by component: tee_writer, spool, rollup."
     );
 
     describe_gauge!(

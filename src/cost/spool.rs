@@ -67,6 +67,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::clock::unix_now_ms;
 use crate::config::SpoolConfig;
+use crate::health::{panic_message, Down, Reporter};
 
 /// Bytes of a record header.
 pub const HEADER_LEN: u64 = 16;
@@ -97,6 +98,8 @@ pub struct SpoolOptions {
     /// Least time between the starts of two group commits (under load a
     /// group then stays open longer than `commit_delay`).
     pub commit_interval: Duration,
+    /// Where the spool reports that it is poisoned or its committer died.
+    pub health: Option<Reporter>,
 }
 
 impl SpoolOptions {
@@ -108,6 +111,7 @@ impl SpoolOptions {
             segment_bytes: cfg.segment_bytes.bytes(),
             commit_delay: cfg.commit_delay,
             commit_interval: cfg.commit_interval,
+            health: None,
         }
     }
 }
@@ -134,8 +138,20 @@ struct Shared {
     committed: Notify,
     /// Group commits done (for tests and metrics).
     syncs: AtomicU64,
-    /// Set when the writer thread failed and could not restore a clean tail.
+    /// Set when the writer thread failed and could not restore a clean
+    /// tail, or died: appends are refused from then on.
     poisoned: AtomicBool,
+    health: Option<Reporter>,
+}
+
+impl Shared {
+    /// Refuses every later append and reports why.
+    fn poison(&self, down: Down) {
+        self.poisoned.store(true, Ordering::Release);
+        if let Some(h) = &self.health {
+            h.down(down);
+        }
+    }
 }
 
 struct Job {
@@ -215,7 +231,7 @@ pub enum SpoolError {
     TooLarge,
     #[error("spool is closed")]
     Closed,
-    #[error("spool writer failed earlier; restart rwgate")]
+    #[error("the spool failed and takes nothing until rwgate restarts (see /-/ready)")]
     Poisoned,
     #[error("spool write failed: {0}")]
     Io(#[from] io::Error),
@@ -485,6 +501,7 @@ impl Spool {
             committed: Notify::new(),
             syncs: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
+            health: opts.health.clone(),
         });
         let (tx, rx) = mpsc::channel();
         let committer = Committer {
@@ -497,9 +514,17 @@ impl Spool {
             commit_interval: opts.commit_interval,
             clock,
         };
+        // The committer returns only once the spool is closed; a panic
+        // poisons the spool (the appends then in flight fail as closed).
+        let watched = shared.clone();
         let thread = std::thread::Builder::new()
             .name("rwgate-spool".into())
-            .spawn(move || committer.run(rx))?;
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| committer.run(rx));
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    watched.poison(Down::Panicked(panic_message(&*panic)));
+                }
+            })?;
         let reader = SpoolReader {
             shared: shared.clone(),
             cursor: acked,
@@ -744,8 +769,11 @@ impl Committer {
                 .file
                 .set_len(self.off)
                 .and_then(|()| self.file.seek(SeekFrom::Start(self.off)).map(|_| ()));
-            if restored.is_err() {
-                self.shared.poisoned.store(true, Ordering::Release);
+            if let Err(r) = restored {
+                self.shared.poison(Down::SpoolPoisoned {
+                    write: e.to_string(),
+                    truncate: r.to_string(),
+                });
             }
             return Err(e);
         }
@@ -978,6 +1006,7 @@ mod tests {
             segment_bytes: 4096,
             commit_delay: Duration::ZERO,
             commit_interval: Duration::ZERO,
+            health: None,
         }
     }
 
@@ -1439,6 +1468,48 @@ mod tests {
             Err(SpoolError::Io(_))
         ));
         assert_eq!(spool.pending_bytes(), used);
+    }
+
+    /// A committer that dies (here its clock panics) poisons the spool and
+    /// says so: later appends are refused at once (before anything is
+    /// forwarded) and the spool is reported down, with the panic's message.
+    #[tokio::test]
+    async fn a_dead_committer_poisons_the_spool_and_reports_it() {
+        struct BrokenClock;
+        impl CommitClock for BrokenClock {
+            fn now(&self) -> Instant {
+                panic!("the commit clock broke")
+            }
+            fn sleep(&self, _: Duration) {}
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let health = Arc::new(crate::health::Health::default());
+        let o = SpoolOptions {
+            health: Some(health.reporter(crate::health::Component::Spool)),
+            ..opts(dir.path())
+        };
+        let (spool, _reader) = Spool::open_with_clock(&o, Box::new(BrokenClock)).unwrap();
+        assert!(matches!(
+            spool.append(&[1u8; 100]).await,
+            Err(SpoolError::Closed)
+        ));
+        // The report comes from the dying thread: wait for it (bounded).
+        let deadline = Instant::now() + COMMITTER_BOUND;
+        while health.live().is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the spool was never reported down"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            health.live().unwrap_err().to_string(),
+            "the spool failed: it panicked: the commit clock broke; writes with cost samples are answered 503; restart rwgate"
+        );
+        assert!(matches!(
+            spool.reserve(Frame::from_payload(&[2u8; 100])),
+            Err(SpoolError::Poisoned)
+        ));
     }
 
     /// A crash can leave any prefix of the last write on disk, and disks can

@@ -6,15 +6,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-
 use crate::clock::{duration_ms, unix_now_ms};
 use crate::config::Config;
 use crate::cost::clickhouse::ClickHouse;
 use crate::cost::drain::Drain;
 use crate::cost::record::{Accepted, TeeRecord, TimeWindow};
 use crate::cost::spool::{Reserved, Spool, SpoolError, SpoolOptions};
+use crate::health::{Component, Health, Supervised};
 use crate::telemetry as t;
 
 /// A request's record with its room in the spool taken ([`Tee::reserve`]).
@@ -45,23 +43,23 @@ impl TeeWrite<'_> {
 pub struct Tee {
     spool: Arc<Spool>,
     window: TimeWindow,
-    stop: watch::Sender<bool>,
-    drain: std::sync::Mutex<Option<JoinHandle<()>>>,
+    drain: std::sync::Mutex<Option<Supervised>>,
 }
 
 impl Tee {
-    /// Opens the spool and starts the drain. Fails only if the spool cannot
-    /// be opened or the client cannot be configured; ClickHouse being down
-    /// is not an error here.
-    pub async fn start(cfg: &Config) -> anyhow::Result<Tee> {
+    /// Opens the spool and starts the drain, both reporting their death
+    /// into `health`. Fails only if the spool cannot be opened or the
+    /// client cannot be configured; ClickHouse being down is not an error
+    /// here.
+    pub async fn start(cfg: &Config, health: &Arc<Health>) -> anyhow::Result<Tee> {
         let ch = ClickHouse::new(&cfg.clickhouse)?;
-        let opts = SpoolOptions::from_config(&cfg.spool);
+        let mut opts = SpoolOptions::from_config(&cfg.spool);
+        opts.health = Some(health.reporter(Component::Spool));
         let dir = opts.dir.display().to_string();
         let (spool, reader) = tokio::task::spawn_blocking(move || Spool::open(&opts))
             .await?
             .map_err(|e| anyhow::anyhow!("cannot open the spool in {dir}: {e}"))?;
         let spool = Arc::new(spool);
-        let (stop, stop_rx) = watch::channel(false);
         let drain = Drain {
             ch,
             reader: Arc::new(std::sync::Mutex::new(reader)),
@@ -69,7 +67,7 @@ impl Tee {
             cfg: cfg.spool.clone(),
             migrate: cfg.clickhouse.migrate_on_start,
         };
-        let drain = tokio::spawn(drain.run(stop_rx));
+        let drain = health.spawn(Component::TeeWriter, |stop| drain.run(stop));
         tracing::info!(
             spool = %cfg.spool.dir.display(),
             pending_bytes = spool.pending_bytes(),
@@ -81,7 +79,6 @@ impl Tee {
                 max_age_ms: duration_ms(cfg.spool.max_sample_age),
                 max_future_ms: duration_ms(cfg.spool.max_sample_future),
             },
-            stop,
             drain: std::sync::Mutex::new(Some(drain)),
         })
     }
@@ -127,13 +124,9 @@ impl Tee {
     /// for that flush until `deadline` too (appends already acknowledged
     /// are durable; the flush only syncs what nobody waits for).
     pub async fn shutdown(&self, deadline: tokio::time::Instant) {
-        let _ = self.stop.send(true);
         let drain = self.drain.lock().ok().and_then(|mut d| d.take());
         if let Some(task) = drain {
-            let abort = task.abort_handle();
-            if tokio::time::timeout_at(deadline, task).await.is_err() {
-                abort.abort();
-            }
+            task.stop(deadline).await;
         }
         let spool = self.spool.clone();
         let close = tokio::task::spawn_blocking(move || spool.close());
@@ -141,5 +134,51 @@ impl Tee {
             tracing::warn!("grace period over before the spool's committer finished");
         }
         tracing::info!(pending_bytes = self.spool.pending_bytes(), "tee stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A drain that dies (here cancelled, as nothing but a fault cancels
+    /// it) marks the tee writer down: the probes fail naming it and its
+    /// gauge reads 0, while the spool stays up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_drain_marks_the_tee_writer_down() {
+        t::metrics_handle();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = Config::default();
+        cfg.clickhouse.url = Some("http://127.0.0.1:1".into());
+        cfg.spool.dir = dir.path().into();
+        let health = Arc::new(Health::default());
+        health.set_serving(true);
+        let tee = Tee::start(&cfg, &health).await.expect("tee starts");
+        assert_eq!(health.ready(), Ok(()));
+        if let Some(drain) = tee.drain.lock().expect("drain lock").as_ref() {
+            drain.kill();
+        }
+        let dead = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match health.ready() {
+                    Err(e) => return e.to_string(),
+                    Ok(()) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        })
+        .await
+        .expect("not ready within 10s of the drain's death");
+        assert_eq!(
+            dead,
+            "the tee writer (spool to ClickHouse) stopped: it was cancelled; the spool keeps the cost samples until it is full; restart rwgate"
+        );
+        let metrics = t::metrics_handle().render();
+        for (component, up) in [("tee_writer", 0), ("spool", 1)] {
+            let line = format!("{}{{component=\"{component}\"}} {up}", t::COMPONENT_UP);
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
+        tee.shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
     }
 }

@@ -56,18 +56,19 @@ pub mod resources;
 pub mod sql;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clickhouse::sql::Identifier;
 use clickhouse::Row;
 use serde::Deserialize;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::clock::{unix_now, Day, HumanDuration, DAY_MS};
 use crate::config::{Charge, Config, ExpenseIds, Grain, RollupConfig};
 use crate::cost::clickhouse::{ClickHouse, ClickHouseError, ExpenseRow, StateRow, TouchedRow};
 use crate::cost::names::{charged_metric, Resource};
+use crate::health::{Component, Health, Supervised};
 use crate::telemetry as t;
 
 use money::{cancellation, correction, MoneyRule};
@@ -1096,41 +1097,42 @@ fn minute(at: u64) -> u32 {
 /// The rollup loop as a task of its own: `serve` starts it when
 /// `rollup.enabled`, and `rwgate rollup` runs nothing else.
 pub struct RollupTask {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    task: Supervised,
 }
 
 impl RollupTask {
     /// Starts the loop (after `migrate`, retried until it succeeds, when
-    /// `clickhouse.migrate_on_start`). Fails only if the client cannot be
-    /// configured, or registration is on without a REST API to register with.
-    pub fn start(cfg: &Config) -> anyhow::Result<RollupTask> {
+    /// `clickhouse.migrate_on_start`), reporting its death into `health`.
+    /// Fails only if the client cannot be configured, or registration is on
+    /// without a REST API to register with.
+    pub fn start(cfg: &Config, health: &Arc<Health>) -> anyhow::Result<RollupTask> {
         let ch = ClickHouse::new(&cfg.clickhouse)?;
         cfg.validate_registration_source()?;
         let rollup = Rollup::from_config(cfg)?;
-        let (stop, mut stop_rx) = watch::channel(false);
         let migrate = cfg.clickhouse.migrate_on_start;
         let retry = (cfg.spool.retry_backoff, cfg.spool.retry_max_backoff);
         let interval = cfg.rollup.interval;
-        let task = tokio::spawn(async move {
-            if migrate && !ch.migrate_until_done(retry, &mut stop_rx).await {
+        let task = health.spawn(Component::Rollup, move |mut stop| async move {
+            if migrate && !ch.migrate_until_done(retry, &mut stop).await {
                 return;
             }
-            rollup.run(interval, stop_rx).await;
+            rollup.run(interval, stop).await;
         });
         tracing::info!(interval = %HumanDuration(cfg.rollup.interval), "rollup started");
-        Ok(RollupTask { stop, task })
+        Ok(RollupTask { task })
     }
 
     /// Stops the loop by `deadline` (a pass in flight is abandoned; the
     /// next one redoes it).
     pub async fn shutdown(self, deadline: tokio::time::Instant) {
-        let _ = self.stop.send(true);
-        let abort = self.task.abort_handle();
-        if tokio::time::timeout_at(deadline, self.task).await.is_err() {
-            abort.abort();
-        }
+        self.task.stop(deadline).await;
         tracing::info!("rollup stopped");
+    }
+
+    /// Cancels the loop as a fault would (tests).
+    #[cfg(test)]
+    pub(crate) fn kill(&self) {
+        self.task.kill();
     }
 }
 
