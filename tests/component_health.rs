@@ -27,12 +27,8 @@ async fn a_poisoned_spool_fails_the_probes_and_refuses_cost_samples() {
     let upstream = FakeUpstream::start(Vec::new()).await;
     // ClickHouse down, as at a start-up that never reaches it: the gateway
     // is ready all the same (the drain waits for it), as before.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let clickhouse = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
     let spool = tempfile::tempdir().expect("temp dir");
-    let mut cfg = tee_config(&upstream.url(), &clickhouse, spool.path().into());
-    cfg.rollup.enabled = false;
+    let mut cfg = tee_config_clickhouse_down(&upstream.url(), spool.path().into());
     cfg.spool.segment_bytes = rwgate::config::Size(4096);
     let gw = Gateway::start_with_metrics_listener(cfg).await;
     let probes = |path: &str| {
@@ -49,7 +45,6 @@ async fn a_poisoned_spool_fails_the_probes_and_refuses_cost_samples() {
     // Opened after the start: recovery would otherwise skip past it.
     std::os::unix::fs::symlink("/dev/full", spool.path().join(NEXT_SEGMENT))
         .expect("symlink the next segment to /dev/full");
-    let http = client();
     let cost = |i: usize| {
         let ns = format!("ns-{i}");
         let s = series(NS_METRIC, &[("namespace", &ns)], 1.0, now_ms());
@@ -58,11 +53,7 @@ async fn a_poisoned_spool_fails_the_probes_and_refuses_cost_samples() {
     let mut acknowledged = 0;
     let failed = loop {
         assert!(acknowledged < 1000, "the spool never rotated");
-        let resp = rw_post(&http, &gw.write_url(), Some(TENANT_A), cost(acknowledged))
-            .send()
-            .await
-            .expect("an answer");
-        match status_body(resp).await {
+        match write(&gw, cost(acknowledged)).await {
             (204, _) => acknowledged += 1,
             answer => break answer,
         }
@@ -97,12 +88,8 @@ async fn a_poisoned_spool_fails_the_probes_and_refuses_cost_samples() {
 
     // Cost samples are refused before forwarding; other series still pass.
     let forwarded = upstream.count();
-    let resp = rw_post(&http, &gw.write_url(), Some(TENANT_A), cost(9999))
-        .send()
-        .await
-        .expect("an answer");
     assert_eq!(
-        status_body(resp).await,
+        write(&gw, cost(9999)).await,
         (
             503,
             "could not store cost samples durably: the spool failed and takes nothing until rwgate restarts (see /-/ready); retry later\n"
@@ -111,11 +98,7 @@ async fn a_poisoned_spool_fails_the_probes_and_refuses_cost_samples() {
     );
     assert_eq!(upstream.count(), forwarded, "refused before forwarding");
     let other = write_body(vec![series("up", &[("job", "a")], 1.0, now_ms())]);
-    let resp = rw_post(&http, &gw.write_url(), Some(TENANT_A), other)
-        .send()
-        .await
-        .expect("an answer");
-    assert_eq!(status_body(resp).await.0, 204);
+    assert_eq!(write(&gw, other).await.0, 204);
     assert_eq!(upstream.count(), forwarded + 1);
     assert_segment_is_a_link(spool.path());
     gw.stop().await;
@@ -123,6 +106,12 @@ async fn a_poisoned_spool_fails_the_probes_and_refuses_cost_samples() {
 
 async fn get(url: &str) -> (u16, String) {
     status_body(client().get(url).send().await.expect("an answer")).await
+}
+
+/// A remote-write of `body` for tenant A: its status and body.
+async fn write(gw: &Gateway, body: Vec<u8>) -> (u16, String) {
+    let req = rw_post(&client(), &gw.write_url(), Some(TENANT_A), body);
+    status_body(req.send().await.expect("an answer")).await
 }
 
 /// `rwgate_component_up{component=...}`, if exported.

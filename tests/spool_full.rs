@@ -11,13 +11,8 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_is_answered_before_forwarding() {
     let upstream = FakeUpstream::start(Vec::new()).await;
-    // ClickHouse down: a port nobody listens on, so the spool only grows.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let clickhouse = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
     let spool = tempfile::tempdir().expect("temp dir");
-    let mut cfg = tee_config(&upstream.url(), &clickhouse, spool.path().into());
-    cfg.rollup.enabled = false;
+    let mut cfg = tee_config_clickhouse_down(&upstream.url(), spool.path().into());
     cfg.spool.max_bytes = rwgate::config::Size(16 << 10);
     cfg.spool.segment_bytes = rwgate::config::Size(16 << 10);
     let gw = Gateway::start(cfg).await;

@@ -471,6 +471,17 @@ interval = "100ms"
     )
 }
 
+/// A [`tee_config`] in `spool` whose ClickHouse is down (a port nobody
+/// listens on: the spool only grows), the rollup off.
+pub fn tee_config_clickhouse_down(upstream: &str, spool: PathBuf) -> rwgate::config::Config {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let clickhouse = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let mut c = tee_config(upstream, &clickhouse, spool);
+    c.rollup.enabled = false;
+    c
+}
+
 /// An integer from JSONEachRow (18.16 quotes 64-bit integers).
 pub fn int(v: &serde_json::Value) -> i64 {
     v.as_i64()
