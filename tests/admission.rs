@@ -30,24 +30,25 @@ async fn slow_bodies_of_one_tenant_leave_room_for_the_others() {
 
     let body = up("slow");
     let mut slow = Vec::new();
-    for _ in 0..4 {
+    // One at a time: each is admitted or refused before the next starts,
+    // so the first two are the ones that hold a permit.
+    for n in 1..=4 {
         slow.push(SlowPost::start(gw.addr, "/api/v1/write", TENANT_A, &body, body.len() / 2).await);
+        wait_for(
+            "the slow request to be admitted or refused",
+            Duration::from_secs(10),
+            || async {
+                let m = gw.metrics().await;
+                let held = metric_value(&m, "rwgate_requests_in_flight");
+                let refused = metric_value(
+                    &m,
+                    "rwgate_requests_rejected_total{reason=\"tenant_overloaded\"}",
+                );
+                (held + refused == f64::from(n)).then_some(())
+            },
+        )
+        .await;
     }
-    // Every one of them either holds a permit or was refused.
-    wait_for(
-        "the four slow requests to be admitted or refused",
-        Duration::from_secs(10),
-        || async {
-            let m = gw.metrics().await;
-            let held = metric_value(&m, "rwgate_requests_in_flight");
-            let refused = metric_value(
-                &m,
-                "rwgate_requests_rejected_total{reason=\"tenant_overloaded\"}",
-            );
-            (held + refused == 4.0).then_some((held, refused))
-        },
-    )
-    .await;
 
     let resp = rw_post(&client(), &gw.write_url(), Some(TENANT_B), up("other"))
         .send()
