@@ -18,7 +18,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::telemetry as t;
@@ -129,6 +129,8 @@ struct Slot {
 pub struct Health {
     serving: AtomicBool,
     slots: [Slot; 3],
+    /// Woken when a component goes down ([`died`](Self::died)).
+    died: Notify,
 }
 
 impl Health {
@@ -155,6 +157,22 @@ impl Health {
         match dead.is_empty() {
             true => Ok(()),
             false => Err(Dead(dead)),
+        }
+    }
+
+    /// Waits until a component is down, and says which and how: for a
+    /// process that has no probes to fail (the `rollup` role without
+    /// `metrics_listen`) and ends instead.
+    pub async fn died(&self) -> Dead {
+        loop {
+            // Registered before the check, so a death in between wakes it.
+            let woken = self.died.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if let Err(dead) = self.live() {
+                return dead;
+            }
+            woken.await;
         }
     }
 
@@ -218,6 +236,7 @@ impl Reporter {
         let slot = &self.health.slots[self.component.index()];
         if slot.down.set(down.clone()).is_ok() {
             metrics::gauge!(t::COMPONENT_UP, "component" => self.component.label()).set(0.0);
+            self.health.died.notify_waiters();
             tracing::error!(
                 component = self.component.label(),
                 "{}: {down}; {}; restart rwgate",
@@ -295,6 +314,32 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(&series))
             .map(|v| v.parse().expect("gauge value"))
+    }
+
+    #[tokio::test]
+    async fn died_waits_for_a_death_and_names_it() {
+        let health = Arc::new(Health::default());
+        let task = health.spawn(Component::Rollup, |_stop| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+        let d = tokio::time::timeout(Duration::from_secs(10), health.died())
+            .await
+            .expect("died() answers once the loop ended");
+        assert_eq!(d.components().collect::<Vec<_>>(), [Component::Rollup]);
+        // A death before the wait is seen too.
+        let again = tokio::time::timeout(Duration::from_secs(1), health.died()).await;
+        assert_eq!(again.ok(), Some(d));
+        task.stop(tokio::time::Instant::now()).await;
+
+        let up = Arc::new(Health::default());
+        let running = up.spawn(Component::Rollup, |mut stop| async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        let waited = tokio::time::timeout(Duration::from_millis(100), up.died()).await;
+        assert!(waited.is_err(), "died() answered while the loop runs");
+        running
+            .stop(tokio::time::Instant::now() + Duration::from_secs(1))
+            .await;
     }
 
     #[tokio::test]

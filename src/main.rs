@@ -82,20 +82,37 @@ fn main() -> ExitCode {
                 }
                 None => None,
             };
-            // The probes fail once the loop died (its death is logged too).
+            // The role ends at a signal, or with an error once its loop died
+            // (a restart is the remedy; until then the probes fail).
             let health = std::sync::Arc::new(rwgate::health::Health::default());
             let rollup = rwgate::cost::rollup::RollupTask::start(&cfg, &health)?;
             health.set_serving(true);
-            match operator {
+            let end = {
+                let health = health.clone();
+                async move {
+                    tokio::select! {
+                        () = shutdown_signal() => None,
+                        dead = health.died() => Some(dead),
+                    }
+                }
+            };
+            let dead = match operator {
                 Some(listener) => {
                     let timeout = cfg.limits.header_read_timeout;
-                    rwgate::server::serve_operator(listener, timeout, health, shutdown_signal())
-                        .await
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let end = async move {
+                        let _ = tx.send(end.await);
+                    };
+                    rwgate::server::serve_operator(listener, timeout, health, end).await;
+                    rx.await.ok().flatten()
                 }
-                None => shutdown_signal().await,
-            }
+                None => end.await,
+            };
             rollup.shutdown(tokio::time::Instant::now() + grace).await;
-            Ok(())
+            match dead {
+                Some(dead) => Err(anyhow::anyhow!("{dead}")),
+                None => Ok(()),
+            }
         }),
     }
 }
