@@ -25,23 +25,23 @@ async fn limited_gateway(prom: &Prometheus) -> Gateway {
     Gateway::start(cfg).await
 }
 
+/// A write of `n` series for `tenant`.
+async fn post(gw: &Gateway, tenant: &str, n: usize) -> reqwest::Response {
+    rw_post(&client(), &gw.write_url(), Some(tenant), batch(n))
+        .send()
+        .await
+        .expect("send")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_over_its_rate_gets_429_with_retry_after() {
     let prom = Prometheus::start().await;
     let gw = limited_gateway(&prom).await;
-    let http = client();
-    let url = gw.url("/api/v1/write");
 
-    let first = rw_post(&http, &url, Some(A), batch(15))
-        .send()
-        .await
-        .expect("send");
+    let first = post(&gw, A, 15).await;
     assert_eq!(status_body(first).await, (204, String::new()));
 
-    let second = rw_post(&http, &url, Some(A), batch(15))
-        .send()
-        .await
-        .expect("send");
+    let second = post(&gw, A, 15).await;
     let retry_after: u64 = second
         .headers()
         .get("retry-after")
@@ -61,10 +61,7 @@ async fn tenant_over_its_rate_gets_429_with_retry_after() {
         )
     );
 
-    let other = rw_post(&http, &url, Some(B), batch(15))
-        .send()
-        .await
-        .expect("send");
+    let other = post(&gw, B, 15).await;
     assert_eq!(
         status_body(other).await.0,
         204,
@@ -89,13 +86,8 @@ async fn tenant_over_its_rate_gets_429_with_retry_after() {
 async fn a_request_larger_than_the_burst_is_413_naming_the_setting() {
     let prom = Prometheus::start().await;
     let gw = limited_gateway(&prom).await;
-    let http = client();
-    let url = gw.url("/api/v1/write");
 
-    let too_big = rw_post(&http, &url, Some(A), batch(21))
-        .send()
-        .await
-        .expect("send");
+    let too_big = post(&gw, A, 21).await;
     assert!(too_big.headers().get("retry-after").is_none());
     assert_eq!(
         status_body(too_big).await,
@@ -106,10 +98,7 @@ async fn a_request_larger_than_the_burst_is_413_naming_the_setting() {
                 .to_string()
         )
     );
-    let fits = rw_post(&http, &url, Some(A), batch(20))
-        .send()
-        .await
-        .expect("send");
+    let fits = post(&gw, A, 20).await;
     assert_eq!(status_body(fits).await, (204, String::new()));
     gw.stop().await;
 }
