@@ -119,18 +119,14 @@ async fn serve_flag_moves_metrics() {
         .await
         .expect("text")
         .contains("# TYPE rwgate_requests_total counter"));
-    let resp = http
-        .get(format!("http://{listen}/metrics"))
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(resp.status(), 404);
-    let resp = http
-        .get(format!("http://{listen}/-/ready"))
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(resp.status(), 200);
+    for (path, status) in [("/metrics", 404), ("/-/ready", 200)] {
+        let resp = http
+            .get(format!("http://{listen}{path}"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(resp.status(), status, "{listen}{path}");
+    }
 }
 
 /// `rwgate rollup` serves nothing else, so without this its loop could not
