@@ -118,38 +118,20 @@ async fn errors_carry_the_servers_code_status_and_message(engine: Engine) {
     let modern = engine == Engine::Modern;
     let url = ch.url();
     let c = client();
-    // (what, request, (code, HTTP status)). Authentication is where the two
-    // differ: 18.16 has its own codes and answers 401.
+    // (what, request, (code, HTTP status)), `p` and `get` making the POST
+    // and GET requests. Authentication is where the two differ: 18.16 has
+    // its own codes and answers 401.
     let auth = |old: u32| if modern { (516, 403) } else { (old, 401) };
     let get = |sql: &str| c.get(format!("{url}/?query={}", sql.replace(' ', "%20")));
+    let p = |params: &str, sql: &'static str| post(&ch, params, sql);
     let cases: Vec<(&str, reqwest::RequestBuilder, (u32, u16))> = vec![
-        (
-            "unknown setting",
-            post(&ch, "no_such=1", "SELECT 1"),
-            (115, 404),
-        ),
-        (
-            "multi-statement",
-            post(&ch, "", "SELECT 1; SELECT 2"),
-            (62, 400),
-        ),
-        (
-            "empty",
-            post(&ch, "", "").header("Content-Length", "0"),
-            (62, 400),
-        ),
-        ("POST without a length", post(&ch, "", ""), (381, 411)),
-        ("syntax", post(&ch, "", "SELEC 1"), (62, 400)),
-        (
-            "unknown table",
-            post(&ch, "", "SELECT * FROM nowhere"),
-            (60, 404),
-        ),
-        (
-            "unknown database",
-            post(&ch, "database=no", "SELECT 1"),
-            (81, 404),
-        ),
+        ("unknown setting", p("no_such=1", "SELECT 1"), (115, 404)),
+        ("multi-statement", p("", "SELECT 1; SELECT 2"), (62, 400)),
+        ("empty", p("", "").header("Content-Length", "0"), (62, 400)),
+        ("POST without a length", p("", ""), (381, 411)),
+        ("syntax", p("", "SELEC 1"), (62, 400)),
+        ("unknown table", p("", "SELECT * FROM nowhere"), (60, 404)),
+        ("unknown database", p("database=no", "SELECT 1"), (81, 404)),
         (
             "GET is read-only",
             get("CREATE TABLE g (a UInt8) ENGINE = Memory"),
@@ -157,20 +139,19 @@ async fn errors_carry_the_servers_code_status_and_message(engine: Engine) {
         ),
         (
             "wrong password",
-            post(&ch, "", "SELECT 1").basic_auth("default", Some("x")),
+            p("", "SELECT 1").basic_auth("default", Some("x")),
             auth(193),
         ),
         (
             "two ways of passing credentials",
-            post(&ch, "", "SELECT 1")
+            p("", "SELECT 1")
                 .basic_auth("default", Some(""))
                 .header("X-ClickHouse-User", "default"),
             auth(194),
         ),
         (
             "a limit from a setting",
-            post(
-                &ch,
+            p(
                 "max_result_rows=2&result_overflow_mode=throw",
                 "SELECT * FROM system.numbers LIMIT 5",
             ),
