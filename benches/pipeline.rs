@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 use criterion::measurement::Measurement;
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput,
+};
 use prost::Message;
 use rwgate::auth::Authenticator;
 use rwgate::config::{RemoteWriteVersion, DEFAULT_ALLOWLIST};
@@ -164,19 +166,9 @@ fn stages<M: Measurement>(c: &mut Criterion<M>) {
         .filter(|s| f.allow.keeps(Some(s.name.get(&f.raw))))
         .copied()
         .collect();
-    let mut out = Vec::new();
-    // Set per request into one reused buffer, as the pipeline does.
     let p = params(&f);
-    let mut inject = Injected::default();
-    g.bench_function("tenancy_encode", |b| {
-        b.iter(|| {
-            out.clear();
-            pipeline::set_tenant(&mut inject, &p);
-            for s in &kept {
-                wire::encode_series(&mut out, &f.raw, &d, s, &inject);
-            }
-            out.len()
-        })
+    tenancy_encode(&mut g, "tenancy_encode", &p, &kept, |out, s, inject| {
+        wire::encode_series(out, &f.raw, &d, s, inject)
     });
 
     wire_v2::decode(&f.raw_v2, &limits, &mut d2).expect("valid");
@@ -187,17 +179,38 @@ fn stages<M: Measurement>(c: &mut Criterion<M>) {
         .copied()
         .collect();
     assert_eq!(kept_v2.len(), kept.len(), "the same series are kept");
-    g.bench_function("tenancy_encode_v2", |b| {
+    tenancy_encode(
+        &mut g,
+        "tenancy_encode_v2",
+        &p,
+        &kept_v2,
+        |out, s, inject| wire_v2::encode_series_v1(out, &f.raw_v2, &d2, s, inject),
+    );
+    g.finish();
+}
+
+/// `name`: the `kept` series encoded by `encode` into one reused buffer,
+/// with the tenant labels set per request into one reused `Injected`, as the
+/// pipeline does.
+fn tenancy_encode<M: Measurement, S>(
+    g: &mut BenchmarkGroup<'_, M>,
+    name: &str,
+    p: &Params<'_>,
+    kept: &[S],
+    mut encode: impl FnMut(&mut Vec<u8>, &S, &Injected),
+) {
+    let mut out = Vec::new();
+    let mut inject = Injected::default();
+    g.bench_function(name, |b| {
         b.iter(|| {
             out.clear();
-            pipeline::set_tenant(&mut inject, &p);
-            for s in &kept_v2 {
-                wire_v2::encode_series_v1(&mut out, &f.raw_v2, &d2, s, &inject);
+            pipeline::set_tenant(&mut inject, p);
+            for s in kept {
+                encode(&mut out, s, &inject);
             }
             out.len()
         })
     });
-    g.finish();
 }
 
 /// The whole request: snappy, decode, filter, tenancy, encode, snappy; with
