@@ -8,32 +8,51 @@ mod common;
 use common::*;
 use rwgate::config::{AuthMode, Config, Size};
 use rwgate::settings::{Kind, Setting};
+use std::path::Path;
 use std::time::Duration;
+
+/// The stdout of `rwgate` with `args` and `env`, which it must accept
+/// (exit 0).
+fn accepted(args: &[&str], env: &[(&str, &str)]) -> String {
+    let (code, out, err) = run_rwgate(args, env);
+    assert_eq!(code, 0, "{args:?} {env:?}: stderr {err}");
+    out
+}
+
+/// The stderr of `rwgate` with `args` and `env`, which it must refuse
+/// (exit 2).
+fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
+    let (code, out, err) = run_rwgate(args, env);
+    assert_eq!(code, 2, "{args:?} {env:?}: stdout {out} stderr {err}");
+    err
+}
+
+/// Writes `text` to `rwgate.toml` in `dir` and returns its path, for
+/// `--config`.
+fn config_file(dir: &Path, text: &str) -> String {
+    let file = dir.join("rwgate.toml");
+    std::fs::write(&file, text).expect("write the config file");
+    file.to_str().expect("utf-8 path").to_string()
+}
 
 #[test]
 fn check_config_prints_the_effective_config_redacted_and_reloadable() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("rwgate.toml");
-    let tenants = tenants_file(
+    let tenants = tenant_a_file(dir.path(), "a", "pw");
+    let file = config_file(
         dir.path(),
-        &[(TENANT_A, &basic_credentials("a", "pw"), None)],
+        &format!("[limits]\nmax_body_bytes = \"2MiB\"\n[upstream]\nurl = \"https://user:hunter2@thanos:19291/api/v1/receive\"\n[auth]\nmode = \"static\"\ntenants_file = {:?}\n", tenants.to_str().expect("utf-8 path")),
     );
-    std::fs::write(
-        &file,
-        format!("[limits]\nmax_body_bytes = \"2MiB\"\n[upstream]\nurl = \"https://user:hunter2@thanos:19291/api/v1/receive\"\n[auth]\nmode = \"static\"\ntenants_file = {:?}\n", tenants.to_str().expect("utf-8 path")),
-    )
-    .expect("write config");
-    let (code, out, err) = run_rwgate(
+    let out = accepted(
         &[
             "check-config",
             "--config",
-            file.to_str().expect("utf-8 path"),
+            &file,
             "--max-decoded-bytes",
             "32MiB",
         ],
         &[("RWGATE_LISTEN", "127.0.0.1:18935")],
     );
-    assert_eq!(code, 0, "stderr: {err}");
     assert!(!out.contains("hunter2"), "password printed:\n{out}");
     assert!(
         out.contains("url = \"https://***@thanos:19291/api/v1/receive\""),
@@ -56,7 +75,7 @@ fn check_config_prints_the_effective_config_redacted_and_reloadable() {
 fn check_config_reads_the_files_serve_would_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("missing.toml");
-    let (code, _, err) = run_rwgate(
+    let err = refused(
         &[
             "check-config",
             "--auth",
@@ -66,14 +85,13 @@ fn check_config_reads_the_files_serve_would_read() {
         ],
         &[],
     );
-    assert_eq!(code, 2);
     assert!(
         err.starts_with("rwgate: invalid auth: cannot read "),
         "{err}"
     );
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[[tenant]]\nid = \"nope\"\ncredentials = \"x\"\n").expect("write");
-    let (code, _, err) = run_rwgate(
+    let err = refused(
         &[
             "check-config",
             "--auth",
@@ -83,7 +101,6 @@ fn check_config_reads_the_files_serve_would_read() {
         ],
         &[],
     );
-    assert_eq!(code, 2);
     assert!(err.contains("tenant[0].id \"nope\" is not a UUID"), "{err}");
 
     // The upstream's CA missing, then a PEM file without a certificate; then
@@ -96,7 +113,7 @@ fn check_config_reads_the_files_serve_would_read() {
         "--upstream-url",
         "https://thanos:19291/api/v1/receive",
     ];
-    let (code, _, err) = run_rwgate(
+    let err = refused(
         &[
             &https[..],
             &["--upstream-tls-ca", missing.to_str().expect("utf-8")],
@@ -104,9 +121,8 @@ fn check_config_reads_the_files_serve_would_read() {
         .concat(),
         &[],
     );
-    assert_eq!(code, 2);
     assert!(err.starts_with("rwgate: upstream.tls.ca "), "{err}");
-    let (code, _, err) = run_rwgate(
+    let err = refused(
         &[
             &https[..],
             &["--upstream-tls-ca", pki.client_key.to_str().expect("utf-8")],
@@ -114,7 +130,6 @@ fn check_config_reads_the_files_serve_would_read() {
         .concat(),
         &[],
     );
-    assert_eq!(code, 2);
     assert!(err.ends_with("no certificate found\n"), "{err}");
     let ok = [
         "--upstream-tls-ca",
@@ -124,15 +139,13 @@ fn check_config_reads_the_files_serve_would_read() {
         "--upstream-tls-key",
         pki.client_key.to_str().expect("utf-8"),
     ];
-    let (code, out, err) = run_rwgate(&[&https[..], &ok[..]].concat(), &[]);
-    assert_eq!(code, 0, "{err}");
+    let out = accepted(&[&https[..], &ok[..]].concat(), &[]);
     assert!(out.contains("[upstream.tls]"), "{out}");
 }
 
 #[test]
 fn check_config_with_defaults_only_needs_an_auth_source() {
-    let (code, out, err) = run_rwgate(&["check-config", "--auth", "none"], &[]);
-    assert_eq!(code, 0, "{err}");
+    let out = accepted(&["check-config", "--auth", "none"], &[]);
     assert!(out.contains("listen = \"0.0.0.0:8935\""), "{out}");
     assert!(
         out.contains("url = \"http://thanos-receive:19291/api/v1/receive\""),
@@ -226,15 +239,12 @@ fn bad_config_exits_2_naming_the_field() {
     }
 
     // Flag values of the wrong type are refused by the parser, naming the flag.
-    let (code, _, err) = run_rwgate(&["check-config", "--max-body-bytes", "lots"], &[]);
-    assert_eq!(code, 2);
+    let err = refused(&["check-config", "--max-body-bytes", "lots"], &[]);
     assert!(err.contains("--max-body-bytes"), "{err}");
-    let (code, _, err) = run_rwgate(&["check-config", "--auth", "ldap"], &[]);
-    assert_eq!(code, 2);
+    let err = refused(&["check-config", "--auth", "ldap"], &[]);
     assert!(err.contains("--auth"), "{err}");
     // ... and so are bad environment values, naming the variable.
-    let (code, _, err) = run_rwgate(&["check-config"], &[("RWGATE_AUTH_MODE", "ldap")]);
-    assert_eq!(code, 2);
+    let err = refused(&["check-config"], &[("RWGATE_AUTH_MODE", "ldap")]);
     assert_eq!(
         err,
         "rwgate: invalid auth.mode = \"ldap\" (from RWGATE_AUTH_MODE): expected one of rest, static, none\n"
@@ -246,8 +256,7 @@ fn bad_config_exits_2_naming_the_field() {
 #[test]
 fn serve_fails_fast_on_unusable_files_and_ports() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tenants = dir.path().join("tenants.toml");
-    std::fs::write(&tenants, "[[tenant]]\nid = \"nope\"\ncredentials = \"x\"\n").expect("write");
+    let tenants = tenants_file(dir.path(), &[("nope", "x", None)]);
     let (code, _, err) = run_rwgate(
         &[
             "serve",
@@ -357,12 +366,9 @@ fn every_setting_is_read_from_its_environment_variable_and_from_set() {
 #[test]
 fn environment_variables_of_settings_unset_by_default_are_read() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tenants = tenants_file(
-        dir.path(),
-        &[(TENANT_A, &basic_credentials("a", "pw"), None)],
-    );
+    let tenants = tenant_a_file(dir.path(), "a", "pw");
     let tenants = tenants.to_str().expect("utf-8");
-    let (code, out, err) = run_rwgate(
+    let out = accepted(
         &["check-config"],
         &[
             ("RWGATE_AUTH_MODE", "static"),
@@ -373,7 +379,6 @@ fn environment_variables_of_settings_unset_by_default_are_read() {
             ("RWGATE_CLICKHOUSE_USER", "1"),
         ],
     );
-    assert_eq!(code, 0, "{err}");
     let c = rwgate::settings::from_toml(&out, "check-config output").expect("output parses");
     assert_eq!(c.auth.mode, AuthMode::Static);
     assert_eq!(
@@ -388,18 +393,16 @@ fn environment_variables_of_settings_unset_by_default_are_read() {
     assert_eq!(c.clickhouse.database, "2024", "a name, not a number");
     assert_eq!(c.clickhouse.user.as_deref(), Some("1"));
 
-    let (code, _, err) = run_rwgate(
+    let err = refused(
         &["check-config", "--auth", "none"],
         &[("RWGATE_LIMITS_MAX_SERIES_PER_REQUEST", "many")],
     );
-    assert_eq!(code, 2);
     assert_eq!(err, "rwgate: invalid limits.max_series_per_request = \"many\" (from RWGATE_LIMITS_MAX_SERIES_PER_REQUEST): expected a whole number\n");
     // The names of an earlier release are refused, not ignored.
-    let (code, _, err) = run_rwgate(
+    let err = refused(
         &["check-config", "--auth", "none"],
         &[("RWGATE_TENANTS_FILE", tenants)],
     );
-    assert_eq!(code, 2);
     assert_eq!(
         err,
         "rwgate: RWGATE_TENANTS_FILE is no longer read: set RWGATE_AUTH_TENANTS_FILE instead\n"
@@ -410,17 +413,15 @@ fn environment_variables_of_settings_unset_by_default_are_read() {
 #[test]
 fn one_precedence_for_every_source() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("rwgate.toml");
-    std::fs::write(
-        &file,
+    let file = config_file(
+        dir.path(),
         "[auth]\nmode = \"none\"\n[upstream]\nmax_retries = 1\ntimeout = \"1s\"\nurl = \"http://file/\"\npool_max_idle = 1\n",
-    )
-    .expect("write");
-    let (code, out, err) = run_rwgate(
+    );
+    let out = accepted(
         &[
             "check-config",
             "--config",
-            file.to_str().expect("utf-8"),
+            &file,
             "--set",
             "upstream.timeout=3s",
             "--set",
@@ -434,7 +435,6 @@ fn one_precedence_for_every_source() {
             ("RWGATE_UPSTREAM_URL", "http://env/"),
         ],
     );
-    assert_eq!(code, 0, "{err}");
     let c = rwgate::settings::from_toml(&out, "check-config output").expect("output parses");
     assert_eq!(c.upstream.pool_max_idle, 1, "file");
     assert_eq!(c.upstream.max_retries, 2, "environment over file");
@@ -450,7 +450,7 @@ fn one_precedence_for_every_source() {
 /// written as people write them.
 #[test]
 fn check_config_prints_durations_as_written_and_nothing_in_debug_syntax() {
-    let (code, out, err) = run_rwgate(
+    let out = accepted(
         &[
             "check-config",
             "--auth",
@@ -460,7 +460,6 @@ fn check_config_prints_durations_as_written_and_nothing_in_debug_syntax() {
         ],
         &[],
     );
-    assert_eq!(code, 0, "{err}");
     assert!(out.contains("max_sample_age = \"365d\"\n"), "{out}");
     assert!(out.contains("timeout = \"1h 30m\"\n"), "{out}");
     assert!(out.contains("commit_delay = \"1ms\"\n"), "{out}");
@@ -480,11 +479,7 @@ fn check_config_prints_durations_as_written_and_nothing_in_debug_syntax() {
 /// Each subcommand offers only the flags of the settings it uses.
 #[test]
 fn subcommands_take_only_their_own_flags() {
-    let help = |cmd: &str| {
-        let (code, out, err) = run_rwgate(&[cmd, "--help"], &[]);
-        assert_eq!(code, 0, "{err}");
-        out
-    };
+    let help = |cmd: &str| accepted(&[cmd, "--help"], &[]);
     let flags = |text: &str| -> Vec<String> {
         text.split_whitespace()
             .filter(|w| w.starts_with("--"))
@@ -560,8 +555,7 @@ fn subcommands_take_only_their_own_flags() {
         }
         for f in foreign {
             assert!(!listed.iter().any(|x| x == f), "{cmd} offers {f}:\n{text}");
-            let (code, _, err) = run_rwgate(&[cmd, f, "x"], &[]);
-            assert_eq!(code, 2);
+            let err = refused(&[cmd, f, "x"], &[]);
             assert_eq!(err, format!("rwgate: unexpected argument '{f}' found\n"));
         }
     }

@@ -1583,6 +1583,12 @@ pub fn tenants_file(dir: &Path, entries: &[(&str, &str, Option<&str>)]) -> PathB
     path
 }
 
+/// A tenants file in `dir` ([`tenants_file`]) of one tenant, [`TENANT_A`],
+/// whose Basic credentials are `user`:`password`.
+pub fn tenant_a_file(dir: &Path, user: &str, password: &str) -> PathBuf {
+    tenants_file(dir, &[(TENANT_A, &basic_credentials(user, password), None)])
+}
+
 /// Static auth in `cfg`, from a tenants file of `entries` written in `dir`
 /// ([`tenants_file`]).
 pub fn static_auth(cfg: &mut Config, dir: &Path, entries: &[(&str, &str, Option<&str>)]) {
