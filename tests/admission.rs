@@ -50,12 +50,9 @@ async fn slow_bodies_of_one_tenant_leave_room_for_the_others() {
         .await;
     }
 
-    let resp = rw_post(&client(), &gw.write_url(), Some(TENANT_B), up("other"))
-        .send()
-        .await
-        .expect("an answer");
+    let other = rw_post(&client(), &gw.write_url(), Some(TENANT_B), up("other"));
     assert_eq!(
-        status_body(resp).await,
+        send_status_body(other).await,
         (204, String::new()),
         "another tenant gets in"
     );
@@ -114,9 +111,6 @@ async fn a_cancelled_request_releases_the_gauge_and_its_permit() {
     // Its permit is back: the tenant's one place (a share of 0.5 of two) is
     // free again.
     upstream.set_delay(Duration::ZERO);
-    let resp = rw_post(&client(), &gw.write_url(), Some(TENANT_A), up("back"))
-        .send()
-        .await
-        .expect("an answer");
-    assert_eq!(status_body(resp).await, (204, String::new()));
+    let back = rw_post(&client(), &gw.write_url(), Some(TENANT_A), up("back"));
+    assert_eq!(send_status_body(back).await, (204, String::new()));
 }

@@ -27,12 +27,9 @@ async fn a_huge_upstream_refusal_is_read_only_up_to_a_cap() {
     let gw = RwgateProcess::start(&["--auth", "none", "--upstream-url", &url]).await;
     let before = peak_rss_mib(gw.child.pid());
     let body = write_body(vec![series("up", &[("job", "caps")], 1.0, now_ms())]);
-    let resp = rw_post(&client(), &gw.url("/api/v1/write"), Some(TENANT_A), body)
-        .send()
-        .await
-        .expect("an answer");
+    let req = rw_post(&client(), &gw.url("/api/v1/write"), Some(TENANT_A), body);
     assert_eq!(
-        status_body(resp).await,
+        send_status_body(req).await,
         (
             400,
             "upstream rejected the write: out of order sample\n".to_string()
@@ -66,13 +63,9 @@ async fn a_huge_rest_api_answer_is_an_outage_read_only_up_to_a_cap() {
     cfg.auth.cluster_secret_file = Some(secret);
     let gw = Gateway::start(cfg).await;
     let body = write_body(vec![series("up", &[("job", "caps")], 1.0, now_ms())]);
-    let resp = rw_post(&client(), &gw.write_url(), Some(TENANT_A), body)
-        .basic_auth("a", Some("pw"))
-        .send()
-        .await
-        .expect("an answer");
+    let req = rw_post(&client(), &gw.write_url(), Some(TENANT_A), body).basic_auth("a", Some("pw"));
     assert_eq!(
-        status_body(resp).await,
+        send_status_body(req).await,
         (
             503,
             "cannot verify credentials right now; retry later\n".to_string()

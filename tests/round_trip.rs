@@ -70,13 +70,9 @@ async fn two_tenants_on_every_path_get_exactly_their_own_allowed_series() {
             (TENANT_A, "alice", "a-secret", &body_a),
             (TENANT_B, "bob", "b-secret", &body_b),
         ] {
-            let resp = rw_post(&http, &gw.url(path), Some(tenant), body.clone())
-                .basic_auth(user, Some(pass))
-                .send()
-                .await
-                .expect("POST write");
+            let req = rw_post(&http, &gw.url(path), Some(tenant), body.clone());
             assert_eq!(
-                status_body(resp).await,
+                send_status_body(req.basic_auth(user, Some(pass))).await,
                 (204, String::new()),
                 "{path} {tenant}"
             );

@@ -592,16 +592,12 @@ async fn over_the_concurrency_limit_is_503() {
     cfg.limits.max_concurrent_requests = 1;
     let gw = Gateway::start(cfg).await;
     let url = gw.url(WRITE);
-    let first = tokio::spawn({
-        let url = url.clone();
-        async move {
-            let resp = rw_post(&client(), &url, Some(TENANT_A), up_body())
-                .send()
-                .await
-                .expect("first POST");
-            status_body(resp).await
-        }
-    });
+    let first = tokio::spawn(send_status_body(rw_post(
+        &client(),
+        &url,
+        Some(TENANT_A),
+        up_body(),
+    )));
     wait_for(
         "the first request to reach the upstream",
         Duration::from_secs(10),

@@ -30,11 +30,8 @@ async fn writes_reach_an_upstream_that_requires_a_client_certificate() {
     // Both: the write lands.
     let gw = Gateway::start(config(&prom, true, true, &pki)).await;
     let body = write_body(vec![series("up", &[("job", "mtls")], 1.0, ts)]);
-    let resp = rw_post(&client(), &gw.url("/api/v1/write"), Some(TENANT_A), body)
-        .send()
-        .await
-        .expect("POST to rwgate");
-    assert_eq!(status_body(resp).await, (204, String::new()));
+    let req = rw_post(&client(), &gw.url("/api/v1/write"), Some(TENANT_A), body);
+    assert_eq!(send_status_body(req).await, (204, String::new()));
     gw.stop().await;
     let got = prom.wait_series("up{job=\"mtls\"}", START_TIMEOUT).await;
     assert_eq!(got.len(), 1, "{got:?}");
@@ -50,12 +47,9 @@ async fn writes_reach_an_upstream_that_requires_a_client_certificate() {
     for (ca, client_cert, job) in [(true, false, "no-client-cert"), (false, true, "no-ca")] {
         let gw = Gateway::start(config(&prom, ca, client_cert, &pki)).await;
         let body = write_body(vec![series("up", &[("job", job)], 1.0, ts)]);
-        let resp = rw_post(&client(), &gw.url("/api/v1/write"), Some(TENANT_A), body)
-            .send()
-            .await
-            .expect("POST to rwgate");
+        let req = rw_post(&client(), &gw.url("/api/v1/write"), Some(TENANT_A), body);
         assert_eq!(
-            status_body(resp).await,
+            send_status_body(req).await,
             (503, "upstream unavailable; retry later\n".to_string()),
             "{job}"
         );

@@ -1561,6 +1561,11 @@ pub async fn status_body(resp: reqwest::Response) -> (u16, String) {
     (status, body)
 }
 
+/// Sends `req` and returns the status and body text of its answer.
+pub async fn send_status_body(req: reqwest::RequestBuilder) -> (u16, String) {
+    status_body(req.send().await.expect("an answer")).await
+}
+
 /// Base64 of `user:password`, as the platform stores credentials.
 pub fn basic_credentials(user: &str, password: &str) -> String {
     use base64::Engine;
