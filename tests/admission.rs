@@ -85,11 +85,9 @@ async fn slow_bodies_of_one_tenant_leave_room_for_the_others() {
 /// with it (the gauge stayed up, and the permit was the semaphore's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_request_releases_the_gauge_and_its_permit() {
-    let upstream = FakeUpstream::start(Vec::new()).await;
+    let (upstream, gw) =
+        gateway_to_fake_upstream(|cfg| cfg.limits.max_concurrent_requests = 2).await;
     upstream.set_delay(Duration::from_secs(60));
-    let mut cfg = test_config(&upstream.url());
-    cfg.limits.max_concurrent_requests = 2;
-    let gw = Gateway::start(cfg).await;
 
     let body = up("gone");
     let post = SlowPost::start(gw.addr, "/api/v1/write", TENANT_A, &body, body.len()).await;

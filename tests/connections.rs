@@ -13,10 +13,9 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_after_the_header_timeout() {
-    let up = FakeUpstream::start(Vec::new()).await;
-    let mut cfg = test_config(&up.url());
-    cfg.limits.header_read_timeout = Duration::from_millis(300);
-    let gw = Gateway::start(cfg).await;
+    let (_up, gw) =
+        gateway_to_fake_upstream(|cfg| cfg.limits.header_read_timeout = Duration::from_millis(300))
+            .await;
     let addr = gw.addr;
     let took = tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(addr).expect("connect");

@@ -28,10 +28,9 @@ async fn rejected(gw: &Gateway, reason: &str, want: f64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hyper_rejections_are_counted_by_reason() {
-    let up = FakeUpstream::start(Vec::new()).await;
-    let mut cfg = test_config(&up.url());
-    cfg.limits.header_read_timeout = Duration::from_millis(500);
-    let gw = Gateway::start(cfg).await;
+    let (_up, gw) =
+        gateway_to_fake_upstream(|cfg| cfg.limits.header_read_timeout = Duration::from_millis(500))
+            .await;
     let count = |text: &str, reason: &str| {
         metric_value(
             text,

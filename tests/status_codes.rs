@@ -586,11 +586,8 @@ async fn slow_headers_and_bodies_time_out() {
 /// instead of queueing without bound; the admitted one completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_concurrency_limit_is_503() {
-    let up = FakeUpstream::start(Vec::new()).await;
+    let (up, gw) = gateway_to_fake_upstream(|cfg| cfg.limits.max_concurrent_requests = 1).await;
     up.set_delay(Duration::from_secs(1));
-    let mut cfg = test_config(&up.url());
-    cfg.limits.max_concurrent_requests = 1;
-    let gw = Gateway::start(cfg).await;
     let url = gw.url(WRITE);
     let first = tokio::spawn(send_status_body(rw_post(
         &client(),

@@ -1329,6 +1329,15 @@ pub fn test_config(upstream_url: &str) -> Config {
     c
 }
 
+/// rwgate in front of a [`FakeUpstream`] with an empty script (it answers
+/// 204), on the [`test_config`] that `set` changes.
+pub async fn gateway_to_fake_upstream(set: impl FnOnce(&mut Config)) -> (FakeUpstream, Gateway) {
+    let upstream = FakeUpstream::start(Vec::new()).await;
+    let mut cfg = test_config(&upstream.url());
+    set(&mut cfg);
+    (upstream, Gateway::start(cfg).await)
+}
+
 /// rwgate served by `rwgate::run` on a spawned task, with its own listener
 /// on port 0 and a oneshot as its shutdown signal (sent on drop).
 pub struct Gateway {
