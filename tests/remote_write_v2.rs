@@ -638,14 +638,7 @@ async fn negotiation_and_upstream_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_before_any_work_say_nothing_was_written() {
     let up = FakeUpstream::start(vec![]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = test_config(&up.url());
-    static_auth(
-        &mut cfg,
-        dir.path(),
-        &[(TENANT_A, &basic_credentials("alice", "a"), None)],
-    );
-    let gw = Gateway::start(cfg).await;
+    let (gw, _tenants) = gateway_for_tenant_a(test_config(&up.url()), "alice", "a").await;
     let http = client();
     let mut b = Builder::new();
     b.series(&[("__name__", "up")], &[(1, 1.0)]);

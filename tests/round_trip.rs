@@ -165,14 +165,7 @@ async fn two_tenants_on_every_path_get_exactly_their_own_allowed_series() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmagent_writes_through_rwgate_with_header_and_basic_auth() {
     let prom = Prometheus::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = test_config(&prom.write_url());
-    static_auth(
-        &mut cfg,
-        dir.path(),
-        &[(TENANT_A, &basic_credentials("vm", "pa55"), None)],
-    );
-    let gw = Gateway::start(cfg).await;
+    let (gw, _tenants) = gateway_for_tenant_a(test_config(&prom.write_url()), "vm", "pa55").await;
 
     // A spoofed tenant label set by the sender, as an external label would be.
     let agent = VmAgent::start(

@@ -1338,6 +1338,20 @@ pub async fn gateway_to_fake_upstream(set: impl FnOnce(&mut Config)) -> (FakeUps
     (upstream, Gateway::start(cfg).await)
 }
 
+/// rwgate on `cfg` with static auth of one tenant, [`TENANT_A`], whose Basic
+/// credentials are `user`:`password`. The tenants file is in the returned
+/// directory: keep it as long as the gateway.
+pub async fn gateway_for_tenant_a(
+    mut cfg: Config,
+    user: &str,
+    password: &str,
+) -> (Gateway, TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    cfg.auth.mode = AuthMode::Static;
+    cfg.auth.tenants_file = Some(tenant_a_file(dir.path(), user, password));
+    (Gateway::start(cfg).await, dir)
+}
+
 /// rwgate served by `rwgate::run` on a spawned task, with its own listener
 /// on port 0 and a oneshot as its shutdown signal (sent on drop).
 pub struct Gateway {
