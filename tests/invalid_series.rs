@@ -115,23 +115,16 @@ async fn invalid_series_are_refused_and_the_rest_is_stored() {
     assert_eq!(stored, want.into_iter().collect());
 
     // Counted by reason.
-    let metrics = gw.metrics().await;
-    for (reason, n) in [
-        ("duplicate_label_name", 3.0),
-        ("missing_metric_name", 1.0),
-        ("empty_metric_name", 1.0),
-        ("empty_label_name", 1.0),
-        ("malformed_sample", 1.0),
-    ] {
-        assert_eq!(
-            metric_value(
-                &metrics,
-                &format!("rwgate_series_refused_total{{reason=\"{reason}\"}}")
-            ),
-            n,
-            "{reason}"
-        );
-    }
+    assert_series_refused(
+        &gw.metrics().await,
+        &[
+            ("duplicate_label_name", 3.0),
+            ("missing_metric_name", 1.0),
+            ("empty_metric_name", 1.0),
+            ("empty_label_name", 1.0),
+            ("malformed_sample", 1.0),
+        ],
+    );
 
     // A request whose series are all valid still answers 204.
     let ok = write_body(vec![series("up", &[("job", "later")], 1.0, ts)]);

@@ -425,17 +425,16 @@ async fn invalid_series_are_a_partial_write() {
             ("tenant_id", TENANT_A)
         ])
     );
-    let m = gw.metrics().await;
-    for (reason, n) in [
-        ("odd_labels_refs", 1.0),
-        ("symbol_out_of_range", 1.0),
-        ("duplicate_label_name", 1.0),
-        ("missing_metric_name", 1.0),
-        ("malformed_series", 1.0),
-    ] {
-        let line = format!("rwgate_series_refused_total{{reason=\"{reason}\"}}");
-        assert_eq!(metric_value(&m, &line), n, "{line}\n{m}");
-    }
+    assert_series_refused(
+        &gw.metrics().await,
+        &[
+            ("odd_labels_refs", 1.0),
+            ("symbol_out_of_range", 1.0),
+            ("duplicate_label_name", 1.0),
+            ("missing_metric_name", 1.0),
+            ("malformed_series", 1.0),
+        ],
+    );
 
     // Only invalid series: nothing to forward, still a 400.
     let only_bad = pb::Request {

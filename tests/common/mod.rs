@@ -1589,6 +1589,15 @@ pub async fn send_status_body(req: reqwest::RequestBuilder) -> (u16, String) {
     status_body(req.send().await.expect("an answer")).await
 }
 
+/// Asserts `rwgate_series_refused_total` of each reason in `want`, in the
+/// text of `/metrics`.
+pub fn assert_series_refused(metrics: &str, want: &[(&str, f64)]) {
+    for (reason, n) in want {
+        let line = format!("rwgate_series_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric_value(metrics, &line), *n, "{line}\n{metrics}");
+    }
+}
+
 /// Base64 of `user:password`, as the platform stores credentials.
 pub fn basic_credentials(user: &str, password: &str) -> String {
     use base64::Engine;
