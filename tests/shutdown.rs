@@ -98,17 +98,9 @@ async fn grace_period_bounds_shutdown() {
         "500ms",
     ])
     .await;
-    let url = gw.url("/api/v1/write");
-    let _stuck = tokio::spawn(async move {
-        let body = write_body(vec![series("up", &[], 1.0, now_ms())]);
-        let _ = rw_post(&client(), &url, Some(TENANT_A), body).send().await;
-    });
-    wait_for(
-        "the stuck request to reach the upstream",
-        Duration::from_secs(10),
-        || async { (upstream.count() == 1).then_some(()) },
-    )
-    .await;
+    let _stuck = upstream
+        .hold_a_write(gw.url("/api/v1/write"), Duration::from_secs(10))
+        .await;
     let signalled = Instant::now();
     gw.child.signal("TERM");
     let status = gw.child.wait_exit(Duration::from_secs(10)).await;

@@ -66,17 +66,9 @@ async fn every_shutdown_stage_fits_in_one_grace() {
 
     // A request stuck at the upstream, and the rollup's first pass stuck at
     // ClickHouse (the drain's migrate is, from the start).
-    let url = gw.write_url();
-    let _stuck = tokio::spawn(async move {
-        let body = write_body(vec![series("up", &[("job", "stuck")], 1.0, now_ms())]);
-        let _ = rw_post(&client(), &url, Some(TENANT_A), body).send().await;
-    });
-    wait_for(
-        "the stuck request to reach the upstream",
-        Duration::from_secs(60),
-        || async { (upstream.count() == 1).then_some(()) },
-    )
-    .await;
+    let _stuck = upstream
+        .hold_a_write(gw.write_url(), Duration::from_secs(60))
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let signalled = Instant::now();

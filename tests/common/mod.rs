@@ -1179,6 +1179,28 @@ impl FakeUpstream {
     pub fn count(&self) -> usize {
         self.state.seen.lock().expect("seen lock").len()
     }
+
+    /// Sends one write to `url` (rwgate in front of this upstream) on a
+    /// spawned task and returns once this upstream has it, within `timeout`:
+    /// with a delay set, a request stuck at the upstream.
+    pub async fn hold_a_write(
+        &self,
+        url: String,
+        timeout: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let before = self.count();
+        let task = tokio::spawn(async move {
+            let body = write_body(vec![series("up", &[("job", "stuck")], 1.0, now_ms())]);
+            let _ = rw_post(&client(), &url, Some(TENANT_A), body).send().await;
+        });
+        wait_for(
+            "the stuck request to reach the upstream",
+            timeout,
+            || async { (self.count() > before).then_some(()) },
+        )
+        .await;
+        task
+    }
 }
 
 /// A remote-write receiver answering 204 to everything, counting requests.
