@@ -1307,6 +1307,19 @@ mod tests {
         handles
     }
 
+    /// A spool on a [`TestClock`], shared as the appending tests use it,
+    /// with the options `o` gives for a fresh directory (removed when the
+    /// returned guard drops).
+    fn open_clocked(
+        o: impl FnOnce(&Path) -> SpoolOptions,
+    ) -> (tempfile::TempDir, Arc<Spool>, SpoolReader, Arc<TestClock>) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock::default());
+        let (spool, reader) =
+            Spool::open_with_clock(&o(dir.path()), Box::new(clock.clone())).unwrap();
+        (dir, Arc::new(spool), reader, clock)
+    }
+
     async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         tokio::task::spawn_blocking(f).await.unwrap()
     }
@@ -1316,12 +1329,10 @@ mod tests {
     /// meanwhile shares the group's one fsync.
     #[tokio::test(flavor = "current_thread")]
     async fn the_commit_delay_groups_appends_spread_in_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut o = opts(dir.path());
-        o.commit_delay = Duration::from_millis(400);
-        let clock = Arc::new(TestClock::default());
-        let (spool, mut reader) = Spool::open_with_clock(&o, Box::new(clock.clone())).unwrap();
-        let spool = Arc::new(spool);
+        let (_dir, spool, mut reader, clock) = open_clocked(|dir| SpoolOptions {
+            commit_delay: Duration::from_millis(400),
+            ..opts(dir)
+        });
         let mut appends = queue_appends(&spool, 0, 1).await;
         let c = clock.clone();
         let until = blocking(move || c.sleeping_until()).await;
@@ -1348,12 +1359,10 @@ mod tests {
     /// that arrive meanwhile share that group.
     #[tokio::test(flavor = "current_thread")]
     async fn the_commit_interval_bounds_group_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut o = roomy_opts(dir.path());
-        o.commit_interval = Duration::from_millis(50);
-        let clock = Arc::new(TestClock::default());
-        let (spool, mut reader) = Spool::open_with_clock(&o, Box::new(clock.clone())).unwrap();
-        let spool = Arc::new(spool);
+        let (_dir, spool, mut reader, clock) = open_clocked(|dir| SpoolOptions {
+            commit_interval: Duration::from_millis(50),
+            ..roomy_opts(dir)
+        });
         // After a quiet spell a lone append is written at once.
         for a in queue_appends(&spool, 0, 1).await {
             a.await.unwrap();
@@ -1385,11 +1394,7 @@ mod tests {
     /// 64 appends.
     #[tokio::test(flavor = "current_thread")]
     async fn concurrent_appends_share_fsyncs() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(TestClock::default());
-        let (spool, mut reader) =
-            Spool::open_with_clock(&roomy_opts(dir.path()), Box::new(clock.clone())).unwrap();
-        let spool = Arc::new(spool);
+        let (_dir, spool, mut reader, clock) = open_clocked(roomy_opts);
         clock.hold();
         let mut appends = queue_appends(&spool, 0, 1).await;
         let c = clock.clone();
