@@ -429,9 +429,11 @@ impl<'de> de::MapAccess<'de> for OneEntry<'_> {
     }
 }
 
+/// `deserialize_*` methods that end the path at a value of one kind; the
+/// arguments in brackets are those the method takes before its visitor.
 macro_rules! leaves {
-    ($($method:ident => $kind:expr),+ $(,)?) => {$(
-        fn $method<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+    ($($method:ident $(($($arg:ident: $ty:ty),+))? => $kind:expr),+ $(,)?) => {$(
+        fn $method<V: Visitor<'de>>(self, $($($arg: $ty,)+)? _: V) -> Result<V::Value, Stop> {
             self.leaf($kind)
         }
     )+};
@@ -477,41 +479,11 @@ impl<'de> Deserializer<'de> for Probe<'_> {
         visitor.visit_newtype_struct(self)
     }
 
-    fn deserialize_enum<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        variants: &'static [&'static str],
-        _visitor: V,
-    ) -> Result<V::Value, Stop> {
-        self.leaf(Kind::Choice(variants))
-    }
-
-    fn deserialize_unit_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _visitor: V,
-    ) -> Result<V::Value, Stop> {
-        self.leaf(Kind::NumberOrText)
-    }
-
-    fn deserialize_tuple<V: Visitor<'de>>(
-        self,
-        _len: usize,
-        _visitor: V,
-    ) -> Result<V::Value, Stop> {
-        self.leaf(Kind::List)
-    }
-
-    fn deserialize_tuple_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _len: usize,
-        _visitor: V,
-    ) -> Result<V::Value, Stop> {
-        self.leaf(Kind::List)
-    }
-
     leaves! {
+        deserialize_enum(_name: &'static str, variants: &'static [&'static str]) => Kind::Choice(variants),
+        deserialize_unit_struct(_name: &'static str) => Kind::NumberOrText,
+        deserialize_tuple(_len: usize) => Kind::List,
+        deserialize_tuple_struct(_name: &'static str, _len: usize) => Kind::List,
         deserialize_bool => Kind::Bool,
         deserialize_i8 => Kind::Integer,
         deserialize_i16 => Kind::Integer,
@@ -562,22 +534,23 @@ mod tests {
                 .map(|s| (s.kind, s.optional))
                 .unwrap_or_else(|| panic!("{p} missing"))
         };
-        assert_eq!(kind("listen"), (Kind::Text, false));
-        assert_eq!(kind("auth.rest_url"), (Kind::Text, true));
-        assert_eq!(kind("auth.tenants_file"), (Kind::Text, true));
-        assert_eq!(kind("upstream.tls.ca"), (Kind::Text, true));
-        assert_eq!(
-            kind("limits.max_series_per_request"),
-            (Kind::Integer, false)
-        );
-        assert_eq!(kind("limits.max_body_bytes"), (Kind::NumberOrText, false));
-        assert_eq!(kind("auth.cache_ttl"), (Kind::Text, false));
-        assert_eq!(kind("tenancy.labels"), (Kind::List, false));
-        assert_eq!(kind("rollup.enabled"), (Kind::Bool, false));
-        assert_eq!(
-            kind("auth.mode"),
-            (Kind::Choice(&["rest", "static", "none"]), false)
-        );
+        for (path, want) in [
+            ("listen", (Kind::Text, false)),
+            ("auth.rest_url", (Kind::Text, true)),
+            ("auth.tenants_file", (Kind::Text, true)),
+            ("upstream.tls.ca", (Kind::Text, true)),
+            ("limits.max_series_per_request", (Kind::Integer, false)),
+            ("limits.max_body_bytes", (Kind::NumberOrText, false)),
+            ("auth.cache_ttl", (Kind::Text, false)),
+            ("tenancy.labels", (Kind::List, false)),
+            ("rollup.enabled", (Kind::Bool, false)),
+            (
+                "auth.mode",
+                (Kind::Choice(&["rest", "static", "none"]), false),
+            ),
+        ] {
+            assert_eq!(kind(path), want, "{path}");
+        }
         // Sections are not settings.
         assert!(!all
             .iter()
