@@ -457,12 +457,11 @@ impl Rollup {
         for (bucket, accounts) in by_bucket {
             let accounts: Vec<String> = accounts.into_iter().collect();
             for chunk in chunk_by_bytes(&accounts, IN_LIST_BUDGET, |a| a.len() + 3) {
-                match self.derive_bucket(bucket, chunk, &mut report).await {
-                    Ok(work) => {
-                        self.succeeded(bucket, chunk);
-                        charges += work.charged.len();
-                        works.push(work);
-                    }
+                match self
+                    .derive_into(bucket, chunk, &mut report, &mut works)
+                    .await
+                {
+                    Ok(charged) => charges += charged,
                     Err(e) if !e.is_data_error() => return Err(e),
                     Err(e) => {
                         // Something in this data: isolate it account by
@@ -470,12 +469,8 @@ impl Rollup {
                         tracing::warn!(error = %e, bucket, accounts = chunk.len(), "rollup: a bucket failed; retrying it account by account");
                         for account in chunk {
                             let one = std::slice::from_ref(account);
-                            match self.derive_bucket(bucket, one, &mut report).await {
-                                Ok(work) => {
-                                    self.succeeded(bucket, one);
-                                    charges += work.charged.len();
-                                    works.push(work);
-                                }
+                            match self.derive_into(bucket, one, &mut report, &mut works).await {
+                                Ok(charged) => charges += charged,
                                 Err(e) if !e.is_data_error() => return Err(e),
                                 Err(e) => {
                                     if self.failed(bucket, account, &e) {
@@ -632,6 +627,23 @@ impl Rollup {
             .insert::<TouchedRow>(&self.ch.touched_table, &rows)
             .await?;
         Ok(())
+    }
+
+    /// Derives one bucket for `accounts` ([`derive_bucket`](Self::derive_bucket))
+    /// into `works`, forgetting their earlier failures; returns how many
+    /// charges it added.
+    async fn derive_into(
+        &self,
+        bucket: i64,
+        accounts: &[String],
+        report: &mut PassReport,
+        works: &mut Vec<BucketWork>,
+    ) -> Result<usize, RollupError> {
+        let work = self.derive_bucket(bucket, accounts, report).await?;
+        self.succeeded(bucket, accounts);
+        let charged = work.charged.len();
+        works.push(work);
+        Ok(charged)
     }
 
     /// Forgets earlier failures of these (account, bucket)s.
