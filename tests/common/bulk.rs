@@ -485,18 +485,18 @@ pub async fn platform_view(
     account: &str,
     days: &[i64],
 ) -> BTreeMap<(String, i64), f64> {
-    platform_view_by(ch, rest, account, days, "k8s_namespace").await
+    platform_view_by(ch, &rest.resources(account), account, days, "k8s_namespace").await
 }
 
-/// [`platform_view`] keyed by the document field `field` (`name` for pods).
-pub async fn platform_view_by(
+/// [`platform_view`] from the resource documents `docs` of `account`, keyed
+/// by the document field `field` (`name` for pods).
+async fn platform_view_by(
     ch: &super::clickhouse::ClickHouseServer,
-    rest: &super::RestApi,
+    docs: &[serde_json::Value],
     account: &str,
     days: &[i64],
     field: &str,
 ) -> BTreeMap<(String, i64), f64> {
-    let docs = rest.resources(account);
     let key_of: BTreeMap<String, String> = docs
         .iter()
         .map(|d| {
@@ -508,7 +508,7 @@ pub async fn platform_view_by(
         .collect();
     let mut out = BTreeMap::new();
     for &day in days {
-        for (id, cost) in super::clickhouse::platform_day_costs(ch, &docs, account, day).await {
+        for (id, cost) in super::clickhouse::platform_day_costs(ch, docs, account, day).await {
             out.insert((key_of[&id].clone(), day), cost);
         }
     }
@@ -565,7 +565,7 @@ pub async fn until_platform_shows(
         "the platform shows the money",
         || async {
             same_money(
-                &platform_view_by(ch, rest, account, days, field).await,
+                &platform_view_by(ch, &rest.resources(account), account, days, field).await,
                 want,
                 1e-9,
             )
