@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use proptest::test_runner::TestCaseError;
 
+use super::inputs::Input;
 use crate::config::DEFAULT_ALLOWLIST;
 use crate::cost::names::is_teed;
 use crate::cost::record::{self, decode_record, Accepted};
@@ -136,19 +137,54 @@ pub fn label_rules(
     (!name.is_empty()).then_some((labels, name))
 }
 
-/// Runs `process` (the pipeline of one protocol) on `compressed` with the
-/// case's [`params`], and checks its snappy layer ([`snappy`]). Returns,
-/// when the rest of the property applies, the decompressed body, the
-/// limits the pipeline decodes it with and what `process` gave.
-#[allow(clippy::type_complexity)]
-pub fn processed<T: std::fmt::Debug>(
-    compressed: &[u8],
-    limits: ShapeLimits,
-    max_decoded: u64,
-    process: impl FnOnce(&Params<'_>) -> Result<T, PipelineError>,
-) -> Result<Option<(Vec<u8>, ShapeLimits, Result<T, PipelineError>)>, TestCaseError> {
-    let got = process(&params(limits, max_decoded));
-    Ok(snappy(compressed, max_decoded, &got)?.map(|raw| (raw, pipeline_limits(&limits), got)))
+/// The pipeline property of one protocol on an input: runs `process` on
+/// its body as sent with the case's [`params`] and checks its
+/// snappy layer ([`snappy`]); then, on the decompressed body and the limits
+/// the pipeline decodes it with ([`pipeline_limits`]), `decode` checks the
+/// decoder against the reference and returns what the reference accepted
+/// (`None`: it refused the request, which `process` must refuse as
+/// undecodable); what it accepted goes to `check` with the outcome.
+pub fn check_processed<A: std::fmt::Debug>(
+    input: &Input,
+    process: impl FnOnce(&Params<'_>) -> Result<Outcome, PipelineError>,
+    decode: impl FnOnce(&[u8], &ShapeLimits) -> Result<Option<A>, TestCaseError>,
+    check: impl FnOnce(A, Outcome) -> Result<(), TestCaseError>,
+) -> Result<(), TestCaseError> {
+    let got = process(&params(input.limits, input.max_decoded));
+    let Some(raw) = snappy(&input.body, input.max_decoded, &got)? else {
+        return Ok(());
+    };
+    match (decode(&raw, &pipeline_limits(&input.limits))?, got) {
+        (None, Err(PipelineError::Decode(_))) => Ok(()),
+        (Some(want), Ok(out)) => check(want, out),
+        (want, got) => Err(fail(format!("reference {want:?}, process {got:?}"))),
+    }
+}
+
+/// The series `out` refused: `refused` of the request's `series` (none of
+/// none when nothing was refused).
+pub fn check_refused(out: &Outcome, refused: u64, series: u64) -> Result<(), TestCaseError> {
+    let got = out
+        .refused
+        .as_ref()
+        .map_or((0, 0), |r| (r.refused, r.series));
+    let want = (refused, if refused > 0 { series } else { 0 });
+    if got != want {
+        return Err(fail(format!(
+            "process refuses {got:?} (refused, of series), want {want:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The body `out` forwards, decompressed (empty when it forwards none).
+pub fn forwarded(out: &Outcome) -> Result<Vec<u8>, TestCaseError> {
+    if out.body.is_empty() {
+        return Ok(Vec::new());
+    }
+    snap::raw::Decoder::new()
+        .decompress_vec(&out.body)
+        .map_err(|e| fail(format!("the forwarded body is not snappy: {e}")))
 }
 
 /// The snappy layer of `process`/`process_v2`, against the `snap` crate's

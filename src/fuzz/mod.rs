@@ -73,8 +73,8 @@ pub const REGRESSIONS: &[(Version, &str, &str)] = &[
 /// Runs the property on one input.
 pub fn check(input: &Input) -> Result<(), TestCaseError> {
     match input.version {
-        Version::V1 => v1::check_process(&input.body, input.limits, input.max_decoded),
-        Version::V2 => v2::check_process(&input.body, input.limits, input.max_decoded),
+        Version::V1 => v1::check_process(input),
+        Version::V2 => v2::check_process(input),
     }
 }
 

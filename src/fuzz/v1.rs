@@ -23,7 +23,8 @@ use proptest::test_runner::TestCaseError;
 use prost::Message;
 
 use super::expect::{self, fail, with_tenant, TeeWant};
-use crate::pipeline::{self, PipelineError, Scratch};
+use super::inputs::Input;
+use crate::pipeline::{self, Outcome, Scratch};
 use crate::prompb;
 use crate::wire::{self, Decoded, ShapeLimits};
 
@@ -139,23 +140,21 @@ struct Series {
     out: OutSeries,
 }
 
-/// What the reference says of a decompressed body.
+/// What the reference accepts of a decompressed body.
 #[derive(Debug)]
-enum Verdict {
-    Refused,
-    Accepted {
-        valid: Vec<Series>,
-        refused: u32,
-        metadata: usize,
-    },
+struct Accepted {
+    valid: Vec<Series>,
+    refused: u32,
+    metadata: usize,
 }
 
-fn reference(raw: &[u8], limits: &ShapeLimits) -> Verdict {
+/// What the reference accepts of a decompressed body; `None`: it refuses it.
+fn reference(raw: &[u8], limits: &ShapeLimits) -> Option<Accepted> {
     let Ok(req) = RawRequest::decode(raw) else {
-        return Verdict::Refused;
+        return None;
     };
     if req.timeseries.len() > limits.max_series {
-        return Verdict::Refused;
+        return None;
     }
     let mut valid = Vec::new();
     let mut refused = 0;
@@ -173,7 +172,7 @@ fn reference(raw: &[u8], limits: &ShapeLimits) -> Verdict {
                 .iter()
                 .all(|e| e.labels.iter().all(RawLabel::utf8));
         if !utf8 {
-            return Verdict::Refused;
+            return None;
         }
         let histograms = HistogramBytes::decode(bytes.as_slice())
             .expect("the series decoded")
@@ -183,11 +182,11 @@ fn reference(raw: &[u8], limits: &ShapeLimits) -> Verdict {
             None => refused += 1,
         }
     }
-    Verdict::Accepted {
+    Some(Accepted {
         valid,
         refused,
         metadata: req.metadata.len(),
-    }
+    })
 }
 
 /// The per-series limits and label rules.
@@ -239,17 +238,16 @@ fn labels_out(labels: &[(Vec<u8>, Vec<u8>)]) -> Vec<prompb::Label> {
 
 /// [`wire::decode`] against the reference on a decompressed body: the same
 /// decision for the request and for each series, and for the valid ones
-/// the same labels, metric name and samples.
-pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseError> {
+/// the same labels, metric name and samples. Returns what the reference
+/// accepted.
+fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<Option<Accepted>, TestCaseError> {
     let mut d = Decoded::default();
     let got = wire::decode(raw, limits, &mut d);
-    let accepted = match reference(raw, limits) {
-        Verdict::Refused => None,
-        Verdict::Accepted { valid, refused, .. } => Some((valid, refused)),
+    let Some(accepted) = expect::decision(reference(raw, limits), got)? else {
+        return Ok(None);
     };
-    let Some((valid, refused)) = expect::decision(accepted, got)? else {
-        return Ok(());
-    };
+    let Accepted { valid, refused, .. } = &accepted;
+    let refused = *refused;
     if d.refused.count() != refused {
         return Err(fail(format!(
             "decode refuses {} series, the reference {refused}",
@@ -263,7 +261,7 @@ pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseErro
             valid.len()
         )));
     }
-    for (s, want) in d.series.iter().zip(&valid) {
+    for (s, want) in d.series.iter().zip(valid) {
         let labels: Vec<(Vec<u8>, Vec<u8>)> = d
             .labels_of(s)
             .iter()
@@ -284,7 +282,7 @@ pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseErro
             )));
         }
     }
-    Ok(())
+    Ok(Some(accepted))
 }
 
 /// [`pipeline::process`] on a body as sent: the snappy layer
@@ -292,40 +290,27 @@ pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseErro
 /// as the reference, and for an accepted request the counts, the refused
 /// series, the forwarded body (prost decodes it to exactly the valid
 /// series the allowlist keeps, tenant labels set, nothing else) and the tee.
-pub fn check_process(
-    compressed: &[u8],
-    limits: ShapeLimits,
-    max_decoded: u64,
-) -> Result<(), TestCaseError> {
-    let Some((raw, limits, got)) = expect::processed(compressed, limits, max_decoded, |p| {
-        pipeline::process(compressed, p, &mut Scratch::default())
-    })?
-    else {
-        return Ok(());
-    };
-    check_decode(&raw, &limits)?;
-    let (valid, refused, metadata, out) = match (reference(&raw, &limits), got) {
-        (Verdict::Refused, Err(PipelineError::Decode(_))) => return Ok(()),
-        (
-            Verdict::Accepted {
-                valid,
-                refused,
-                metadata,
-            },
-            Ok(out),
-        ) => (valid, refused, metadata, out),
-        (v, g) => return Err(fail(format!("reference {v:?}, process {g:?}"))),
-    };
-    let got_refused = out
-        .refused
-        .as_ref()
-        .map_or((0, 0), |r| (r.refused, r.series));
-    let series = u64::from(refused) + valid.len() as u64;
-    if got_refused != (u64::from(refused), if refused > 0 { series } else { 0 }) {
-        return Err(fail(format!(
-            "process refuses {got_refused:?} (refused, of series), want {refused} of {series}"
-        )));
-    }
+pub fn check_process(input: &Input) -> Result<(), TestCaseError> {
+    expect::check_processed(
+        input,
+        |p| pipeline::process(&input.body, p, &mut Scratch::default()),
+        check_decode,
+        check_outcome,
+    )
+}
+
+/// What [`pipeline::process`] gave for a request the reference accepted.
+fn check_outcome(want: Accepted, out: Outcome) -> Result<(), TestCaseError> {
+    let Accepted {
+        valid,
+        refused,
+        metadata,
+    } = want;
+    expect::check_refused(
+        &out,
+        u64::from(refused),
+        u64::from(refused) + valid.len() as u64,
+    )?;
     let allow = expect::allowlist();
     let kept: Vec<&Series> = valid
         .iter()
@@ -366,15 +351,9 @@ pub fn check_process(
             .collect(),
         metadata: Vec::new(),
     };
-    let forwarded = if out.body.is_empty() {
-        OutRequest::default()
-    } else {
-        let body = snap::raw::Decoder::new()
-            .decompress_vec(&out.body)
-            .map_err(|e| fail(format!("the forwarded body is not snappy: {e}")))?;
-        OutRequest::decode(body.as_slice())
-            .map_err(|e| fail(format!("prost refuses the forwarded body: {e}")))?
-    };
+    // An empty body decodes to the empty request.
+    let forwarded = OutRequest::decode(expect::forwarded(&out)?.as_slice())
+        .map_err(|e| fail(format!("prost refuses the forwarded body: {e}")))?;
     expect::same_message(&forwarded, &want)?;
     let tee: Vec<TeeWant> = valid.into_iter().map(|s| s.tee).collect();
     expect::check_tee(&out, &tee)

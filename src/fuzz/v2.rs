@@ -27,8 +27,9 @@ use proptest::test_runner::TestCaseError;
 use prost::Message;
 
 use super::expect::{self, fail, TeeWant};
+use super::inputs::Input;
 use crate::config::RemoteWriteVersion;
-use crate::pipeline::{self, Outcome, PipelineError, Scratch};
+use crate::pipeline::{self, Outcome, Scratch};
 use crate::wire::ShapeLimits;
 use crate::wire_v2::{self, DecodedV2, Written};
 use crate::{prompb, prompb_v2};
@@ -181,26 +182,25 @@ struct Series {
     tee: TeeWant,
 }
 
+/// What the reference accepts of a decompressed body.
 #[derive(Debug)]
-enum Verdict {
-    Refused,
+struct Accepted {
+    symbols: Vec<String>,
     /// Each series in request order, `None` if refused.
-    Accepted {
-        symbols: Vec<String>,
-        series: Vec<Option<Series>>,
-    },
+    series: Vec<Option<Series>>,
 }
 
-fn reference(raw: &[u8], limits: &ShapeLimits) -> Verdict {
+/// What the reference accepts of a decompressed body; `None`: it refuses it.
+fn reference(raw: &[u8], limits: &ShapeLimits) -> Option<Accepted> {
     let Ok(req) = RawRequest::decode(raw) else {
-        return Verdict::Refused;
+        return None;
     };
     if req.timeseries.len() > limits.max_series {
-        return Verdict::Refused;
+        return None;
     }
     match req.symbols.first() {
-        Some(first) if !first.is_empty() => return Verdict::Refused,
-        None if !req.timeseries.is_empty() => return Verdict::Refused,
+        Some(first) if !first.is_empty() => return None,
+        None if !req.timeseries.is_empty() => return None,
         _ => {}
     }
     let series = req
@@ -216,10 +216,10 @@ fn reference(raw: &[u8], limits: &ShapeLimits) -> Verdict {
             }
         })
         .collect();
-    Verdict::Accepted {
+    Some(Accepted {
         symbols: req.symbols,
         series,
-    }
+    })
 }
 
 /// The per-series rules.
@@ -260,17 +260,14 @@ fn check(symbols: &[String], raw: RawSeries, bytes: &[u8], limits: &ShapeLimits)
 
 /// [`wire_v2::decode`] against the reference: the same decision for the
 /// request and for each series; for the valid ones the same labels, name,
-/// metadata, counts and float samples.
-pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseError> {
+/// metadata, counts and float samples. Returns what the reference accepted.
+fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<Option<Accepted>, TestCaseError> {
     let mut d = DecodedV2::default();
     let got = wire_v2::decode(raw, limits, &mut d);
-    let accepted = match reference(raw, limits) {
-        Verdict::Refused => None,
-        Verdict::Accepted { series, .. } => Some(series),
+    let Some(accepted) = expect::decision(reference(raw, limits), got)? else {
+        return Ok(None);
     };
-    let Some(series) = expect::decision(accepted, got)? else {
-        return Ok(());
-    };
+    let series = &accepted.series;
     if d.series.len() != series.len() {
         return Err(fail(format!(
             "decode reads {} series, the reference {}",
@@ -278,7 +275,7 @@ pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseErro
             series.len()
         )));
     }
-    for (i, (s, want)) in d.series.iter().zip(&series).enumerate() {
+    for (i, (s, want)) in d.series.iter().zip(series).enumerate() {
         let want = match (s.invalid, want) {
             (Some(_), None) => continue,
             (None, Some(want)) => want,
@@ -318,7 +315,7 @@ pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseErro
             )));
         }
     }
-    Ok(())
+    Ok(Some(accepted))
 }
 
 /// [`pipeline::process_v2`] on a body as sent, to a 1.0 and to a 2.0
@@ -327,27 +324,17 @@ pub fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<(), TestCaseErro
 /// the forwarded body and the tee. To 1.0, prost decodes the body to
 /// exactly what [`prompb_v2::Request::to_v1`] makes of the kept series; to
 /// 2.0, to the kept series with the tenant labels set, references resolved.
-pub fn check_process(
-    compressed: &[u8],
-    limits: ShapeLimits,
-    max_decoded: u64,
-) -> Result<(), TestCaseError> {
+pub fn check_process(input: &Input) -> Result<(), TestCaseError> {
     for upstream in [RemoteWriteVersion::V1, RemoteWriteVersion::V2] {
-        let Some((raw, limits, got)) = expect::processed(compressed, limits, max_decoded, |p| {
-            pipeline::process_v2(compressed, p, upstream, &mut Scratch::default())
-        })?
-        else {
-            continue;
-        };
-        check_decode(&raw, &limits)?;
-        match (reference(&raw, &limits), got) {
-            (Verdict::Refused, Err(PipelineError::Decode(_))) => {}
-            (Verdict::Accepted { symbols, series }, Ok(out)) => {
-                check_outcome(&symbols, &series, upstream, &out)
-                    .map_err(|e| fail(format!("to a {upstream:?} upstream: {e}")))?
-            }
-            (v, g) => return Err(fail(format!("reference {v:?}, process {g:?}"))),
-        }
+        expect::check_processed(
+            input,
+            |p| pipeline::process_v2(&input.body, p, upstream, &mut Scratch::default()),
+            check_decode,
+            |want, out| {
+                check_outcome(&want.symbols, &want.series, upstream, &out)
+                    .map_err(|e| fail(format!("to a {upstream:?} upstream: {e}")))
+            },
+        )?;
     }
     Ok(())
 }
@@ -360,16 +347,7 @@ fn check_outcome(
 ) -> Result<(), TestCaseError> {
     let valid: Vec<&Series> = series.iter().flatten().collect();
     let refused = (series.len() - valid.len()) as u64;
-    let got_refused = out
-        .refused
-        .as_ref()
-        .map_or((0, 0), |r| (r.refused, r.series));
-    let want_refused = (refused, if refused > 0 { series.len() as u64 } else { 0 });
-    if got_refused != want_refused {
-        return Err(fail(format!(
-            "refused (series, of) {got_refused:?}, want {want_refused:?}"
-        )));
-    }
+    expect::check_refused(out, refused, series.len() as u64)?;
     let allow = expect::allowlist();
     let (kept, dropped): (Vec<&Series>, Vec<&Series>) =
         valid.iter().partition(|s| allow.keeps(Some(&s.tee.name)));
@@ -402,13 +380,7 @@ fn check_outcome(
             "counts (received, samples, kept, kept held, dropped held) {counts:?}, want {want_counts:?}"
         )));
     }
-    let body = if out.body.is_empty() {
-        Vec::new()
-    } else {
-        snap::raw::Decoder::new()
-            .decompress_vec(&out.body)
-            .map_err(|e| fail(format!("the forwarded body is not snappy: {e}")))?
-    };
+    let body = expect::forwarded(out)?;
     match upstream {
         RemoteWriteVersion::V1 => {
             let got = prompb_v2::as_v1::WriteRequest::decode(body.as_slice())
