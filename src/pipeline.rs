@@ -212,23 +212,25 @@ pub fn process(
     p: &Params<'_>,
     scratch: &mut Scratch,
 ) -> Result<Outcome, PipelineError> {
-    decompress(compressed, p.max_decoded_bytes, &mut scratch.decompressed)?;
-    let buf = &scratch.decompressed;
-    let decoded = &mut scratch.decoded;
-    wire::decode(buf, &label_limits(p), decoded)?;
-
-    let inject = &mut scratch.inject;
-    set_tenant(inject, p);
+    let limits = scratch.start(compressed, p)?;
+    wire::decode(&scratch.decompressed, &limits, &mut scratch.decoded)?;
+    let Scratch {
+        decoded,
+        decompressed: buf,
+        encoded,
+        inject,
+        tee: tee_buf,
+        compressed: body,
+        ..
+    } = scratch;
     let mut out = Outcome {
         metadata_dropped: u64::from(decoded.metadata),
         refused: SeriesRefused::new(decoded, buf),
         ..Outcome::default()
     };
-    let encoded = &mut scratch.encoded;
-    encoded.clear();
     let mut tee = p
         .tee
-        .map(|a| RecordBuilder::with_buffer(a, std::mem::take(&mut scratch.tee)));
+        .map(|a| RecordBuilder::with_buffer(a, std::mem::take(tee_buf)));
     let mut tee_labels = Vec::new();
     for s in &decoded.series {
         out.series_received += 1;
@@ -254,7 +256,20 @@ pub fn process(
             }
         }
     }
-    finish(out, tee, encoded, &mut scratch.compressed)
+    finish(out, tee, encoded, body)
+}
+
+impl Scratch {
+    /// The start of a request's work, whatever its protocol: `compressed`
+    /// decompressed into `decompressed`, the tenant labels in `inject`,
+    /// `encoded` empty. Returns the limits to decode the body with
+    /// ([`label_limits`]).
+    fn start(&mut self, compressed: &[u8], p: &Params<'_>) -> Result<ShapeLimits, PipelineError> {
+        decompress(compressed, p.max_decoded_bytes, &mut self.decompressed)?;
+        set_tenant(&mut self.inject, p);
+        self.encoded.clear();
+        Ok(label_limits(p))
+    }
 }
 
 /// Sets `inject` to the tenant labels: each of `p.tenant_labels`, the account.
@@ -323,28 +338,30 @@ pub fn process_v2(
     upstream: RemoteWriteVersion,
     scratch: &mut Scratch,
 ) -> Result<Outcome, PipelineError> {
-    decompress(compressed, p.max_decoded_bytes, &mut scratch.decompressed)?;
-    let buf = &scratch.decompressed;
-    let d = &mut scratch.decoded_v2;
-    wire_v2::decode(buf, &label_limits(p), d)?;
-
-    let inject = &mut scratch.inject;
-    set_tenant(inject, p);
+    let limits = scratch.start(compressed, p)?;
+    wire_v2::decode(&scratch.decompressed, &limits, &mut scratch.decoded_v2)?;
+    let Scratch {
+        decoded_v2: d,
+        decompressed: buf,
+        encoded,
+        inject,
+        families,
+        tenant_symbols,
+        tee: tee_buf,
+        compressed: body,
+        ..
+    } = scratch;
     let mut out = Outcome {
         body_version: upstream,
         ..Outcome::default()
     };
-    let encoded = &mut scratch.encoded;
-    encoded.clear();
-    let families = &mut scratch.families;
     families.clear();
-    let tenant_symbols = &mut scratch.tenant_symbols;
     if upstream == RemoteWriteVersion::V2 {
         wire_v2::encode_symbols(encoded, buf, d, inject, tenant_symbols);
     }
     let mut tee = p
         .tee
-        .map(|a| RecordBuilder::with_buffer(a, std::mem::take(&mut scratch.tee)));
+        .map(|a| RecordBuilder::with_buffer(a, std::mem::take(tee_buf)));
     let mut tee_labels = Vec::new();
     let mut refused = [0u64; wire_v2::Invalid::REASONS.len()];
     let mut first_refused = None;
@@ -404,7 +421,7 @@ pub fn process_v2(
     if upstream == RemoteWriteVersion::V1 {
         wire_v2::encode_metadata_v1(encoded, buf, d, families);
     }
-    finish(out, tee, encoded, &mut scratch.compressed)
+    finish(out, tee, encoded, body)
 }
 
 /// The shape limits, with the label count capped at what a spool record
