@@ -137,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let t = Instant::now();
     for chunk in rows.chunks(200_000) {
-        ch.insert::<RawRow>(&ch.raw_table, chunk).await?;
+        ch.insert::<RawRow>(&ch.config.raw_table, chunk).await?;
     }
     println!(
         "raw insert: 1.44 M rows in {:.2}s = {:.0} rows/s (ClickHouse::insert, 200k batches)",
@@ -153,7 +153,8 @@ async fn main() -> anyhow::Result<()> {
             hour: (day_ms / 1000 + h * 3600) as u32,
         })
         .collect();
-    ch.insert::<TouchedRow>(&ch.touched_table, &touched).await?;
+    ch.insert::<TouchedRow>(&ch.config.touched_table, &touched)
+        .await?;
     let rollup = Rollup::new(ch.clone(), &cfg.rollup);
     let t = Instant::now();
     let r = rollup.pass().await?;

@@ -67,7 +67,7 @@ async fn a_wrong_field_type_is_caught_where_the_server_validates(engine: Engine)
     };
     let ch = ClickHouse::new(&cfg).expect("client");
     assert_eq!(ch.validates(), None, "decided on first use");
-    ch.insert::<RawRow>(&ch.raw_table, &[raw(2.5)])
+    ch.insert::<RawRow>(&ch.config.raw_table, &[raw(2.5)])
         .await
         .expect("the right row type");
     let modern = engine == Engine::Modern;
@@ -84,7 +84,7 @@ async fn a_wrong_field_type_is_caught_where_the_server_validates(engine: Engine)
         value: 7,
         ingest_time: 0,
     };
-    let inserted = ch.insert::<WrongRaw>(&ch.raw_table, &[wrong]).await;
+    let inserted = ch.insert::<WrongRaw>(&ch.config.raw_table, &[wrong]).await;
     let read = ch
         .timed(
             ch.client()

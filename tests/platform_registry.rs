@@ -97,7 +97,9 @@ async fn insert(ch: &ClickHouse, samples: &[Sample], ingest_minute: i64) {
             ingest_time: 0,
         })
         .collect();
-    ch.insert::<RawRow>(&ch.raw_table, &rows).await.unwrap();
+    ch.insert::<RawRow>(&ch.config.raw_table, &rows)
+        .await
+        .unwrap();
     let hours: BTreeSet<(&str, i64)> = samples
         .iter()
         .map(|s| (s.0, s.2 / 3_600_000 * 3600))
@@ -111,7 +113,7 @@ async fn insert(ch: &ClickHouse, samples: &[Sample], ingest_minute: i64) {
             hour: hour as u32,
         })
         .collect();
-    ch.insert::<TouchedRow>(&ch.touched_table, &touched)
+    ch.insert::<TouchedRow>(&ch.config.touched_table, &touched)
         .await
         .unwrap();
 }

@@ -70,7 +70,9 @@ async fn a_late_sample_rederives_the_next_bucket_and_passes_stay_small(engine: E
         .filter(|&k| k != 59)
         .map(|k| raw(T10 + k * 60, 1.0))
         .collect();
-    ch.insert::<RawRow>(&ch.raw_table, &rows).await.unwrap();
+    ch.insert::<RawRow>(&ch.config.raw_table, &rows)
+        .await
+        .unwrap();
     let old_minute = now() - 3600;
     let touched = |minute: u32, hour: i64| TouchedRow {
         ingest_minute: minute - minute % 60,
@@ -79,7 +81,7 @@ async fn a_late_sample_rederives_the_next_bucket_and_passes_stay_small(engine: E
         hour: hour as u32,
     };
     ch.insert::<TouchedRow>(
-        &ch.touched_table,
+        &ch.config.touched_table,
         &[touched(old_minute, T10), touched(old_minute, T10 + 3600)],
     )
     .await
@@ -101,8 +103,10 @@ async fn a_late_sample_rederives_the_next_bucket_and_passes_stay_small(engine: E
     // too (its 11:00 sample now has dt = 60 s), and the pass examines only
     // hours 10 and 11 of this one resource.
     rows = vec![raw(T10 + 59 * 60, 1.0)];
-    ch.insert::<RawRow>(&ch.raw_table, &rows).await.unwrap();
-    ch.insert::<TouchedRow>(&ch.touched_table, &[touched(now() + 60, T10)])
+    ch.insert::<RawRow>(&ch.config.raw_table, &rows)
+        .await
+        .unwrap();
+    ch.insert::<TouchedRow>(&ch.config.touched_table, &[touched(now() + 60, T10)])
         .await
         .unwrap();
     let r = rollup.pass().await.unwrap();
@@ -191,7 +195,7 @@ async fn migrate_adds_missing_columns_and_keeps_data(engine: Engine) {
     };
     assert_eq!(r.defaults_added, defaults);
     // Today's rows go into the older raw table (label columns left empty).
-    ch.insert::<RawRow>(&ch.raw_table, &[raw(T10, 2.5)])
+    ch.insert::<RawRow>(&ch.config.raw_table, &[raw(T10, 2.5)])
         .await
         .unwrap();
     let old = server

@@ -167,7 +167,8 @@ const DATA_ERROR_CODES: &[u32] = &[
     395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
 ];
 
-/// A configured client plus the table names.
+/// A configured client plus its configuration (the table names, the
+/// timeout).
 #[derive(Clone)]
 pub struct ClickHouse {
     /// Validation off: what every server reads.
@@ -177,13 +178,7 @@ pub struct ClickHouse {
     checked: Arc<OnceLock<(Client, bool)>>,
     /// The server's URL without credentials, for messages.
     pub url: Arc<str>,
-    pub raw_table: String,
-    pub series_table: String,
-    pub expenses_table: String,
-    pub state_table: String,
-    pub touched_table: String,
-    pub resources_table: String,
-    pub timeout: Duration,
+    pub config: ClickHouseConfig,
 }
 
 impl ClickHouse {
@@ -215,13 +210,7 @@ impl ClickHouse {
             plain: client,
             checked: Arc::new(OnceLock::new()),
             url: redact_url(url).into(),
-            raw_table: cfg.raw_table.clone(),
-            series_table: cfg.series_table.clone(),
-            expenses_table: cfg.expenses_table.clone(),
-            state_table: cfg.state_table.clone(),
-            touched_table: cfg.touched_table.clone(),
-            resources_table: cfg.resources_table.clone(),
-            timeout: cfg.timeout,
+            config: cfg.clone(),
         })
     }
 
@@ -230,11 +219,11 @@ impl ClickHouse {
         &self,
         fut: impl std::future::Future<Output = Result<T, clickhouse::error::Error>>,
     ) -> Result<T, ClickHouseError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        match tokio::time::timeout(self.config.timeout, fut).await {
             Ok(r) => r.map_err(|error| self.error(error)),
             Err(_) => Err(ClickHouseError::Timeout {
                 url: self.url.clone(),
-                after: self.timeout,
+                after: self.config.timeout,
             }),
         }
     }
@@ -320,7 +309,7 @@ impl ClickHouse {
                 .client()
                 .insert::<T>(table)
                 .await?
-                .with_timeouts(Some(self.timeout), Some(self.timeout));
+                .with_timeouts(Some(self.config.timeout), Some(self.config.timeout));
             for row in rows {
                 insert.write(row).await?;
             }
@@ -379,17 +368,29 @@ impl ClickHouse {
             )
             .await?;
         for (name, ddl) in [
-            (&self.raw_table, raw_table_ddl(&self.raw_table)),
-            (&self.series_table, series_table_ddl(&self.series_table)),
             (
-                &self.expenses_table,
-                expenses_table_ddl(&self.expenses_table),
+                &self.config.raw_table,
+                raw_table_ddl(&self.config.raw_table),
             ),
-            (&self.state_table, state_table_ddl(&self.state_table)),
-            (&self.touched_table, touched_table_ddl(&self.touched_table)),
             (
-                &self.resources_table,
-                resources_table_ddl(&self.resources_table),
+                &self.config.series_table,
+                series_table_ddl(&self.config.series_table),
+            ),
+            (
+                &self.config.expenses_table,
+                expenses_table_ddl(&self.config.expenses_table),
+            ),
+            (
+                &self.config.state_table,
+                state_table_ddl(&self.config.state_table),
+            ),
+            (
+                &self.config.touched_table,
+                touched_table_ddl(&self.config.touched_table),
+            ),
+            (
+                &self.config.resources_table,
+                resources_table_ddl(&self.config.resources_table),
             ),
         ] {
             if !existing.contains(name) {
@@ -403,7 +404,7 @@ impl ClickHouse {
                     .query(
                         "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = ?",
                     )
-                    .bind(self.expenses_table.as_str())
+                    .bind(self.config.expenses_table.as_str())
                     .fetch_all::<String>(),
             )
             .await?;
@@ -411,12 +412,12 @@ impl ClickHouse {
             if !columns.iter().any(|c| c == col) {
                 let sql = format!(
                     "ALTER TABLE {} ADD COLUMN {col} Nullable(String)",
-                    self.expenses_table
+                    self.config.expenses_table
                 );
                 self.timed(self.client().query(&sql).execute()).await?;
                 report
                     .columns_added
-                    .push(format!("{}.{col}", self.expenses_table));
+                    .push(format!("{}.{col}", self.config.expenses_table));
             }
         }
         if report.validation {
@@ -427,19 +428,19 @@ impl ClickHouse {
                             "SELECT name FROM system.columns WHERE database = currentDatabase() \
                              AND table = ? AND default_kind = '' AND name IN ('label_names', 'label_values')",
                         )
-                        .bind(self.raw_table.as_str())
+                        .bind(self.config.raw_table.as_str())
                         .fetch_all::<String>(),
                 )
                 .await?;
             for col in no_default {
                 let sql = format!(
                     "ALTER TABLE {} MODIFY COLUMN {col} DEFAULT []",
-                    self.raw_table
+                    self.config.raw_table
                 );
                 self.timed(self.client().query(&sql).execute()).await?;
                 report
                     .defaults_added
-                    .push(format!("{}.{col}", self.raw_table));
+                    .push(format!("{}.{col}", self.config.raw_table));
             }
         }
         // Inserts cache each table's schema: drop what this may have changed.

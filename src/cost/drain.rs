@@ -159,14 +159,16 @@ impl Drain {
                 let touched = touched_rows(&rows, now);
                 let result = async {
                     self.ch
-                        .insert::<TouchedRow>(&self.ch.touched_table, &touched)
+                        .insert::<TouchedRow>(&self.ch.config.touched_table, &touched)
                         .await?;
                     if !series_rows.is_empty() {
                         self.ch
-                            .insert::<SeriesRow>(&self.ch.series_table, &series_rows)
+                            .insert::<SeriesRow>(&self.ch.config.series_table, &series_rows)
                             .await?;
                     }
-                    self.ch.insert::<RawRow>(&self.ch.raw_table, &rows).await
+                    self.ch
+                        .insert::<RawRow>(&self.ch.config.raw_table, &rows)
+                        .await
                 }
                 .await;
                 let e = match result {

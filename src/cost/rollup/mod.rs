@@ -316,7 +316,7 @@ impl Rollup {
     fn state_name(&self) -> String {
         format!(
             "{}:{:?}:{:?}",
-            self.ch.expenses_table, self.charge, self.grain
+            self.ch.config.expenses_table, self.charge, self.grain
         )
         .to_lowercase()
     }
@@ -379,7 +379,7 @@ impl Rollup {
                          WHERE metric = ? AND ingest_minute >= ? AND ingest_minute <= ?",
                     )
                     .bind(self.bucket_s())
-                    .bind(Identifier(&self.ch.touched_table))
+                    .bind(Identifier(&self.ch.config.touched_table))
                     .bind(self.metric())
                     .bind(since - since % 60)
                     .bind(pass_start.saturating_add(TOUCHED_AHEAD_S))
@@ -418,7 +418,7 @@ impl Rollup {
             .client()
             .query(&sql)
             .bind(self.rule.bucket_ms)
-            .bind(Identifier(&self.ch.raw_table))
+            .bind(Identifier(&self.ch.config.raw_table))
             .bind(self.metric())
             .bind(from_ms)
             .bind(to_ms);
@@ -624,7 +624,7 @@ impl Rollup {
             })
             .collect();
         self.ch
-            .insert::<TouchedRow>(&self.ch.touched_table, &rows)
+            .insert::<TouchedRow>(&self.ch.config.touched_table, &rows)
             .await?;
         Ok(())
     }
@@ -689,7 +689,7 @@ impl Rollup {
         }
         match self
             .ch
-            .insert::<ExpenseRow>(&self.ch.expenses_table, rows)
+            .insert::<ExpenseRow>(&self.ch.config.expenses_table, rows)
             .await
         {
             Ok(()) => {
@@ -733,7 +733,7 @@ impl Rollup {
                 self.ch
                     .client()
                     .query(&sql)
-                    .bind(Identifier(&self.ch.raw_table))
+                    .bind(Identifier(&self.ch.config.raw_table))
                     .bind(self.metric())
                     .bind(InList(accounts))
                     .bind(lead_in)
@@ -781,7 +781,7 @@ impl Rollup {
                 .ch
                 .client()
                 .query(&sql)
-                .bind(Identifier(&self.ch.raw_table))
+                .bind(Identifier(&self.ch.config.raw_table))
                 .bind(self.metric())
                 .bind(InList(accounts));
             let q = cond.bind(q).bind(lead_in);
@@ -806,13 +806,13 @@ impl Rollup {
             .ch
             .client()
             .query(&sql)
-            .bind(Identifier(&self.ch.expenses_table))
+            .bind(Identifier(&self.ch.config.expenses_table))
             .bind(InList(accounts))
             .bind(date)
             .bind(self.old_prefix());
         if self.platform_ids() {
             q = q
-                .bind(Identifier(&self.ch.resources_table))
+                .bind(Identifier(&self.ch.config.resources_table))
                 .bind(InList(accounts));
         }
         let existing: Vec<ExistingRow> = self.ch.timed(q.fetch_all::<ExistingRow>()).await?;
@@ -900,7 +900,7 @@ impl Rollup {
             .ch
             .client()
             .query(&sql)
-            .bind(Identifier(&self.ch.expenses_table))
+            .bind(Identifier(&self.ch.config.expenses_table))
             .bind(from_s)
             .bind(to_s)
             .bind(self.old_prefix());
@@ -954,11 +954,11 @@ impl Rollup {
                              AND resource_id IN (SELECT resource_id FROM ? WHERE account IN ?) \
                              GROUP BY cloud_account_id, resource_id, d",
                         )
-                        .bind(Identifier(&self.ch.expenses_table))
+                        .bind(Identifier(&self.ch.config.expenses_table))
                         .bind(InList(chunk))
                         .bind(from_s)
                         .bind(to_s)
-                        .bind(Identifier(&self.ch.resources_table))
+                        .bind(Identifier(&self.ch.config.resources_table))
                         .bind(InList(chunk))
                         .fetch_all::<OldFormRow>(),
                 )
@@ -1047,7 +1047,7 @@ impl Rollup {
                             "SELECT DISTINCT account, namespace, pod AS p FROM ? \
                              WHERE account = ? AND metric = ? AND namespace IN ? AND pod != ''",
                         )
-                        .bind(Identifier(&self.ch.series_table))
+                        .bind(Identifier(&self.ch.config.series_table))
                         .bind(account)
                         .bind(self.metric())
                         .bind(InList(&nss))
@@ -1072,7 +1072,7 @@ impl Rollup {
                 self.ch
                     .client()
                     .query("SELECT name, watermark, version FROM ? FINAL WHERE name = ?")
-                    .bind(Identifier(&self.ch.state_table))
+                    .bind(Identifier(&self.ch.config.state_table))
                     .bind(self.state_name())
                     .fetch_all::<StateRow>(),
             )
@@ -1094,7 +1094,7 @@ impl Rollup {
             version,
         };
         self.ch
-            .insert::<StateRow>(&self.ch.state_table, &[row])
+            .insert::<StateRow>(&self.ch.config.state_table, &[row])
             .await?;
         Ok(())
     }

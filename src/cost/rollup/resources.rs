@@ -263,7 +263,7 @@ impl Registry {
                         "SELECT account, cloud_resource_id, resource_id, first_seen, last_seen, version \
                          FROM ? ORDER BY version DESC LIMIT 1 BY account, cloud_resource_id",
                     )
-                    .bind(Identifier(&self.ch.resources_table))
+                    .bind(Identifier(&self.ch.config.resources_table))
                     .fetch_all::<ResourceRow>(),
             )
             .await?;
@@ -326,7 +326,7 @@ impl Registry {
             })
             .collect();
         self.ch
-            .insert::<ResourceRow>(&self.ch.resources_table, &rows)
+            .insert::<ResourceRow>(&self.ch.config.resources_table, &rows)
             .await?;
         let mut st = self.state();
         self.apply(&mut st, results, now, &mut followups);
@@ -479,7 +479,7 @@ impl Registry {
                              LIMIT 1 BY account, namespace, pod",
                         )
                         .bind(NODE_LABEL)
-                        .bind(Identifier(&self.ch.series_table))
+                        .bind(Identifier(&self.ch.config.series_table))
                         .bind(charged_metric(self.charge))
                         .bind(InList(&accounts))
                         .bind(InList(&pods))
