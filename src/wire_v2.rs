@@ -859,14 +859,13 @@ pub fn for_each_sample(
 /// tenant labels replace labels of the same name whatever symbol the
 /// sender used.
 #[inline(always)]
-fn merge_labels(
-    buf: &[u8],
-    d: &DecodedV2,
-    labels: &[LabelSyms],
-    inject: &Injected,
-    f: impl FnMut(Merged<LabelSyms>),
-) {
-    inject.merge(labels, |l| d.symbol(buf, l.name), f);
+fn merge_labels<'s>(
+    buf: &'s [u8],
+    d: &'s DecodedV2,
+    s: &'s SeriesV2,
+    inject: &'s Injected,
+) -> impl Iterator<Item = Merged<LabelSyms>> + 's {
+    inject.merge(d.labels_of(s), |l| d.symbol(buf, l.name))
 }
 
 /// Size of a length-delimited field with a one-byte key.
@@ -949,16 +948,15 @@ fn exemplar_v1_len(buf: &[u8], d: &DecodedV2, msg: Span) -> usize {
 /// Size of a series as a 1.0 `TimeSeries` body: labels, samples,
 /// exemplars, histograms.
 fn series_v1_len(buf: &[u8], d: &DecodedV2, s: &SeriesV2, inject: &Injected) -> usize {
-    let mut len = 0;
-    merge_labels(buf, d, d.labels_of(s), inject, |m| {
-        len += match m {
+    let mut len = merge_labels(buf, d, s, inject)
+        .map(|m| match m {
             Merged::Sent(l) => field_len(label_msg_len(
                 d.symbols[l.name as usize].len(),
                 d.symbols[l.value as usize].len(),
             )),
             Merged::Tenant(i) => inject.field(i).len(),
-        }
-    });
+        })
+        .sum();
     if s.samples > 0 {
         len += if s.plain_samples && s.sample_run.contiguous {
             s.sample_run.span.len()
@@ -1001,10 +999,12 @@ pub fn encode_series_v1(
     let len = series_v1_len(buf, d, s, inject);
     out.reserve(field_len(len));
     put_field_header(out, (1 << 3) | LEN, len);
-    merge_labels(buf, d, d.labels_of(s), inject, |m| match m {
-        Merged::Sent(l) => put_label(out, d.symbol(buf, l.name), d.symbol(buf, l.value)),
-        Merged::Tenant(i) => out.extend_from_slice(inject.field(i)),
-    });
+    for m in merge_labels(buf, d, s, inject) {
+        match m {
+            Merged::Sent(l) => put_label(out, d.symbol(buf, l.name), d.symbol(buf, l.value)),
+            Merged::Tenant(i) => out.extend_from_slice(inject.field(i)),
+        }
+    }
     if s.samples > 0 {
         if s.plain_samples && s.sample_run.contiguous {
             // `TimeSeries.samples` is field 2 in both versions.
@@ -1204,13 +1204,13 @@ pub fn encode_series_v2(
     tenant: &[(u32, u32)],
 ) {
     let pair_len = |n: u32, v: u32| varint_len(u64::from(n)) + varint_len(u64::from(v));
-    let mut refs_len = 0;
-    merge_labels(buf, d, d.labels_of(s), inject, |m| {
-        refs_len += match m {
-            Merged::Sent(l) => pair_len(l.name, l.value),
-            Merged::Tenant(i) => pair_len(tenant[i].0, tenant[i].1),
-        }
-    });
+    let refs = || {
+        merge_labels(buf, d, s, inject).map(|m| match m {
+            Merged::Sent(l) => (l.name, l.value),
+            Merged::Tenant(i) => tenant[i],
+        })
+    };
+    let refs_len = refs().map(|(n, v)| pair_len(n, v)).sum();
     let other_len = if s.other.contiguous || s.other.span.is_empty() {
         s.other.span.len()
     } else {
@@ -1220,14 +1220,10 @@ pub fn encode_series_v2(
     out.reserve(field_len(len));
     put_field_header(out, (5 << 3) | LEN, len);
     put_field_header(out, (1 << 3) | LEN, refs_len);
-    merge_labels(buf, d, d.labels_of(s), inject, |m| {
-        let (n, v) = match m {
-            Merged::Sent(l) => (l.name, l.value),
-            Merged::Tenant(i) => tenant[i],
-        };
+    for (n, v) in refs() {
         put_varint(out, u64::from(n));
         put_varint(out, u64::from(v));
-    });
+    }
     if s.other.contiguous || s.other.span.is_empty() {
         out.extend_from_slice(s.other.span.get(buf));
     } else {
