@@ -594,7 +594,7 @@ fn check_metadata(buf: &[u8], start: usize, end: usize) -> Result<(), DecodeErro
 }
 
 /// What reading a series found besides its labels.
-struct Scan {
+struct Scan<'b> {
     label_bytes: usize,
     labels_sent: usize,
     samples: u32,
@@ -606,6 +606,8 @@ struct Scan {
     bad_utf8: Option<DecodeError>,
     /// The first label over a length limit.
     too_long: Option<OverLimit>,
+    /// The label-set rules, checked as the labels are read.
+    sorted: SortedCheck<'b>,
 }
 
 /// Decodes the series in `buf[start..end]` (number `index` in the request):
@@ -628,6 +630,7 @@ fn decode_series(
         other_contiguous: true,
         bad_utf8: None,
         too_long: None,
+        sorted: SortedCheck::default(),
     };
     let verdict = match scan_series(buf, start, end, limits, &mut scan, &mut out.labels) {
         Err(why) => Err(why),
@@ -638,7 +641,10 @@ fn decode_series(
             if let Some(why) = check_label_count(scan.labels_sent, limits).or(scan.too_long) {
                 Err(Invalid::OverLimit(why))
             } else {
-                check_label_set(buf, &mut out.labels[labels_start..])
+                let labels = &mut out.labels[labels_start..];
+                scan.sorted
+                    .verdict()
+                    .unwrap_or_else(|| sort_and_check(buf, labels))
             }
         }
     };
@@ -669,12 +675,12 @@ fn decode_series(
 
 /// Reads every field of a series, pushing its labels (up to the label
 /// limit) to `labels`. An error is the part that does not decode.
-fn scan_series(
-    buf: &[u8],
+fn scan_series<'b>(
+    buf: &'b [u8],
     start: usize,
     end: usize,
     limits: &ShapeLimits,
-    scan: &mut Scan,
+    scan: &mut Scan<'b>,
     labels: &mut Vec<LabelRef>,
 ) -> Result<(), Invalid> {
     let in_series = Invalid::malformed(Part::Series);
@@ -694,11 +700,13 @@ fn scan_series(
             if scan.too_long.is_none() {
                 scan.too_long = check_lengths(name, value, limits);
             }
-            labels.push(LabelRef {
+            let label = LabelRef {
                 name,
                 value,
                 field: span(start + field_start, le),
-            });
+            };
+            scan.sorted.push(buf, &label);
+            labels.push(label);
             continue;
         }
         match (field, wt) {
@@ -785,45 +793,82 @@ pub(crate) fn check_lengths(name: Span, value: Span, limits: &ShapeLimits) -> Op
 /// Only `name` and `value` of each label are read, so any decoder (the
 /// Remote-Write 2.0 one too) can call this over its own label spans.
 pub fn check_label_set(buf: &[u8], labels: &mut [LabelRef]) -> Result<Span, Invalid> {
-    match check_sorted(buf, labels) {
-        Some(verdict) => verdict,
-        None => {
-            labels.sort_unstable_by(|a, b| cmp_names(a.name.get(buf), b.name.get(buf)));
-            // Sorted now, so this decides.
-            check_sorted(buf, labels).unwrap_or(Err(Invalid::MissingMetricName))
-        }
-    }
+    check_sorted(buf, labels).unwrap_or_else(|| sort_and_check(buf, labels))
 }
 
 /// [`check_label_set`] on labels sorted by name; `None` if they are not.
 #[inline]
 fn check_sorted(buf: &[u8], labels: &[LabelRef]) -> Option<Result<Span, Invalid>> {
-    let mut metric = None;
-    let mut prev: &[u8] = &[];
-    for (i, l) in labels.iter().enumerate() {
+    let mut check = SortedCheck::default();
+    for l in labels {
+        if !check.push(buf, l) {
+            break;
+        }
+    }
+    check.verdict()
+}
+
+/// [`check_label_set`] of labels found not sorted.
+#[cold]
+fn sort_and_check(buf: &[u8], labels: &mut [LabelRef]) -> Result<Span, Invalid> {
+    labels.sort_unstable_by(|a, b| cmp_names(a.name.get(buf), b.name.get(buf)));
+    // Sorted now, so this decides.
+    check_sorted(buf, labels).unwrap_or(Err(Invalid::MissingMetricName))
+}
+
+/// [`check_label_set`]'s rules over labels taken one at a time, as long as
+/// they come sorted by name: the decoder feeds it while it reads a series,
+/// so that a sorted series (the usual case) is checked in the same pass.
+#[derive(Default)]
+struct SortedCheck<'b> {
+    /// The previous label's name; `None` before the first.
+    prev: Option<&'b [u8]>,
+    metric: Option<Span>,
+    /// The first rule broken, or that the labels are not sorted (`None`).
+    end: Option<Option<Invalid>>,
+}
+
+impl<'b> SortedCheck<'b> {
+    /// Takes the next label; false (and the label is ignored) once the
+    /// verdict is known without the labels after it.
+    #[inline(always)]
+    fn push(&mut self, buf: &'b [u8], l: &LabelRef) -> bool {
+        if self.end.is_some() {
+            return false;
+        }
         let name = l.name.get(buf);
-        if i == 0 {
+        match self.prev {
             // The smallest name comes first: only it can be empty.
-            if name.is_empty() {
-                return Some(Err(Invalid::EmptyLabelName));
-            }
-        } else {
-            match cmp_names(prev, name) {
+            None if name.is_empty() => self.end = Some(Some(Invalid::EmptyLabelName)),
+            None => {}
+            Some(prev) => match cmp_names(prev, name) {
                 Ordering::Less => {}
-                Ordering::Equal => return Some(Err(Invalid::DuplicateLabelName { name: l.name })),
-                Ordering::Greater => return None,
-            }
+                Ordering::Equal => {
+                    self.end = Some(Some(Invalid::DuplicateLabelName { name: l.name }))
+                }
+                Ordering::Greater => self.end = Some(None),
+            },
         }
         if name == b"__name__" {
-            metric = Some(l.value);
+            self.metric = Some(l.value);
         }
-        prev = name;
+        self.prev = Some(name);
+        self.end.is_none()
     }
-    Some(match metric {
-        None => Err(Invalid::MissingMetricName),
-        Some(v) if v.is_empty() => Err(Invalid::EmptyMetricName),
-        Some(v) => Ok(v),
-    })
+
+    /// The verdict on the labels taken; `None` if they are not sorted.
+    #[inline]
+    fn verdict(self) -> Option<Result<Span, Invalid>> {
+        match self.end {
+            Some(None) => None,
+            Some(Some(why)) => Some(Err(why)),
+            None => Some(match self.metric {
+                None => Err(Invalid::MissingMetricName),
+                Some(v) if v.is_empty() => Err(Invalid::EmptyMetricName),
+                Some(v) => Ok(v),
+            }),
+        }
+    }
 }
 
 /// Orders label names as byte strings. A byte loop rather than `a.cmp(b)`:
@@ -843,7 +888,7 @@ pub fn cmp_names(a: &[u8], b: &[u8]) -> Ordering {
 /// spans. A string that is not UTF-8 is noted in `bad_utf8` (if nothing was
 /// noted before) rather than returned: the caller decides once it knows
 /// the whole series decodes. `depth` is the nesting budget of its fields.
-#[inline]
+#[inline(always)]
 fn decode_label(
     buf: &[u8],
     start: usize,
@@ -865,14 +910,15 @@ fn decode_label(
             let n = *n as usize;
             let (name, value) = (span(start + 2, start + 2 + n), span(start + 4 + n, end));
             // All-ASCII (keys and one-byte lengths are ASCII too) is valid
-            // UTF-8: one cheap word-at-a-time scan for the whole label.
-            if !msg.is_ascii() && bad_utf8.is_none() {
+            // UTF-8: one scan for the whole label. A fold the compiler
+            // inlines and vectorises, where `is_ascii` is a call per label.
+            if msg.iter().fold(0, |a, &b| a | b) >= 0x80 && bad_utf8.is_none() {
                 *bad_utf8 =
                     check_utf8(buf, name, "name").or_else(|| check_utf8(buf, value, "value"));
             }
             Ok((name, value))
         }
-        _ => decode_label_slow(buf, start, end, depth, bad_utf8),
+        _ => decode_label_slow(buf, Reader::over(buf, start, end), depth, bad_utf8),
     }
 }
 
@@ -892,12 +938,11 @@ fn check_utf8(buf: &[u8], s: Span, which: &'static str) -> Option<DecodeError> {
 #[inline(never)]
 fn decode_label_slow(
     buf: &[u8],
-    start: usize,
-    end: usize,
+    mut r: Reader<'_>,
     depth: u32,
     bad_utf8: &mut Option<DecodeError>,
 ) -> Result<(Span, Span), DecodeError> {
-    let mut r = Reader::over(buf, start, end);
+    let start = r.at();
     let mut name = span(start, start);
     let mut value = span(start, start);
     while !r.done() {
