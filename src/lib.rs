@@ -63,8 +63,8 @@ pub mod upstream;
 pub mod wire;
 pub mod wire_v2;
 
-/// Types generated from `proto/` by prost (the Remote-Write 1.0 reference
-/// messages; the hot path uses [`wire`] instead).
+/// Types generated from `third_party/prometheus/` by prost (the
+/// Remote-Write 1.0 reference messages; the hot path uses [`wire`] instead).
 pub mod prompb {
     #![allow(clippy::all, missing_docs)]
     include!(concat!(env!("OUT_DIR"), "/prometheus.rs"));

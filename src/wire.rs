@@ -7,7 +7,8 @@
 //! *offsets* into the decompressed buffer (no lifetimes, so the index vectors
 //! are reused across requests) and the encoder copies the untouched fields
 //! (samples, exemplars, histograms) byte for byte. The prost types generated
-//! from `proto/` (`crate::prompb`) are the reference these are tested against.
+//! from `third_party/prometheus/` (`crate::prompb`) are the reference these
+//! are tested against.
 //!
 //! Protobuf wire rules used here: a field is a varint key `(number << 3) | type`,
 //! type 0 varint, 1 fixed64, 2 length-delimited, 3/4 start/end of a group
@@ -722,8 +723,9 @@ fn scan_series<'b>(
             }
             (4, LEN) => {
                 let (s, e) = r.len_delimited().map_err(&in_series)?;
-                // Declared opaque in `proto/`: its fields are only checked
-                // to decode (the encoder copies them as they came).
+                // Declared opaque in `third_party/prometheus/`: its fields
+                // are only checked to decode (the encoder copies them as
+                // they came).
                 skip_fields(buf, s, e, DEPTH - 2).map_err(Invalid::malformed(Part::Histogram))?;
                 scan.samples += 1;
             }

@@ -2,9 +2,9 @@
 //! against prost.
 //!
 //! The reference decodes with prost into the messages below:
-//! `proto/types.proto` with every string as `bytes` (so that UTF-8 is
-//! judged apart, as the decoder's rules say), each series decoded on its
-//! own, framed as field 1 so that prost decodes it at the depth it has
+//! `third_party/prometheus/types.proto` with every string as `bytes` (so
+//! that UTF-8 is judged apart, as the decoder's rules say), each series
+//! decoded on its own, framed as field 1 so that prost decodes it at the depth it has
 //! inside a whole `WriteRequest`. Then the decoder's rules, written the
 //! obvious way:
 //!
@@ -53,7 +53,7 @@ struct RawSeries {
     samples: Vec<prompb::Sample>,
     #[prost(message, repeated, tag = "3")]
     exemplars: Vec<RawExemplar>,
-    /// Opaque in `proto/`: prost checks its fields decode.
+    /// Opaque in `third_party/prometheus/`: prost checks its fields decode.
     #[prost(message, repeated, tag = "4")]
     histograms: Vec<prompb::Histogram>,
 }

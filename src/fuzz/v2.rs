@@ -2,9 +2,9 @@
 //! [`pipeline::process_v2`] (to a 1.0 and to a 2.0 upstream) against prost.
 //!
 //! The reference decodes with prost into the messages of
-//! `proto/io/prometheus/write/v2/types.proto` with two changes: symbol
-//! references are read as `uint64` (prost reads a `uint32` by truncating
-//! the varint, the gateway refuses a reference past the table however
+//! `third_party/prometheus/io/prometheus/write/v2/types.proto` with two
+//! changes: symbol references are read as `uint64` (prost reads a
+//! `uint32` by truncating the varint, the gateway refuses a reference past the table however
 //! large), and `TimeSeries` field 6 is rc.3's `int64 created_timestamp`
 //! (which the gateway accepts and rc.4 reserves). Each series is decoded on
 //! its own, framed as field 5 at the depth it has inside a `Request`. Then
