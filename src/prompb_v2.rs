@@ -125,6 +125,30 @@ impl Request {
     }
 }
 
+impl Histogram {
+    /// A native histogram (integer counts) with every kind of field set: a
+    /// zero bucket, negative and positive spans and deltas, a reset hint,
+    /// the timestamp and the start timestamp.
+    pub fn example(timestamp: i64, start_timestamp: i64) -> Self {
+        let span = |offset, length| BucketSpan { offset, length };
+        Histogram {
+            count: Some(histogram::Count::CountInt(12)),
+            sum: 34.5,
+            schema: 3,
+            zero_threshold: 1e-128,
+            zero_count: Some(histogram::ZeroCount::ZeroCountInt(2)),
+            negative_spans: vec![span(-2, 1)],
+            negative_deltas: vec![1],
+            positive_spans: vec![span(0, 2), span(3, 1)],
+            positive_deltas: vec![3, -1, 4],
+            reset_hint: 2,
+            timestamp,
+            start_timestamp,
+            ..Default::default()
+        }
+    }
+}
+
 /// Remote-Write 1.0 as a 1.0 receiver reads a converted 2.0 request: the
 /// messages of [`crate::prompb`], with native histograms decoded (1.0's
 /// `Histogram` has the same fields as 2.0's but the start timestamp, so

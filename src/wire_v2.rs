@@ -1261,33 +1261,7 @@ mod tests {
     }
 
     fn histogram(ts: i64, start: i64) -> v2::Histogram {
-        v2::Histogram {
-            count: Some(v2::histogram::Count::CountInt(12)),
-            sum: 34.5,
-            schema: 3,
-            zero_threshold: 1e-128,
-            zero_count: Some(v2::histogram::ZeroCount::ZeroCountInt(2)),
-            negative_spans: vec![v2::BucketSpan {
-                offset: -2,
-                length: 1,
-            }],
-            negative_deltas: vec![1],
-            positive_spans: vec![
-                v2::BucketSpan {
-                    offset: 0,
-                    length: 2,
-                },
-                v2::BucketSpan {
-                    offset: 3,
-                    length: 1,
-                },
-            ],
-            positive_deltas: vec![3, -1, 4],
-            reset_hint: 2,
-            timestamp: ts,
-            start_timestamp: start,
-            ..Default::default()
-        }
+        v2::Histogram::example(ts, start)
     }
 
     fn decoded(buf: &[u8]) -> DecodedV2 {
@@ -1838,13 +1812,8 @@ mod tests {
     #[test]
     fn groups_nest_as_deep_as_prost_allows() {
         // `depth` groups of field 7 nested in a series, in a sample, in a
-        // histogram's bucket span; a varint innermost.
-        let groups = |depth: usize| {
-            let mut g = vec![0x3b; depth];
-            g.extend_from_slice(&[0x08, 0x01]);
-            g.extend(std::iter::repeat_n(0x3c, depth));
-            g
-        };
+        // histogram's bucket span.
+        let groups = |depth: usize| crate::wire::tests::nested_groups(7, depth);
         type Place = (&'static str, fn(Vec<u8>) -> Vec<u8>);
         let places: [Place; 3] = [
             ("series", |g| g),

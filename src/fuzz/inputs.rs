@@ -192,22 +192,10 @@ fn handmade_v2() -> prompb_v2::Request {
         timeseries: vec![
             prompb_v2::TimeSeries {
                 labels_refs: hist_labels,
-                histograms: vec![prompb_v2::Histogram {
-                    count: Some(prompb_v2::histogram::Count::CountInt(3)),
-                    sum: 2.5,
-                    schema: 3,
-                    zero_threshold: 1e-9,
-                    zero_count: Some(prompb_v2::histogram::ZeroCount::ZeroCountInt(1)),
-                    positive_spans: vec![prompb_v2::BucketSpan {
-                        offset: -1,
-                        length: 2,
-                    }],
-                    positive_deltas: vec![1, 1],
-                    negative_counts: vec![0.5],
-                    timestamp: 1_700_000_000_000,
-                    start_timestamp: 1_600_000_000_000,
-                    ..Default::default()
-                }],
+                histograms: vec![prompb_v2::Histogram::example(
+                    1_700_000_000_000,
+                    1_600_000_000_000,
+                )],
                 metadata: Some(prompb_v2::Metadata {
                     r#type: 3,
                     help_ref: help,
