@@ -367,85 +367,72 @@ impl ClickHouse {
                     .fetch_all::<String>(),
             )
             .await?;
+        let cfg = &self.config;
         for (name, ddl) in [
-            (
-                &self.config.raw_table,
-                raw_table_ddl(&self.config.raw_table),
-            ),
-            (
-                &self.config.series_table,
-                series_table_ddl(&self.config.series_table),
-            ),
-            (
-                &self.config.expenses_table,
-                expenses_table_ddl(&self.config.expenses_table),
-            ),
-            (
-                &self.config.state_table,
-                state_table_ddl(&self.config.state_table),
-            ),
-            (
-                &self.config.touched_table,
-                touched_table_ddl(&self.config.touched_table),
-            ),
-            (
-                &self.config.resources_table,
-                resources_table_ddl(&self.config.resources_table),
-            ),
+            (&cfg.raw_table, RawRow::ddl(&cfg.raw_table)),
+            (&cfg.series_table, SeriesRow::ddl(&cfg.series_table)),
+            (&cfg.expenses_table, ExpenseRow::ddl(&cfg.expenses_table)),
+            (&cfg.state_table, StateRow::ddl(&cfg.state_table)),
+            (&cfg.touched_table, TouchedRow::ddl(&cfg.touched_table)),
+            (&cfg.resources_table, ResourceRow::ddl(&cfg.resources_table)),
         ] {
             if !existing.contains(name) {
                 self.timed(self.client().query(&ddl).execute()).await?;
                 report.created.push(name.clone());
             }
         }
-        let columns: Vec<String> = self
-            .timed(
-                self.client()
-                    .query(
-                        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = ?",
-                    )
-                    .bind(self.config.expenses_table.as_str())
-                    .fetch_all::<String>(),
-            )
-            .await?;
+        let columns = self.column_names(&cfg.expenses_table, "").await?;
         for col in EXPENSE_K8S_COLUMNS {
             if !columns.iter().any(|c| c == col) {
-                let sql = format!(
-                    "ALTER TABLE {} ADD COLUMN {col} Nullable(String)",
-                    self.config.expenses_table
-                );
-                self.timed(self.client().query(&sql).execute()).await?;
-                report
-                    .columns_added
-                    .push(format!("{}.{col}", self.config.expenses_table));
+                let change = format!("ADD COLUMN {col} Nullable(String)");
+                self.alter(&cfg.expenses_table, col, &change, &mut report.columns_added)
+                    .await?;
             }
         }
         if report.validation {
-            let no_default: Vec<String> = self
-                .timed(
-                    self.client()
-                        .query(
-                            "SELECT name FROM system.columns WHERE database = currentDatabase() \
-                             AND table = ? AND default_kind = '' AND name IN ('label_names', 'label_values')",
-                        )
-                        .bind(self.config.raw_table.as_str())
-                        .fetch_all::<String>(),
+            let no_default = self
+                .column_names(
+                    &cfg.raw_table,
+                    " AND default_kind = '' AND name IN ('label_names', 'label_values')",
                 )
                 .await?;
             for col in no_default {
-                let sql = format!(
-                    "ALTER TABLE {} MODIFY COLUMN {col} DEFAULT []",
-                    self.config.raw_table
-                );
-                self.timed(self.client().query(&sql).execute()).await?;
-                report
-                    .defaults_added
-                    .push(format!("{}.{col}", self.config.raw_table));
+                let change = format!("MODIFY COLUMN {col} DEFAULT []");
+                self.alter(&cfg.raw_table, &col, &change, &mut report.defaults_added)
+                    .await?;
             }
         }
         // Inserts cache each table's schema: drop what this may have changed.
         self.client().clear_cached_metadata().await;
         Ok(report)
+    }
+
+    /// The names of `table`'s columns (in the current database) that meet
+    /// `filter` (`""`, or `AND` and more conditions on `system.columns`).
+    async fn column_names(
+        &self,
+        table: &str,
+        filter: &str,
+    ) -> Result<Vec<String>, ClickHouseError> {
+        let sql = format!(
+            "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = ?{filter}"
+        );
+        self.timed(self.client().query(&sql).bind(table).fetch_all::<String>())
+            .await
+    }
+
+    /// `ALTER TABLE table change`, noting `table.col` in `done`.
+    async fn alter(
+        &self,
+        table: &str,
+        col: &str,
+        change: &str,
+        done: &mut Vec<String>,
+    ) -> Result<(), ClickHouseError> {
+        let sql = format!("ALTER TABLE {table} {change}");
+        self.timed(self.client().query(&sql).execute()).await?;
+        done.push(format!("{table}.{col}"));
+        Ok(())
     }
 }
 
@@ -464,196 +451,159 @@ pub struct MigrateReport {
 /// The columns the platform's older `expenses` tables may lack.
 pub const EXPENSE_K8S_COLUMNS: [&str; 3] = ["k8s_namespace", "k8s_node", "k8s_service"];
 
-/// Raw samples. ReplacingMergeTree on (account, metric, series_id, ts): a
-/// re-sent sample collapses with its first copy (read with `FINAL` for exact
-/// counts; the rollup deduplicates timestamps itself). The labels the rollup
-/// groups by are columns; the others are in the series table, once per
-/// series (tables created before it have `label_names`/`label_values`
-/// columns here too, left empty by inserts since).
-pub fn raw_table_ddl(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (
-            account String,
-            metric String,
-            cluster String,
-            namespace String,
-            pod String,
-            series_id UInt64,
-            ts Int64,
-            value Float64,
-            ingest_time DateTime
-        ) ENGINE = ReplacingMergeTree(ingest_time)
-        PARTITION BY toYYYYMM(toDateTime(intDiv(ts, 1000)))
-        ORDER BY (account, metric, series_id, ts)"
-    )
+/// Declares a row struct together with its table: each field is a column
+/// of the given ClickHouse type, in order, and `CREATE` is what follows the
+/// column list in the table's `CREATE TABLE` (engine, partitioning, sort
+/// key). `ddl` is the statement `migrate` runs, so that the struct and the
+/// table cannot drift apart.
+macro_rules! table_row {
+    ($(
+        $(#[doc = $doc:literal])*
+        CREATE = $create:literal;
+        $(#[$meta:meta])*
+        pub struct $name:ident $(<$lt:lifetime>)? {
+            $(
+                $(#[$field_meta:meta])*
+                pub $field:ident: $ty:ty => $column:literal,
+            )+
+        }
+    )+) => {$(
+        $(#[doc = $doc])*
+        $(#[$meta])*
+        pub struct $name $(<$lt>)? {
+            $(
+                $(#[$field_meta])*
+                pub $field: $ty,
+            )+
+        }
+
+        impl $(<$lt>)? $name $(<$lt>)? {
+            /// `CREATE TABLE IF NOT EXISTS` of this row's table, named `table`.
+            pub fn ddl(table: &str) -> String {
+                let columns: &[&str] = &[$(concat!(stringify!($field), " ", $column)),+];
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {table} ({}) ENGINE = {}",
+                    columns.join(", "),
+                    $create
+                )
+            }
+        }
+    )+};
 }
 
-/// The labels of each teed series, written once per series and month of
-/// ingestion (so that dropping a month's partitions of both tables leaves
-/// no orphans): join with the raw table on (account, metric, series_id).
-/// ReplacingMergeTree: a series written again (after a restart) collapses.
-pub fn series_table_ddl(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (
-            account String,
-            metric String,
-            series_id UInt64,
-            cluster String,
-            namespace String,
-            pod String,
-            label_names Array(String),
-            label_values Array(String),
-            ingest_time DateTime
-        ) ENGINE = ReplacingMergeTree(ingest_time)
-        PARTITION BY toYYYYMM(ingest_time)
-        ORDER BY (account, metric, series_id)"
-    )
-}
+table_row! {
+    /// One row of the raw table of samples, borrowed from a decoded spool
+    /// record: a row copies nothing. ReplacingMergeTree on (account,
+    /// metric, series_id, ts): a re-sent sample collapses with its first
+    /// copy (read with `FINAL` for exact counts; the rollup deduplicates
+    /// timestamps itself). The labels the rollup groups by are columns; the
+    /// others are in the series table, once per series (tables created
+    /// before it have `label_names`/`label_values` columns here too, left
+    /// empty by inserts since).
+    CREATE = "ReplacingMergeTree(ingest_time) \
+              PARTITION BY toYYYYMM(toDateTime(intDiv(ts, 1000))) \
+              ORDER BY (account, metric, series_id, ts)";
+    #[derive(Debug, Clone, Copy, PartialEq, Row, Serialize)]
+    pub struct RawRow<'a> {
+        pub account: &'a str => "String",
+        pub metric: &'a str => "String",
+        pub cluster: &'a str => "String",
+        pub namespace: &'a str => "String",
+        pub pod: &'a str => "String",
+        pub series_id: u64 => "UInt64",
+        pub ts: i64 => "Int64",
+        pub value: f64 => "Float64",
+        /// Seconds since the epoch, UTC.
+        pub ingest_time: u32 => "DateTime",
+    }
 
-/// The platform's expense table, exactly as DESIGN.md gives it.
-pub fn expenses_table_ddl(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (
-            cloud_account_id String,
-            resource_id String,
-            date DateTime,
-            cost Float64,
-            sign Int8,
-            k8s_namespace Nullable(String),
-            k8s_node Nullable(String),
-            k8s_service Nullable(String)
-        ) ENGINE = CollapsingMergeTree(sign)
-        PARTITION BY toYYYYMM(date)
-        ORDER BY (cloud_account_id, date, resource_id)"
-    )
-}
+    /// One row of the series table: the labels of each teed series, written
+    /// once per series and month of ingestion (so that dropping a month's
+    /// partitions of both tables leaves no orphans); join with the raw
+    /// table on (account, metric, series_id). ReplacingMergeTree: a series
+    /// written again (after a restart) collapses. Borrowed like [`RawRow`].
+    CREATE = "ReplacingMergeTree(ingest_time) \
+              PARTITION BY toYYYYMM(ingest_time) \
+              ORDER BY (account, metric, series_id)";
+    #[derive(Debug, Clone, Copy, PartialEq, Row, Serialize)]
+    pub struct SeriesRow<'a> {
+        pub account: &'a str => "String",
+        pub metric: &'a str => "String",
+        pub series_id: u64 => "UInt64",
+        pub cluster: &'a str => "String",
+        pub namespace: &'a str => "String",
+        pub pod: &'a str => "String",
+        /// The other labels, sorted by name: the `label_names` column is
+        /// their names. Set it and `label_values` to the same slice.
+        #[serde(serialize_with = "label_names")]
+        pub label_names: &'a [(&'a str, &'a str)] => "Array(String)",
+        /// The `label_values` column: the values of the same slice.
+        #[serde(serialize_with = "label_values")]
+        pub label_values: &'a [(&'a str, &'a str)] => "Array(String)",
+        /// Seconds since the epoch, UTC.
+        pub ingest_time: u32 => "DateTime",
+    }
 
-/// The rollup watermark (one row per rollup name; latest `version` wins).
-pub fn state_table_ddl(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (
-            name String,
-            watermark DateTime,
-            version UInt64
-        ) ENGINE = ReplacingMergeTree(version)
-        ORDER BY name"
-    )
-}
+    /// One row of the platform's expense table, exactly as DESIGN.md gives it.
+    CREATE = "CollapsingMergeTree(sign) \
+              PARTITION BY toYYYYMM(date) \
+              ORDER BY (cloud_account_id, date, resource_id)";
+    #[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+    pub struct ExpenseRow {
+        pub cloud_account_id: String => "String",
+        pub resource_id: String => "String",
+        /// Seconds since the epoch, UTC (midnight for daily rows).
+        pub date: u32 => "DateTime",
+        pub cost: f64 => "Float64",
+        pub sign: i8 => "Int8",
+        pub k8s_namespace: Option<String> => "Nullable(String)",
+        pub k8s_node: Option<String> => "Nullable(String)",
+        pub k8s_service: Option<String> => "Nullable(String)",
+    }
 
-/// Which (metric, account, UTC hour) received samples in which ingest
-/// minute: the rollup's index of "what changed since my last pass", ordered
-/// by ingest minute so that reading the recent part is cheap however long
-/// the history is. Only the charged metrics are recorded.
-pub fn touched_table_ddl(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (
-            ingest_minute DateTime,
-            metric String,
-            account String,
-            hour DateTime
-        ) ENGINE = ReplacingMergeTree
-        PARTITION BY toYYYYMMDD(ingest_minute)
-        ORDER BY (ingest_minute, metric, account, hour)"
-    )
-}
+    /// One row of the state table: the rollup watermark (one row per rollup
+    /// name; the latest `version` wins).
+    CREATE = "ReplacingMergeTree(version) ORDER BY name";
+    #[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+    pub struct StateRow {
+        pub name: String => "String",
+        pub watermark: u32 => "DateTime",
+        pub version: u64 => "UInt64",
+    }
 
-/// Each registered resource's platform id and the `first_seen`/`last_seen`
-/// (epoch seconds) the platform holds for it, one row per successful bulk
-/// call; the latest `version` (microseconds) of an (account, cloud resource
-/// id) wins. Written before any expense row under that id, so a restart
-/// writes rows for known resources without the REST API.
-pub fn resources_table_ddl(table: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (
-            account String,
-            cloud_resource_id String,
-            resource_id String,
-            first_seen Int64,
-            last_seen Int64,
-            version UInt64
-        ) ENGINE = ReplacingMergeTree(version)
-        ORDER BY (account, cloud_resource_id)"
-    )
-}
+    /// One row of the touched table: which (metric, account, UTC hour)
+    /// received samples in which ingest minute, the rollup's index of "what
+    /// changed since my last pass", ordered by ingest minute so that
+    /// reading the recent part is cheap however long the history is. Only
+    /// the charged metrics are recorded.
+    CREATE = "ReplacingMergeTree \
+              PARTITION BY toYYYYMMDD(ingest_minute) \
+              ORDER BY (ingest_minute, metric, account, hour)";
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Row, Serialize, Deserialize)]
+    pub struct TouchedRow {
+        pub ingest_minute: u32 => "DateTime",
+        pub metric: String => "String",
+        pub account: String => "String",
+        pub hour: u32 => "DateTime",
+    }
 
-/// One row of the resources table (= [`resources_table_ddl`]).
-#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
-pub struct ResourceRow {
-    pub account: String,
-    pub cloud_resource_id: String,
-    /// The platform's id (`_id` of the resource document).
-    pub resource_id: String,
-    pub first_seen: i64,
-    pub last_seen: i64,
-    pub version: u64,
-}
-
-/// One row of the touched table (= [`touched_table_ddl`]).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Row, Serialize, Deserialize)]
-pub struct TouchedRow {
-    pub ingest_minute: u32,
-    pub metric: String,
-    pub account: String,
-    pub hour: u32,
-}
-
-/// One row of the raw table (field order and types = [`raw_table_ddl`]),
-/// borrowed from a decoded spool record: a row copies nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Row, Serialize)]
-pub struct RawRow<'a> {
-    pub account: &'a str,
-    pub metric: &'a str,
-    pub cluster: &'a str,
-    pub namespace: &'a str,
-    pub pod: &'a str,
-    pub series_id: u64,
-    pub ts: i64,
-    pub value: f64,
-    /// `DateTime`: seconds since the epoch, UTC.
-    pub ingest_time: u32,
-}
-
-/// One row of the series table (field order and types =
-/// [`series_table_ddl`]), borrowed like [`RawRow`].
-#[derive(Debug, Clone, Copy, PartialEq, Row, Serialize)]
-pub struct SeriesRow<'a> {
-    pub account: &'a str,
-    pub metric: &'a str,
-    pub series_id: u64,
-    pub cluster: &'a str,
-    pub namespace: &'a str,
-    pub pod: &'a str,
-    /// The other labels, sorted by name: the `label_names` column is their
-    /// names. Set it and `label_values` to the same slice.
-    #[serde(serialize_with = "label_names")]
-    pub label_names: &'a [(&'a str, &'a str)],
-    /// The `label_values` column: the values of the same slice.
-    #[serde(serialize_with = "label_values")]
-    pub label_values: &'a [(&'a str, &'a str)],
-    /// `DateTime`: seconds since the epoch, UTC.
-    pub ingest_time: u32,
-}
-
-/// One row of the expenses table (field order and types = [`expenses_table_ddl`]).
-#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
-pub struct ExpenseRow {
-    pub cloud_account_id: String,
-    pub resource_id: String,
-    /// `DateTime`: seconds since the epoch, UTC (midnight for daily rows).
-    pub date: u32,
-    pub cost: f64,
-    pub sign: i8,
-    pub k8s_namespace: Option<String>,
-    pub k8s_node: Option<String>,
-    pub k8s_service: Option<String>,
-}
-
-/// One row of the state table.
-#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
-pub struct StateRow {
-    pub name: String,
-    pub watermark: u32,
-    pub version: u64,
+    /// One row of the resources table: each registered resource's platform
+    /// id and the `first_seen`/`last_seen` (epoch seconds) the platform
+    /// holds for it, one row per successful bulk call; the latest `version`
+    /// (microseconds) of an (account, cloud resource id) wins. Written
+    /// before any expense row under that id, so a restart writes rows for
+    /// known resources without the REST API.
+    CREATE = "ReplacingMergeTree(version) ORDER BY (account, cloud_resource_id)";
+    #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+    pub struct ResourceRow {
+        pub account: String => "String",
+        pub cloud_resource_id: String => "String",
+        /// The platform's id (`_id` of the resource document).
+        pub resource_id: String => "String",
+        pub first_seen: i64 => "Int64",
+        pub last_seen: i64 => "Int64",
+        pub version: u64 => "UInt64",
+    }
 }
 
 fn label_names<S: Serializer>(labels: &[(&str, &str)], s: S) -> Result<S::Ok, S::Error> {
@@ -667,6 +617,25 @@ fn label_values<S: Serializer>(labels: &[(&str, &str)], s: S) -> Result<S::Ok, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `table_row!` lists the fields as columns, in order, with their
+    /// types, then the engine clause.
+    #[test]
+    fn a_row_struct_makes_its_tables_ddl() {
+        assert_eq!(
+            StateRow::ddl("rwgate_state"),
+            "CREATE TABLE IF NOT EXISTS rwgate_state (name String, watermark DateTime, \
+             version UInt64) ENGINE = ReplacingMergeTree(version) ORDER BY name"
+        );
+        assert_eq!(
+            ExpenseRow::ddl("expenses"),
+            "CREATE TABLE IF NOT EXISTS expenses (cloud_account_id String, resource_id String, \
+             date DateTime, cost Float64, sign Int8, k8s_namespace Nullable(String), \
+             k8s_node Nullable(String), k8s_service Nullable(String)) \
+             ENGINE = CollapsingMergeTree(sign) PARTITION BY toYYYYMM(date) \
+             ORDER BY (cloud_account_id, date, resource_id)"
+        );
+    }
 
     #[test]
     fn errors_about_the_data_are_told_from_availability() {
