@@ -10,8 +10,9 @@ bash scripts/install-deps.sh
 
 cargo fmt --all --check
 cargo clippy --locked --all-targets --all-features -- -D warnings
-# nextest does not run doctests.
+# nextest does not run doctests; the docs build with no broken links.
 cargo test --locked --workspace --doc
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --all-features
 # Unit and integration tests; each test is its own process (distinct ports
 # and temp dirs), and every test runs even after one fails.
 log=$(mktemp)

@@ -44,7 +44,7 @@ impl Value {
 const PARSE_DEPTH: u32 = 8;
 
 /// The fields of `buf`, if it is a canonically encoded message (so that
-/// [`write`] gives back the same bytes).
+/// [`write()`] gives back the same bytes).
 pub fn parse(buf: &[u8]) -> Option<Vec<Field>> {
     let mut pos = 0;
     let fields = parse_fields(buf, &mut pos, PARSE_DEPTH, None)?;
@@ -157,7 +157,7 @@ pub fn write(fields: &[Field], out: &mut Vec<u8>) {
 /// in preorder, modulo their number.
 #[derive(Debug, Clone)]
 pub enum Edit {
-    /// A varint set to one of [`VARINTS`] (or one more or less than it was).
+    /// A varint set to one of `VARINTS` (or one more or less than it was).
     SetVarint {
         at: usize,
         pick: usize,

@@ -286,7 +286,7 @@ fn check_decode(raw: &[u8], limits: &ShapeLimits) -> Result<Option<Accepted>, Te
 }
 
 /// [`pipeline::process`] on a body as sent: the snappy layer
-/// ([`expect::snappy`]), the decoder ([`check_decode`]), the same decision
+/// (`expect::snappy`), the decoder (`check_decode`), the same decision
 /// as the reference, and for an accepted request the counts, the refused
 /// series, the forwarded body (prost decodes it to exactly the valid
 /// series the allowlist keeps, tenant labels set, nothing else) and the tee.

@@ -1,4 +1,4 @@
-//! Registration of charged resources with the platform ([`platform`]), so
+//! Registration of charged resources with the platform ([`platform`](super::platform)), so
 //! that the platform's REST API and UI see their expense rows: it selects
 //! an account's resource documents whose `first_seen`/`last_seen` overlap
 //! the requested range and joins `expenses.resource_id` to their ids.
