@@ -699,7 +699,9 @@ fn scan_series<'b>(
                 continue;
             }
             if scan.too_long.is_none() {
-                scan.too_long = check_lengths(name, value, limits);
+                if let Some(over) = check_lengths(name, value, limits) {
+                    scan.too_long = Some(over);
+                }
             }
             let label = LabelRef {
                 name,
@@ -929,12 +931,20 @@ fn decode_label(
 fn all_ascii(b: &[u8]) -> bool {
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let Some(tail) = b.last_chunk::<8>() else {
-        return b.iter().fold(0, |a, &x| a | x) < 0x80;
+        let mut any = 0;
+        for &x in b {
+            any |= x;
+        }
+        return any < 0x80;
     };
-    // The last eight bytes cover what the whole words leave over.
-    let any = b.chunks_exact(8).fold(u64::from_le_bytes(*tail), |a, w| {
-        a | u64::from_le_bytes(w.try_into().expect("8 bytes"))
-    });
+    // The last eight bytes cover what the whole words leave over. A plain
+    // loop: the iterator adapters' fold was not inlined.
+    let mut any = u64::from_le_bytes(*tail);
+    let mut at = 0;
+    while let Some(word) = b.get(at..at + 8) {
+        any |= u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        at += 8;
+    }
     any & HIGH == 0
 }
 
