@@ -104,7 +104,7 @@ pub struct TlsConfig {
     /// symlinked directory of a Secret volume), new handshakes present the
     /// new pair; established connections keep theirs. A pair that does not
     /// load is logged once and the current one kept. `0s` never reloads.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub reload_interval: Duration,
 }
 

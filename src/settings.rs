@@ -586,6 +586,32 @@ mod tests {
         }
     }
 
+    /// Every duration in the tree prints the way it was written: the
+    /// settings whose default prints as a duration, each set to `365days`.
+    #[test]
+    fn every_duration_prints_as_written() {
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let at = |v: &serde_json::Value, path: &str| {
+            path.split('.')
+                .fold(v.clone(), |v, key| v.get(key).cloned().unwrap_or_default())
+        };
+        let durations: Vec<String> = all()
+            .into_iter()
+            .map(|s| s.path)
+            .filter(|p| {
+                at(&defaults, p)
+                    .as_str()
+                    .is_some_and(|v| humantime::parse_duration(v).is_ok())
+            })
+            .collect();
+        assert!(durations.len() > 20, "{durations:?}");
+        let set: Vec<Given> = durations.iter().map(|p| given(p, "365days")).collect();
+        let printed = serde_json::to_value(load_text(None, &set).unwrap()).unwrap();
+        for p in &durations {
+            assert_eq!(at(&printed, p), "365d", "{p}");
+        }
+    }
+
     #[test]
     fn values_take_the_type_of_their_setting() {
         let c = load_text(
