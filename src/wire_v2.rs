@@ -288,11 +288,11 @@ impl fmt::Display for Invalid {
 #[derive(Debug, Default)]
 pub struct DecodedV2 {
     /// Each symbol's bytes in the body, by index.
-    pub symbols: Vec<Span>,
+    symbols: Vec<Span>,
     /// The `symbols` fields as they came (runs of adjacent fields).
-    pub symbol_fields: Vec<Span>,
+    symbol_fields: Vec<Span>,
     pub series: Vec<SeriesV2>,
-    pub labels: Vec<LabelSyms>,
+    labels: Vec<LabelSyms>,
 }
 
 impl DecodedV2 {
