@@ -67,8 +67,8 @@ impl Symbols {
 
 impl Request {
     /// The same series as a 1.0 request: labels (in the order sent),
-    /// samples and exemplars. The 1.0 reference types carry no histogram
-    /// fields and 1.0 metadata names no series, so neither is carried over.
+    /// samples, exemplars and histograms. 1.0 metadata names no series, so
+    /// it is not carried over.
     pub fn from_v1(req: &prompb::WriteRequest) -> Request {
         let mut symbols = Symbols::new();
         let mut refs = |labels: &[prompb::Label]| -> Vec<u32> {
@@ -100,6 +100,7 @@ impl Request {
                         timestamp: e.timestamp,
                     })
                     .collect(),
+                histograms: ts.histograms.iter().map(histogram_as).collect(),
                 ..Default::default()
             })
             .collect();
@@ -123,6 +124,13 @@ impl Request {
             })
             .collect()
     }
+}
+
+/// `h` as the other protocol's `Histogram`: 1.0's and 2.0's give every
+/// field the same number and type, and 2.0 adds `start_timestamp` (17),
+/// which 1.0's does not read.
+fn histogram_as<T: prost::Message + Default>(h: &impl prost::Message) -> T {
+    T::decode(h.encode_to_vec().as_slice()).expect("1.0's and 2.0's Histogram share their fields")
 }
 
 impl Histogram {
@@ -149,34 +157,6 @@ impl Histogram {
     }
 }
 
-/// Remote-Write 1.0 as a 1.0 receiver reads a converted 2.0 request: the
-/// messages of [`crate::prompb`], with native histograms decoded (1.0's
-/// `Histogram` has the same fields as 2.0's but the start timestamp, so
-/// 2.0's type stands in for it).
-pub mod as_v1 {
-    use crate::prompb::{Exemplar, Label, MetricMetadata, Sample};
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct WriteRequest {
-        #[prost(message, repeated, tag = "1")]
-        pub timeseries: Vec<TimeSeries>,
-        #[prost(message, repeated, tag = "3")]
-        pub metadata: Vec<MetricMetadata>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct TimeSeries {
-        #[prost(message, repeated, tag = "1")]
-        pub labels: Vec<Label>,
-        #[prost(message, repeated, tag = "2")]
-        pub samples: Vec<Sample>,
-        #[prost(message, repeated, tag = "3")]
-        pub exemplars: Vec<Exemplar>,
-        #[prost(message, repeated, tag = "4")]
-        pub histograms: Vec<super::Histogram>,
-    }
-}
-
 impl Request {
     /// What a 1.0 upstream must receive for this request, computed the
     /// obvious way: labels resolved, `tenant` labels set (replacing any of
@@ -185,7 +165,7 @@ impl Request {
     /// one metadata entry per distinct (family, type, help, unit), the
     /// family being the name without the suffix a classic histogram or
     /// summary adds, sorted.
-    pub fn to_v1(&self, tenant: &[(&str, &str)]) -> as_v1::WriteRequest {
+    pub fn to_v1(&self, tenant: &[(&str, &str)]) -> prompb::WriteRequest {
         let sym = |r: u32| self.symbols[r as usize].clone();
         let pairs = |refs: &[u32]| -> Vec<prompb::Label> {
             refs.chunks(2)
@@ -229,7 +209,7 @@ impl Request {
                         families.insert((family, m.r#type, sym(m.help_ref), sym(m.unit_ref)));
                     }
                 }
-                as_v1::TimeSeries {
+                prompb::TimeSeries {
                     labels,
                     samples: ts
                         .samples
@@ -248,18 +228,11 @@ impl Request {
                             timestamp: e.timestamp,
                         })
                         .collect(),
-                    histograms: ts
-                        .histograms
-                        .iter()
-                        .map(|h| Histogram {
-                            start_timestamp: 0,
-                            ..h.clone()
-                        })
-                        .collect(),
+                    histograms: ts.histograms.iter().map(histogram_as).collect(),
                 }
             })
             .collect();
-        as_v1::WriteRequest {
+        prompb::WriteRequest {
             timeseries,
             metadata: families
                 .into_iter()

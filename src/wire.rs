@@ -725,10 +725,8 @@ fn scan_series<'b>(
             }
             (4, LEN) => {
                 let (s, e) = r.len_delimited().map_err(&in_series)?;
-                // Declared opaque in `third_party/prometheus/`: its fields
-                // are only checked to decode (the encoder copies them as
-                // they came).
-                skip_fields(buf, s, e, DEPTH - 2).map_err(Invalid::malformed(Part::Histogram))?;
+                check_histogram(buf, s, e, HISTOGRAM_V1_FIELDS)
+                    .map_err(Invalid::malformed(Part::Histogram))?;
                 scan.samples += 1;
             }
             (1..=4, _) => {
@@ -1018,14 +1016,78 @@ fn check_exemplar(
     Ok(())
 }
 
-/// Checks that `buf[start..end]` is a sequence of fields that decode.
-fn skip_fields(buf: &[u8], start: usize, end: usize, depth: u32) -> Result<(), DecodeError> {
+/// The last `Histogram` field Remote-Write 1.0 knows (`custom_values`).
+pub(crate) const HISTOGRAM_V1_FIELDS: u32 = 16;
+/// The field 2.0 adds to `Histogram`: the start timestamp.
+pub(crate) const HISTOGRAM_V2_FIELDS: u32 = 17;
+
+/// Checks one `Histogram` as prost reads it, down to its bucket spans and
+/// packed counts, knowing its fields up to `known` (a field past it is
+/// skipped as unknown); true when it carries a start timestamp.
+pub(crate) fn check_histogram(
+    buf: &[u8],
+    start: usize,
+    end: usize,
+    known: u32,
+) -> Result<bool, DecodeError> {
     let mut r = Reader::over(buf, start, end);
+    let mut has_start = false;
     while !r.done() {
-        let (field, wt) = r.key()?;
-        r.skip(field, wt, depth)?;
+        match r.key()? {
+            (field, wt) if field > known => r.skip(field, wt, DEPTH - 2)?,
+            (f @ (1 | 4 | 6 | 14 | 15 | 17), VARINT) => {
+                r.varint()?;
+                has_start |= f == 17;
+            }
+            (2 | 3 | 5 | 7 | 10 | 13 | 16, FIXED64) => {
+                r.fixed64()?;
+            }
+            (9 | 12, VARINT) => {
+                r.varint()?;
+            }
+            (8 | 11, LEN) => {
+                let (s, e) = r.len_delimited()?;
+                let mut span = Reader::over(buf, s, e);
+                while !span.done() {
+                    match span.key()? {
+                        (1 | 2, VARINT) => {
+                            span.varint()?;
+                        }
+                        (1 | 2, _) => {
+                            return Err(malformed(
+                                "a BucketSpan field has the wrong wire type",
+                                span.at(),
+                            ))
+                        }
+                        (field, wt) => span.skip(field, wt, DEPTH - 3)?,
+                    }
+                }
+            }
+            (9 | 12, LEN) => {
+                let (s, e) = r.len_delimited()?;
+                let mut packed = Reader::over(buf, s, e);
+                while !packed.done() {
+                    packed.varint()?;
+                }
+            }
+            (10 | 13 | 16, LEN) => {
+                let (s, e) = r.len_delimited()?;
+                if (e - s) % 8 != 0 {
+                    return Err(malformed(
+                        "packed histogram counts are not whole doubles",
+                        r.at(),
+                    ));
+                }
+            }
+            _ => {
+                return Err(malformed(
+                    "a Histogram field has the wrong wire type",
+                    r.at(),
+                ))
+            }
+        }
     }
-    Ok(())
+    Ok(has_start)
 }
 
 /// One float sample of a series.
@@ -2030,6 +2092,15 @@ pub(crate) mod tests {
         // A histogram holding an end-group marker and a truncated varint.
         cases.push((with(&[0x22, 0x01, 0x0c]), "malformed_histogram"));
         cases.push((with(&[0x22, 0x02, 0x08, 0x80]), "malformed_histogram"));
+        // A histogram whose float count (a double) is length-delimited, one
+        // whose bucket span offset is a fixed32, one whose packed counts
+        // are not whole doubles.
+        cases.push((with(&[0x22, 0x03, 0x12, 0x01, 0x00]), "malformed_histogram"));
+        cases.push((
+            with(&[0x22, 0x07, 0x42, 0x05, 0x0d, 1, 2, 3, 4]),
+            "malformed_histogram",
+        ));
+        cases.push((with(&[0x22, 0x03, 0x52, 0x01, 0x00]), "malformed_histogram"));
         // Samples as a varint field; an unknown field with wire type 7.
         cases.push((with(&[0x10, 0x01]), "malformed_series"));
         cases.push((with(&[0x7f, 0x00]), "malformed_series"));
@@ -2056,8 +2127,11 @@ pub(crate) mod tests {
             ]),
             // A group (field 5) holding a varint, skipped as unknown.
             with(&[0x2b, 0x08, 0x01, 0x2c]),
-            // A histogram of arbitrary well-formed fields.
-            with(&[0x22, 0x06, 0x08, 0x96, 0x01, 0x12, 0x01, 0x00]),
+            // A histogram with an integer count, and bytes in field 17 (the
+            // start timestamp 2.0 adds, unknown to 1.0) and in field 20.
+            with(&[
+                0x22, 0x0b, 0x08, 0x96, 0x01, 0x8a, 0x01, 0x01, 0x00, 0xa2, 0x01, 0x01, 0x00,
+            ]),
             // A ten-byte varint timestamp (negative).
             with(&[
                 0x12, 0x0b, 0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,

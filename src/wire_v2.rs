@@ -38,9 +38,9 @@ use std::cmp::Ordering;
 use std::fmt;
 
 use crate::wire::{
-    self, check_label_count, check_lengths, cmp_names, label_msg_len, malformed, put_label,
-    put_varint, read_sample, varint_len, DecodeError, Injected, Merged, OverLimit, Reader, Sample,
-    ShapeLimits, Span, DEPTH, FIXED64, LEN, VARINT,
+    self, check_histogram, check_label_count, check_lengths, cmp_names, label_msg_len, malformed,
+    put_label, put_varint, read_sample, varint_len, DecodeError, Injected, Merged, OverLimit,
+    Reader, Sample, ShapeLimits, Span, DEPTH, FIXED64, HISTOGRAM_V2_FIELDS, LEN, VARINT,
 };
 
 /// The `Content-Type` of a 2.0 request (the media type with its `proto`).
@@ -554,7 +554,7 @@ fn decode_series(
             }
             (3, LEN) => {
                 let (ps, pe) = r.len_delimited()?;
-                s.histogram_start |= check_histogram(buf, ps, pe)?;
+                s.histogram_start |= check_histogram(buf, ps, pe, HISTOGRAM_V2_FIELDS)?;
                 s.histograms += 1;
                 s.histogram_run.add(field_start, pe);
             }
@@ -670,58 +670,6 @@ fn check_sample(buf: &[u8], start: usize, end: usize) -> Result<bool, Stop> {
         }
     }
     Ok(plain)
-}
-
-/// Checks one `Histogram`, down to its bucket spans and packed counts;
-/// true when it carries a start timestamp.
-fn check_histogram(buf: &[u8], start: usize, end: usize) -> Result<bool, Stop> {
-    let mut r = Reader::new(&buf[start..end], start);
-    let mut has_start = false;
-    while !r.done() {
-        match r.key()? {
-            (f @ (1 | 4 | 6 | 14 | 15 | 17), VARINT) => {
-                r.varint()?;
-                has_start |= f == 17;
-            }
-            (2 | 3 | 5 | 7, FIXED64) | (10 | 13 | 16, FIXED64) => {
-                r.fixed64()?;
-            }
-            (9 | 12, VARINT) => {
-                r.varint()?;
-            }
-            (8 | 11, LEN) => {
-                let (s, e) = r.len_delimited()?;
-                let mut span_r = Reader::new(&buf[s..e], s);
-                while !span_r.done() {
-                    match span_r.key()? {
-                        (1 | 2, VARINT) => {
-                            span_r.varint()?;
-                        }
-                        (1 | 2, _) => {
-                            return Err(invalid("a BucketSpan field has the wrong wire type"))
-                        }
-                        (field, wt) => span_r.skip(field, wt, DEPTH - 3)?,
-                    }
-                }
-            }
-            (9 | 12, LEN) => {
-                let (s, e) = r.len_delimited()?;
-                let mut packed = Reader::new(&buf[s..e], s);
-                while !packed.done() {
-                    packed.varint()?;
-                }
-            }
-            (10 | 13 | 16, LEN) => {
-                let (s, e) = r.len_delimited()?;
-                if (e - s) % 8 != 0 {
-                    return Err(invalid("packed histogram counts are not whole doubles"));
-                }
-            }
-            (1..=17, _) => return Err(invalid("a Histogram field has the wrong wire type")),
-            (field, wt) => r.skip(field, wt, DEPTH - 2)?,
-        }
-    }
-    Ok(has_start)
 }
 
 /// Checks one `Exemplar`: its label references come in pairs, in range.
@@ -1235,7 +1183,7 @@ pub fn encode_series_v2(
 mod tests {
     use super::*;
     use crate::prompb;
-    use crate::prompb_v2::{self as v2, as_v1, Symbols};
+    use crate::prompb_v2::{self as v2, Symbols};
     use prost::Message;
 
     const TENANT: [(&str, &str); 2] = [("cloud_account_id", "me"), ("tenant_id", "me")];
@@ -1286,10 +1234,10 @@ mod tests {
     }
 
     /// Converting must give exactly what prost encodes for the reference.
-    fn assert_converts(req: &v2::Request, inject: &[(&str, &str)]) -> as_v1::WriteRequest {
+    fn assert_converts(req: &v2::Request, inject: &[(&str, &str)]) -> prompb::WriteRequest {
         let out = convert_bytes(&req.encode_to_vec(), inject);
         let want = req.to_v1(inject);
-        assert_eq!(as_v1::WriteRequest::decode(out.as_slice()).unwrap(), want);
+        assert_eq!(prompb::WriteRequest::decode(out.as_slice()).unwrap(), want);
         assert_eq!(out, want.encode_to_vec(), "byte for byte");
         want
     }
@@ -1347,7 +1295,6 @@ mod tests {
         };
         let got = assert_converts(&req, &TENANT);
         assert_eq!(got.timeseries[0].histograms.len(), 2);
-        assert_eq!(got.timeseries[0].histograms[0].start_timestamp, 0);
         assert_eq!(got.timeseries[0].histograms[1].custom_values, [0.1, 1.0]);
         assert_eq!(
             got.timeseries[0].exemplars[0].labels[0],

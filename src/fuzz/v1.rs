@@ -53,7 +53,6 @@ struct RawSeries {
     samples: Vec<prompb::Sample>,
     #[prost(message, repeated, tag = "3")]
     exemplars: Vec<RawExemplar>,
-    /// Opaque in `third_party/prometheus/`: prost checks its fields decode.
     #[prost(message, repeated, tag = "4")]
     histograms: Vec<prompb::Histogram>,
 }

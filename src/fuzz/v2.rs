@@ -383,7 +383,7 @@ fn check_outcome(
     let body = expect::forwarded(out)?;
     match upstream {
         RemoteWriteVersion::V1 => {
-            let got = prompb_v2::as_v1::WriteRequest::decode(body.as_slice())
+            let got = prompb::WriteRequest::decode(body.as_slice())
                 .map_err(|e| fail(format!("prost refuses the forwarded body: {e}")))?;
             let want = prompb_v2::Request {
                 symbols: symbols.to_vec(),

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use prost::Message;
-use rwgate::prompb_v2::{self as v2, as_v1, Symbols};
+use rwgate::prompb;
+use rwgate::prompb_v2::{self as v2, Symbols};
 
 use super::clickhouse::Series;
 
@@ -166,11 +167,11 @@ pub async fn send(
 }
 
 /// A 1.0 body as a 1.0 receiver reads it, histograms included.
-pub fn decode_v1(body: &[u8]) -> as_v1::WriteRequest {
+pub fn decode_v1(body: &[u8]) -> prompb::WriteRequest {
     let raw = snap::raw::Decoder::new()
         .decompress_vec(body)
         .expect("upstream body is snappy");
-    as_v1::WriteRequest::decode(raw.as_slice()).expect("upstream body is a 1.0 WriteRequest")
+    prompb::WriteRequest::decode(raw.as_slice()).expect("upstream body is a 1.0 WriteRequest")
 }
 
 /// A 2.0 body as a 2.0 receiver reads it.
