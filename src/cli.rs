@@ -827,6 +827,20 @@ mod tests {
             clap_one_line(&e),
             "invalid value 'acme' for '--account <UUID>': not a UUID (a Cloud-Account-Id)"
         );
+        // The value once, as typed.
+        let e = Cli::try_parse_from([
+            "rwgate",
+            "reconcile",
+            "--from",
+            "x\"y",
+            "--to",
+            "2026-11-01",
+        ])
+        .unwrap_err();
+        assert_eq!(
+            clap_one_line(&e),
+            "invalid value 'x\"y' for '--from <DAY>': not a date: expected YYYY-MM-DD between 1970-01-01 and 2105-12-31"
+        );
         let e = Cli::try_parse_from(["rwgate", "reconcile"]).unwrap_err();
         assert_eq!(
             clap_one_line(&e),

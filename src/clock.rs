@@ -121,9 +121,11 @@ impl Day {
     }
 }
 
-/// Why a day did not parse.
+/// Why a day did not parse. The message does not repeat the text: the
+/// error of the flag it was given to shows it (`invalid value 'x' for
+/// '--from <DAY>': ...`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid date {0:?}: expected YYYY-MM-DD between 1970-01-01 and 2105-12-31")]
+#[error("not a date: expected YYYY-MM-DD between 1970-01-01 and 2105-12-31")]
 pub struct DayError(pub String);
 
 impl std::str::FromStr for Day {

@@ -679,6 +679,8 @@ impl Default for RollupConfig {
 /// Durations in the tree: read as `humantime` reads them (`500ms`, `1h 30m`,
 /// `365days`), written the way people write them (`365d`, not humantime's
 /// `11months 30days 3h 50m 24s`), so `check-config` output reads back.
+/// Read as a newtype named [`DURATION_MARKER`], by which the settings probe
+/// (`settings::all`) knows a duration.
 mod human_duration {
     use std::time::Duration;
 
@@ -687,9 +689,27 @@ mod human_duration {
     }
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        humantime_serde::deserialize(d)
+        struct Human;
+        impl<'de> serde::de::Visitor<'de> for Human {
+            type Value = Duration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(super::DURATION_EXPECTED)
+            }
+            fn visit_newtype_struct<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Duration, D::Error> {
+                humantime_serde::deserialize(d)
+            }
+        }
+        d.deserialize_newtype_struct(super::DURATION_MARKER, Human)
     }
 }
+
+/// The newtype name durations of the tree are read as.
+pub const DURATION_MARKER: &str = "rwgate::Duration";
+/// What a duration looks like, for messages.
+pub const DURATION_EXPECTED: &str = "a duration such as 30s, 500ms or 1h 30m";
 
 /// Most resources the platform's importers send in one bulk call (and
 /// the most `resources.batch_size` may be).
@@ -833,6 +853,29 @@ display_as_serde_name! {
     ExpenseIds { Platform => "platform", CloudResourceId => "cloud_resource_id" }
 }
 
+/// What a size looks like, for messages.
+pub const SIZE_EXPECTED: &str = "a size such as 16MiB, or a number of bytes";
+
+/// A value a user gave, for messages: in backticks and as typed (no Rust
+/// escaping of quotes or backslashes); only control characters are
+/// escaped, so that the message stays one line. Nothing typed is `""`.
+pub fn shown(value: &str) -> String {
+    if value.is_empty() {
+        return "\"\"".into();
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('`');
+    for c in value.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('`');
+    out
+}
+
 /// A byte size, written as a plain number of bytes or as `16MiB`, `512KiB`, `1GB`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size(pub u64);
@@ -845,13 +888,20 @@ impl Size {
 
 impl std::str::FromStr for Size {
     type Err = String;
+    /// The messages do not repeat the value: the error naming the setting
+    /// shows it.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected e.g. 16MiB or 1048576"))?;
+        if num.is_empty() {
+            return Err(format!("expected {SIZE_EXPECTED}"));
+        }
+        if unit.starts_with(['.', ',']) {
+            return Err("a size is a whole number of its unit: write 512MiB, not 0.5GiB".into());
+        }
+        let too_large = || "too large: at most 18446744073709551615 bytes (16EiB)".to_string();
+        let n: u64 = num.parse().map_err(|_| too_large())?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -862,13 +912,12 @@ impl std::str::FromStr for Size {
             "GB" => 1_000_000_000,
             other => {
                 return Err(format!(
-                    "invalid size unit {other:?} in {s:?}: use B, KiB, MiB, GiB, KB, MB or GB"
+                    "unknown unit {}: use B, KiB, MiB, GiB, KB, MB or GB",
+                    shown(other)
                 ))
             }
         };
-        n.checked_mul(mult)
-            .map(Size)
-            .ok_or_else(|| format!("size {s:?} is too large"))
+        n.checked_mul(mult).map(Size).ok_or_else(too_large)
     }
 }
 
@@ -890,18 +939,39 @@ impl Serialize for Size {
     }
 }
 
+/// The newtype name sizes are read as, by which the settings probe
+/// (`settings::all`) knows a size.
+pub const SIZE_MARKER: &str = "rwgate::Size";
+
+/// A number of bytes or text (`16MiB`).
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
+        use serde::de::{Error, Unexpected};
+        struct Bytes;
+        impl<'de> serde::de::Visitor<'de> for Bytes {
+            type Value = Size;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(SIZE_EXPECTED)
+            }
+            fn visit_newtype_struct<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Size, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_u64<E: Error>(self, n: u64) -> Result<Size, E> {
+                Ok(Size(n))
+            }
+            fn visit_i64<E: Error>(self, n: i64) -> Result<Size, E> {
+                u64::try_from(n)
+                    .map(Size)
+                    .map_err(|_| E::invalid_value(Unexpected::Signed(n), &self))
+            }
+            fn visit_str<E: Error>(self, s: &str) -> Result<Size, E> {
+                s.parse().map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Size(n)),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        d.deserialize_newtype_struct(SIZE_MARKER, Bytes)
     }
 }
 
@@ -926,7 +996,7 @@ pub enum ConfigError {
     /// A value that does not fit its setting, or a setting that does not
     /// exist; `origin` is the config file, the environment variable or the
     /// flag it came from.
-    #[error("invalid {setting}{} (from {origin}): {message}", value.as_deref().map(|v| format!(" = {v:?}")).unwrap_or_default())]
+    #[error("invalid {setting}{} (from {origin}): {message}", value.as_deref().map(|v| format!(" = {}", shown(v))).unwrap_or_default())]
     Setting {
         setting: String,
         value: Option<String>,
@@ -1057,7 +1127,7 @@ impl Config {
             if !crate::wire::is_valid_label_name(name) || name == "__name__" {
                 return Err(invalid(
                     "tenancy.labels",
-                    format!("{name:?} is not a usable label name"),
+                    format!("{} is not a usable label name", shown(name)),
                 ));
             }
         }
@@ -1156,7 +1226,10 @@ impl Config {
             {
                 return Err(invalid(
                     field,
-                    format!("{name:?} must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)"),
+                    format!(
+                        "{} must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)",
+                        shown(name)
+                    ),
                 ));
             }
         }
@@ -1292,18 +1365,18 @@ impl Config {
 fn check_http_url(field: &'static str, url: &str) -> Result<(), ConfigError> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| invalid(field, format!("{url:?} is not a URL: {e}")))?;
+        .map_err(|e| invalid(field, format!("{} is not a URL: {e}", shown(url))))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         _ => {
             return Err(invalid(
                 field,
-                format!("{url:?} must start with http:// or https://"),
+                format!("{} must start with http:// or https://", shown(url)),
             ))
         }
     }
     if uri.host().is_none() {
-        return Err(invalid(field, format!("{url:?} has no host")));
+        return Err(invalid(field, format!("{} has no host", shown(url))));
     }
     Ok(())
 }
@@ -1334,9 +1407,9 @@ mod tests {
         let err = crate::settings::from_toml("[upstream]\nprotocol = \"3.0\"\n", "test")
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("upstream.protocol") && err.contains("1.0, 2.0"),
-            "{err}"
+        assert_eq!(
+            err,
+            "invalid upstream.protocol = `3.0` (from config file test): expected \"1.0\" or \"2.0\""
         );
     }
 
@@ -1397,11 +1470,35 @@ mod tests {
         c.auth.mode = AuthMode::None;
         c.filter.allowlist = "kube_(".into();
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.starts_with("invalid filter.allowlist"), "{err}");
+        assert_eq!(
+            err,
+            "invalid filter.allowlist: `kube_(` is not a valid regex: unclosed group"
+        );
         c.filter.allowlist = "up".into();
         c.upstream.url = "ftp://x/".into();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.starts_with("invalid upstream.url"), "{err}");
+        // Values as written, not in Rust's escaping.
+        c.upstream.url = "ftp://C:\\x\"q/".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid upstream.url: `ftp://C:\\x\"q/` "),
+            "{err}"
+        );
+        c.upstream.url = DEFAULT_UPSTREAM_URL.into();
+        c.clickhouse.raw_table = "a\\b".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid clickhouse.raw_table: `a\\b` must be"),
+            "{err}"
+        );
+        c.clickhouse.raw_table = DEFAULT_RAW_TABLE.into();
+        c.tenancy.labels = vec!["a\"b".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid tenancy.labels: `a\"b` is not a usable label name"
+        );
     }
 
     #[test]
@@ -1495,7 +1592,16 @@ mod tests {
             assert_eq!(s.parse::<Size>().unwrap().to_string(), s);
         }
         assert_eq!("1MB".parse::<Size>().unwrap(), Size(1_000_000));
-        assert!("12XB".parse::<Size>().is_err());
+        assert_eq!(
+            "12XB".parse::<Size>().unwrap_err(),
+            "unknown unit `XB`: use B, KiB, MiB, GiB, KB, MB or GB"
+        );
+        assert_eq!(
+            "0.5GiB".parse::<Size>().unwrap_err(),
+            "a size is a whole number of its unit: write 512MiB, not 0.5GiB"
+        );
+        assert!("99999999999999999999".parse::<Size>().is_err());
+        assert!("16EiB".parse::<Size>().is_err());
     }
 
     #[test]

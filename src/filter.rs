@@ -69,10 +69,46 @@ impl Literal {
     }
 }
 
+/// Why an allowlist is not usable, in one line naming the pattern as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} is not a valid regex: {reason}", crate::config::shown(pattern))]
+pub struct AllowlistError {
+    pattern: String,
+    reason: String,
+}
+
+impl AllowlistError {
+    fn new(pattern: &str, e: &regex::Error) -> AllowlistError {
+        // A syntax error prints as several lines (the pattern, a caret
+        // under the fault, `error: <what>`): keep the last line's words.
+        let reason = match e {
+            regex::Error::Syntax(text) => text
+                .lines()
+                .rev()
+                .find_map(|l| l.trim().strip_prefix("error: "))
+                .unwrap_or("syntax error")
+                .to_string(),
+            regex::Error::CompiledTooBig(limit) => {
+                format!("it compiles to more than {limit} bytes")
+            }
+            other => other.to_string().replace('\n', " "),
+        };
+        AllowlistError {
+            pattern: pattern.to_string(),
+            reason,
+        }
+    }
+}
+
 impl Allowlist {
-    pub fn new(pattern: &str) -> Result<Self, regex::Error> {
+    pub fn new(pattern: &str) -> Result<Self, AllowlistError> {
+        // The pattern alone first: its errors then speak of what the user
+        // wrote, not of the anchored wrapper, and a pattern that only
+        // parses inside the wrapper (`a)|(b`) is refused.
+        Regex::new(pattern).map_err(|e| AllowlistError::new(pattern, &e))?;
         Ok(Allowlist {
-            re: Regex::new(&format!("^(?:{pattern})$"))?,
+            re: Regex::new(&format!("^(?:{pattern})$"))
+                .map_err(|e| AllowlistError::new(pattern, &e))?,
             literal: Literal::parse(pattern),
             source: pattern.to_string(),
         })
@@ -124,6 +160,21 @@ mod tests {
             assert!(!a.keeps(Some(drop.as_bytes())), "{drop}");
         }
         assert!(!a.keeps(None));
+    }
+
+    #[test]
+    fn errors_are_one_line_about_the_pattern_as_written() {
+        let err = Allowlist::new("kube_(").unwrap_err().to_string();
+        assert_eq!(err, "`kube_(` is not a valid regex: unclosed group");
+        // Balanced only inside the anchoring wrapper: not a regex either.
+        let err = Allowlist::new("a)|(b").unwrap_err().to_string();
+        assert_eq!(err, "`a)|(b` is not a valid regex: unopened group");
+        let err = Allowlist::new("x{99999999}").unwrap_err().to_string();
+        assert!(
+            err.starts_with("`x{99999999}` is not a valid regex: "),
+            "{err}"
+        );
+        assert!(!err.contains('\n') && !err.contains("(?:"), "{err}");
     }
 
     #[test]

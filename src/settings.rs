@@ -35,20 +35,56 @@ pub struct Setting {
     pub optional: bool,
 }
 
-/// The type of a setting's value, as far as text input needs it.
+/// The type of a setting's value, as far as text input and error messages
+/// need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Bool,
-    Integer,
+    /// A whole number from `min` to `max` (the range of its Rust type).
+    Integer {
+        min: i64,
+        max: u64,
+    },
     Float,
-    /// Text, including durations, addresses and paths.
+    /// Text, including addresses and paths.
     Text,
+    /// A duration: `30s`, `1h 30m`.
+    Duration,
+    /// A byte size: `1048576` or `16MiB`.
+    Size,
     /// A list of text: `a,b` or a TOML array.
     List,
     /// One of these names.
     Choice(&'static [&'static str]),
-    /// A number or text (sizes: `1048576` or `16MiB`).
-    NumberOrText,
+    /// A value of any type (what a type that decides by itself asks for;
+    /// no setting of the tree is one).
+    Any,
+}
+
+impl Kind {
+    /// What a value of this kind looks like, in the words of the error
+    /// messages (which never name Rust types).
+    pub fn expected(self) -> String {
+        match self {
+            Kind::Bool => "true or false".into(),
+            Kind::Integer { min, max } => format!("a whole number from {min} to {max}"),
+            Kind::Float => "a number, such as 0.5".into(),
+            Kind::Text => "a string".into(),
+            Kind::Duration => crate::config::DURATION_EXPECTED.into(),
+            Kind::Size => crate::config::SIZE_EXPECTED.into(),
+            Kind::List => "a list: a,b or [\"a\", \"b\"]".into(),
+            Kind::Choice([one, other]) => format!("\"{one}\" or \"{other}\""),
+            Kind::Choice(names) => format!(
+                "one of {}",
+                names
+                    .iter()
+                    .map(|n| format!("\"{n}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Kind::Any => "a value".into(),
+        }
+    }
 }
 
 impl Setting {
@@ -179,18 +215,33 @@ pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
 
 /// The tree from a config file's text (if any) and `given` over it, in order.
 pub fn load_text(file: Option<(&str, &str)>, given: &[Given]) -> Result<Config, ConfigError> {
-    let mut figment = Figment::new();
+    let settings = all();
+    let mut sources = Vec::new();
     if let Some((text, origin)) = file {
         let dict: Dict = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
             message: toml_message(text, &e),
         })?;
-        figment = figment.merge(Source {
-            origin: format!("config file {origin}"),
+        let origin = format!("config file {origin}");
+        for s in &settings {
+            let value = Value::from(dict.clone()).find(&s.path);
+            if let Some(Value::String(_, v)) = value {
+                if v.trim().is_empty() && !s.optional && s.kind != Kind::List {
+                    return Err(ConfigError::Setting {
+                        setting: s.path.clone(),
+                        value: Some(v),
+                        origin,
+                        message: EMPTY.into(),
+                    });
+                }
+            }
+        }
+        sources.push(Source {
+            origin,
             dict,
+            raw: None,
         });
     }
-    let settings = all();
     for g in given {
         let setting =
             settings
@@ -211,28 +262,80 @@ pub fn load_text(file: Option<(&str, &str)>, given: &[Given]) -> Result<Config, 
         let Value::Dict(_, dict) = figment::util::nest(&g.path, value) else {
             unreachable!("a dotted path nests into a dict");
         };
-        figment = figment.merge(Source {
+        sources.push(Source {
             origin: g.origin.clone(),
             dict,
+            raw: Some(g.raw.clone()),
         });
     }
-    figment.extract().map_err(|e| {
-        let setting = e.path.join(".");
-        let origin = e
-            .metadata
-            .as_ref()
-            .map_or_else(|| "defaults".to_string(), |m| m.name.to_string());
-        ConfigError::Setting {
-            value: None,
-            message: kind_message(&e.kind, &setting),
-            setting: if setting.is_empty() {
-                "config".into()
-            } else {
-                setting
-            },
-            origin,
+    let figment = sources
+        .iter()
+        .fold(Figment::new(), |f, source| f.merge(source));
+    figment
+        .extract()
+        .map_err(|e| explain(&e, &settings, &sources))
+}
+
+/// What an empty value of a setting that must have one is told.
+const EMPTY: &str = "must not be empty";
+
+/// A figment error as a [`ConfigError::Setting`]: the setting, the value
+/// as it was written in the source that gave it, and what the setting
+/// takes in words (from its [`Kind`], never serde's Rust type names).
+fn explain(e: &figment::Error, settings: &[Setting], sources: &[Source]) -> ConfigError {
+    use figment::error::Kind as K;
+    let path = e.path.join(".");
+    let origin = e
+        .metadata
+        .as_ref()
+        .map_or_else(|| "defaults".to_string(), |m| m.name.to_string());
+    // The setting the error is in (an error inside a list names an item).
+    let setting = settings
+        .iter()
+        .filter(|s| path == s.path || path.starts_with(&format!("{}.", s.path)))
+        .max_by_key(|s| s.path.len());
+    let section = !path.is_empty()
+        && settings
+            .iter()
+            .any(|s| s.path.starts_with(&format!("{path}.")));
+    let expected = match (setting, section) {
+        (Some(s), _) => format!("expected {}", s.kind.expected()),
+        (None, true) => format!("expected a section [{path}]"),
+        (None, false) => format!("expected {}", Kind::Any.expected()),
+    };
+    let message = match &e.kind {
+        K::UnknownField(_, known) => {
+            let section = path.rsplit_once('.').map_or("the top level", |(s, _)| s);
+            return ConfigError::Setting {
+                setting: path.clone(),
+                value: None,
+                origin,
+                message: format!("no such setting; {section} has {}", known.join(", ")),
+            };
         }
-    })
+        K::InvalidType(..) | K::InvalidValue(..) | K::InvalidLength(..) | K::UnknownVariant(..) => {
+            expected
+        }
+        // Custom messages of the tree's own types (sizes, addresses).
+        K::Message(m) => m.replace('\n', " "),
+        other => other.to_string(),
+    };
+    let path = setting.map_or(path, |s| s.path.clone());
+    let value = sources
+        .iter()
+        .rev()
+        .find(|s| s.origin == origin)
+        .and_then(|s| s.written(&path));
+    ConfigError::Setting {
+        setting: if path.is_empty() {
+            "config".into()
+        } else {
+            path
+        },
+        value,
+        origin,
+        message,
+    }
 }
 
 /// A TOML syntax error in one line, with its position.
@@ -249,28 +352,18 @@ fn toml_message(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// A figment error kind in words, without figment's own decorations.
-fn kind_message(kind: &figment::error::Kind, setting: &str) -> String {
-    use figment::error::Kind as K;
-    let list = |names: &[&str]| names.join(", ");
-    match kind {
-        K::UnknownField(_, known) => {
-            let section = setting.rsplit_once('.').map_or("the top level", |(s, _)| s);
-            format!("no such setting; {section} has {}", list(known))
-        }
-        K::UnknownVariant(name, known) => {
-            format!("{name:?} is not one of {}", list(known))
-        }
-        other => other.to_string(),
-    }
-}
-
 /// `raw` as a value of `setting`'s type.
 fn typed(setting: &Setting, raw: &str) -> Result<Value, String> {
     let raw = raw.trim();
-    if raw.is_empty() && setting.optional {
-        return Ok(Value::from(Empty::None));
+    if raw.is_empty() {
+        return match setting.kind {
+            _ if setting.optional => Ok(Value::from(Empty::None)),
+            // The empty list; its rules are the validation's.
+            Kind::List => Ok(Value::from(Vec::<Value>::new())),
+            _ => Err(EMPTY.into()),
+        };
     }
+    let expected = || format!("expected {}", setting.kind.expected());
     let integer = |raw: &str| -> Option<Value> {
         let digits = raw.replace('_', "");
         digits
@@ -279,31 +372,33 @@ fn typed(setting: &Setting, raw: &str) -> Result<Value, String> {
             .or_else(|_| digits.parse::<i64>().map(Value::from))
             .ok()
     };
+    // A quoted TOML string is that string (`"4ms"` is 4ms).
+    let text = || quoted(raw).unwrap_or_else(|| raw.to_string());
     match setting.kind {
-        // A quoted TOML string is that string (`"4ms"` is 4ms).
-        Kind::Text => Ok(Value::from(quoted(raw).unwrap_or_else(|| raw.to_string()))),
+        // Their own deserializers check durations and sizes.
+        Kind::Text | Kind::Duration => Ok(Value::from(text())),
+        Kind::Size => Ok(integer(raw).unwrap_or_else(|| Value::from(text()))),
         Kind::Bool => match raw {
             "true" => Ok(Value::from(true)),
             "false" => Ok(Value::from(false)),
-            _ => Err("expected true or false".into()),
+            _ => Err(expected()),
         },
-        Kind::Integer => integer(raw).ok_or_else(|| "expected a whole number".into()),
-        Kind::Float => raw
-            .parse::<f64>()
-            .map(Value::from)
-            .map_err(|_| "expected a number".into()),
+        // Its range is checked by its deserializer.
+        Kind::Integer { .. } => integer(raw).ok_or_else(expected),
+        Kind::Float => raw.parse::<f64>().map(Value::from).map_err(|_| expected()),
         Kind::Choice(names) => {
-            if names.contains(&raw) {
-                Ok(Value::from(raw.to_string()))
+            let text = text();
+            if names.contains(&text.as_str()) {
+                Ok(Value::from(text))
             } else {
-                Err(format!("expected one of {}", names.join(", ")))
+                Err(expected())
             }
         }
-        Kind::NumberOrText => Ok(integer(raw).unwrap_or_else(|| Value::from(raw.to_string()))),
+        Kind::Any => Ok(integer(raw).unwrap_or_else(|| Value::from(raw.to_string()))),
         Kind::List if raw.starts_with('[') => toml::from_str::<Dict>(&format!("v = {raw}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
-            .ok_or_else(|| "expected a list: a,b or [\"a\", \"b\"]".into()),
+            .ok_or_else(expected),
         Kind::List => Ok(Value::from(
             raw.split(',')
                 .map(|s| s.trim())
@@ -330,9 +425,26 @@ fn quoted(raw: &str) -> Option<String> {
 struct Source {
     origin: String,
     dict: Dict,
+    /// The text given for the one setting of an environment variable,
+    /// `--set` or a flag.
+    raw: Option<String>,
 }
 
-impl Provider for Source {
+impl Source {
+    /// The value at `path` as it was written: the text given, or the
+    /// config file's value (a string without its quotes).
+    fn written(&self, path: &str) -> Option<String> {
+        if let Some(raw) = &self.raw {
+            return Some(raw.clone());
+        }
+        match Value::from(self.dict.clone()).find(path)? {
+            Value::String(_, s) => Some(s),
+            other => toml::Value::try_from(&other).ok().map(|v| v.to_string()),
+        }
+    }
+}
+
+impl Provider for &Source {
     fn metadata(&self) -> Metadata {
         Metadata::named(self.origin.clone())
     }
@@ -473,28 +585,32 @@ impl<'de> Deserializer<'de> for Probe<'_> {
 
     fn deserialize_newtype_struct<V: Visitor<'de>>(
         self,
-        _name: &'static str,
+        name: &'static str,
         visitor: V,
     ) -> Result<V::Value, Stop> {
-        visitor.visit_newtype_struct(self)
+        match name {
+            crate::config::DURATION_MARKER => self.leaf(Kind::Duration),
+            crate::config::SIZE_MARKER => self.leaf(Kind::Size),
+            _ => visitor.visit_newtype_struct(self),
+        }
     }
 
     leaves! {
         deserialize_enum(_name: &'static str, variants: &'static [&'static str]) => Kind::Choice(variants),
-        deserialize_unit_struct(_name: &'static str) => Kind::NumberOrText,
+        deserialize_unit_struct(_name: &'static str) => Kind::Any,
         deserialize_tuple(_len: usize) => Kind::List,
         deserialize_tuple_struct(_name: &'static str, _len: usize) => Kind::List,
         deserialize_bool => Kind::Bool,
-        deserialize_i8 => Kind::Integer,
-        deserialize_i16 => Kind::Integer,
-        deserialize_i32 => Kind::Integer,
-        deserialize_i64 => Kind::Integer,
-        deserialize_i128 => Kind::Integer,
-        deserialize_u8 => Kind::Integer,
-        deserialize_u16 => Kind::Integer,
-        deserialize_u32 => Kind::Integer,
-        deserialize_u64 => Kind::Integer,
-        deserialize_u128 => Kind::Integer,
+        deserialize_i8 => Kind::Integer { min: i8::MIN as i64, max: i8::MAX as u64 },
+        deserialize_i16 => Kind::Integer { min: i16::MIN as i64, max: i16::MAX as u64 },
+        deserialize_i32 => Kind::Integer { min: i32::MIN as i64, max: i32::MAX as u64 },
+        deserialize_i64 => Kind::Integer { min: i64::MIN, max: i64::MAX as u64 },
+        deserialize_i128 => Kind::Integer { min: i64::MIN, max: i64::MAX as u64 },
+        deserialize_u8 => Kind::Integer { min: 0, max: u8::MAX as u64 },
+        deserialize_u16 => Kind::Integer { min: 0, max: u16::MAX as u64 },
+        deserialize_u32 => Kind::Integer { min: 0, max: u32::MAX as u64 },
+        deserialize_u64 => Kind::Integer { min: 0, max: u64::MAX },
+        deserialize_u128 => Kind::Integer { min: 0, max: u64::MAX },
         deserialize_f32 => Kind::Float,
         deserialize_f64 => Kind::Float,
         deserialize_char => Kind::Text,
@@ -504,10 +620,10 @@ impl<'de> Deserializer<'de> for Probe<'_> {
         deserialize_byte_buf => Kind::Text,
         deserialize_identifier => Kind::Text,
         deserialize_seq => Kind::List,
-        deserialize_map => Kind::NumberOrText,
-        deserialize_unit => Kind::NumberOrText,
-        deserialize_any => Kind::NumberOrText,
-        deserialize_ignored_any => Kind::NumberOrText,
+        deserialize_map => Kind::Any,
+        deserialize_unit => Kind::Any,
+        deserialize_any => Kind::Any,
+        deserialize_ignored_any => Kind::Any,
     }
 }
 
@@ -539,9 +655,30 @@ mod tests {
             ("auth.rest_url", (Kind::Text, true)),
             ("auth.tenants_file", (Kind::Text, true)),
             ("upstream.tls.ca", (Kind::Text, true)),
-            ("limits.max_series_per_request", (Kind::Integer, false)),
-            ("limits.max_body_bytes", (Kind::NumberOrText, false)),
-            ("auth.cache_ttl", (Kind::Text, false)),
+            (
+                "limits.max_series_per_request",
+                (
+                    Kind::Integer {
+                        min: 0,
+                        max: u64::MAX,
+                    },
+                    false,
+                ),
+            ),
+            (
+                "limits.tenant_samples_per_sec",
+                (
+                    Kind::Integer {
+                        min: 0,
+                        max: u32::MAX.into(),
+                    },
+                    false,
+                ),
+            ),
+            ("limits.tenant_max_concurrent_share", (Kind::Float, false)),
+            ("limits.max_body_bytes", (Kind::Size, false)),
+            ("auth.cache_ttl", (Kind::Duration, false)),
+            ("tls.reload_interval", (Kind::Duration, false)),
             ("tenancy.labels", (Kind::List, false)),
             ("rollup.enabled", (Kind::Bool, false)),
             (
@@ -551,6 +688,7 @@ mod tests {
         ] {
             assert_eq!(kind(path), want, "{path}");
         }
+        assert!(!all.iter().any(|s| s.kind == Kind::Any), "{all:?}");
         // Sections are not settings.
         assert!(!all
             .iter()
@@ -642,10 +780,14 @@ mod tests {
         for (path, raw, want) in [
             ("limits.max_connections", "many", "expected a whole number"),
             ("rollup.enabled", "yes", "expected true or false"),
-            ("auth.mode", "ldap", "expected one of rest, static, none"),
+            (
+                "auth.mode",
+                "ldap",
+                "expected one of \"rest\", \"static\", \"none\"",
+            ),
             ("limits.max_sries", "1", "no such setting"),
-            ("limits.max_body_bytes", "lots", "invalid size"),
-            ("auth.cache_ttl", "soon", "soon"),
+            ("limits.max_body_bytes", "lots", "expected a size"),
+            ("auth.cache_ttl", "soon", "`soon`"),
         ] {
             let err = load_text(None, &[given(path, raw)])
                 .unwrap_err()
@@ -661,8 +803,151 @@ mod tests {
         let file = "[clickhouse]\nurl = \"http://ch:8123\"\n";
         let c = load_text(Some((file, "f")), &[given("clickhouse.url", "")]).unwrap();
         assert_eq!(c.clickhouse.url, None);
-        let c = load_text(None, &[given("clickhouse.database", "")]).unwrap();
-        assert_eq!(c.clickhouse.database, "", "not optional: the empty name");
+        let c = load_text(None, &[given("tenancy.labels", "")]).unwrap();
+        assert!(c.tenancy.labels.is_empty(), "the empty list");
+    }
+
+    /// A setting that must have a value (not an `Option`) refuses an empty
+    /// one from every source: `RWGATE_LOG_LEVEL=` would turn all logging
+    /// off, an empty `spool.dir` is the working directory.
+    #[test]
+    fn an_empty_value_of_a_required_setting_is_refused() {
+        let required: Vec<Setting> = all()
+            .into_iter()
+            .filter(|s| !s.optional && s.kind != Kind::List)
+            .collect();
+        assert!(required.len() > 50, "{required:?}");
+        for s in &required {
+            for raw in ["", "  "] {
+                let err = load_text(None, &[given(&s.path, raw)])
+                    .unwrap_err()
+                    .to_string();
+                assert_eq!(
+                    err,
+                    format!(
+                        "invalid {} = {} (from --set): must not be empty",
+                        s.path,
+                        crate::config::shown(raw)
+                    ),
+                );
+            }
+            if matches!(
+                s.kind,
+                Kind::Text | Kind::Duration | Kind::Size | Kind::Choice(_)
+            ) {
+                let (section, key) = s.path.rsplit_once('.').unwrap_or(("", &s.path));
+                let file = format!("[{section}]\n{key} = \"\"\n").replace("[]\n", "");
+                let err = load_text(Some((&file, "f")), &[]).unwrap_err().to_string();
+                assert_eq!(
+                    err,
+                    format!(
+                        "invalid {} = \"\" (from config file f): must not be empty",
+                        s.path
+                    ),
+                );
+            }
+        }
+    }
+
+    /// A value of the wrong type is told what its setting takes, in words
+    /// read off the setting's kind, for every setting and from a file as
+    /// from the command line: never a Rust type (`usize`, `enum Raw`), and
+    /// the value shown once, as written.
+    #[test]
+    fn a_wrong_value_is_told_what_its_setting_takes() {
+        for s in all() {
+            // A wrong value in a file (TOML) and as text, for each kind.
+            let (file_value, text) = match s.kind {
+                Kind::Bool => ("\"maybe\"", Some("maybe".to_string())),
+                Kind::Integer { max, .. } => ("\"many\"", Some(format!("{}", u128::from(max) + 1))),
+                Kind::Float => ("\"half\"", Some("half".into())),
+                Kind::Text => ("5", None),
+                Kind::Duration => ("5", Some("soon".into())),
+                Kind::Size => ("true", Some("-1".into())),
+                Kind::List => ("5", Some("[1".into())),
+                Kind::Choice(_) => ("2.0", Some("bogus".into())),
+                Kind::Any => unreachable!("no setting is Any"),
+            };
+            let words = format!("expected {}", s.kind.expected());
+            let (section, key) = s.path.rsplit_once('.').unwrap_or(("", &s.path));
+            let file = format!("[{section}]\n{key} = {file_value}\n").replace("[]\n", "");
+            let shown = file_value.trim_matches('"');
+            let err = load_text(Some((&file, "f")), &[]).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "invalid {} = `{shown}` (from config file f): {words}",
+                    s.path
+                ),
+            );
+            if let Some(text) = text {
+                let err = load_text(None, &[given(&s.path, &text)])
+                    .unwrap_err()
+                    .to_string();
+                assert_eq!(
+                    err,
+                    format!("invalid {} = `{text}` (from --set): {words}", s.path),
+                );
+            }
+        }
+        // A section given a value.
+        let err = load_text(Some(("[upstream]\ntls = 3\n", "f")), &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid upstream.tls = `3` (from config file f): expected a section [upstream.tls]"
+        );
+        // The words of the kinds the probe found.
+        for (path, words) in [
+            (
+                "limits.tenant_samples_per_sec",
+                "a whole number from 0 to 4294967295",
+            ),
+            ("upstream.protocol", "\"1.0\" or \"2.0\""),
+            ("auth.mode", "one of \"rest\", \"static\", \"none\""),
+            (
+                "limits.max_body_bytes",
+                "a size such as 16MiB, or a number of bytes",
+            ),
+        ] {
+            assert_eq!(find(path).unwrap().kind.expected(), words, "{path}");
+        }
+    }
+
+    /// Values are shown as written, without Rust's escaping.
+    #[test]
+    fn values_are_shown_as_written() {
+        let err = load_text(None, &[given("limits.max_connections", "C:\\a\"b")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid limits.max_connections = `C:\\a\"b` (from --set): "),
+            "{err}"
+        );
+        let err = load_text(Some(("[auth]\nmode = 'a\\\"b'\n", "f")), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid auth.mode = `a\\\"b` (from config file f): "),
+            "{err}"
+        );
+        // A size with a fraction says how to write it.
+        let err = load_text(None, &[given("limits.max_decoded_bytes", "0.5GiB")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(": a size is a whole number of its unit: write 512MiB, not 0.5GiB"),
+            "{err}"
+        );
+        // A value a custom check refuses is shown too.
+        let err = load_text(None, &[given("listen", "nowhere")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid listen = `nowhere` (from --set): invalid socket address syntax"
+        );
     }
 
     #[test]
@@ -692,11 +977,9 @@ mod tests {
         let err = from_toml("[limits]\nmax_body_bytes = \"lots\"\n", "x.toml")
             .unwrap_err()
             .to_string();
-        assert!(
-            err.starts_with(
-                "invalid limits.max_body_bytes (from config file x.toml): invalid size"
-            ),
-            "{err}"
+        assert_eq!(
+            err,
+            "invalid limits.max_body_bytes = `lots` (from config file x.toml): expected a size such as 16MiB, or a number of bytes"
         );
         let err = from_toml("[limits\n", "x.toml").unwrap_err().to_string();
         assert!(

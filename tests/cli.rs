@@ -247,8 +247,115 @@ fn bad_config_exits_2_naming_the_field() {
     let err = refused(&["check-config"], &[("RWGATE_AUTH_MODE", "ldap")]);
     assert_eq!(
         err,
-        "rwgate: invalid auth.mode = \"ldap\" (from RWGATE_AUTH_MODE): expected one of rest, static, none\n"
+        "rwgate: invalid auth.mode = `ldap` (from RWGATE_AUTH_MODE): expected one of \"rest\", \"static\", \"none\"\n"
     );
+}
+
+/// A value that does not fit its setting is refused in one line: the
+/// setting, the value once and as written (no Rust escaping), where it came
+/// from, and what the setting takes in words (no Rust type names).
+#[test]
+fn setting_errors_are_one_line_in_words_with_the_value_as_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = config_file(
+        dir.path(),
+        "[limits]\nmax_label_name_bytes = -3\n[upstream]\ntls = \"yes\"\n",
+    );
+    /// Arguments, environment, the error line.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        (
+            &["--set", "limits.max_label_value_bytes=-2"],
+            &[],
+            "invalid limits.max_label_value_bytes = `-2` (from --set): expected a whole number from 0 to 18446744073709551615",
+        ),
+        (
+            &["--set", "log.max_rejections_per_sec=5000000000"],
+            &[],
+            "invalid log.max_rejections_per_sec = `5000000000` (from --set): expected a whole number from 0 to 4294967295",
+        ),
+        (
+            &[],
+            &[("RWGATE_SPOOL_MAX_BYTES", "-7")],
+            "invalid spool.max_bytes = `-7` (from RWGATE_SPOOL_MAX_BYTES): expected a size such as 16MiB, or a number of bytes",
+        ),
+        (
+            &[],
+            &[("RWGATE_UPSTREAM_TIMEOUT", "D:\\t\"o")],
+            "invalid upstream.timeout = `D:\\t\"o` (from RWGATE_UPSTREAM_TIMEOUT): expected a duration such as 30s, 500ms or 1h 30m",
+        ),
+        (
+            &["--set", "rollup.grain=week"],
+            &[],
+            "invalid rollup.grain = `week` (from --set): expected \"day\" or \"hour\"",
+        ),
+        (
+            &["--config", &file],
+            &[],
+            &format!("invalid limits.max_label_name_bytes = `-3` (from config file {file}): expected a whole number from 0 to 18446744073709551615"),
+        ),
+        (
+            &["--config", &file, "--set", "limits.max_label_name_bytes=9"],
+            &[],
+            &format!("invalid upstream.tls = `yes` (from config file {file}): expected a section [upstream.tls]"),
+        ),
+        (
+            &["--set", "filter.allowlist=kube_(|up"],
+            &[],
+            "invalid filter.allowlist: `kube_(|up` is not a valid regex: unclosed group",
+        ),
+        (
+            &["--set", "clickhouse.series_table=a\\b"],
+            &[],
+            "invalid clickhouse.series_table: `a\\b` must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)",
+        ),
+        (
+            &["--set", "spool.segment_bytes=1.5MiB"],
+            &[],
+            "invalid spool.segment_bytes = `1.5MiB` (from --set): a size is a whole number of its unit: write 512MiB, not 0.5GiB",
+        ),
+        (
+            &["--metrics-listen", "localhost"],
+            &[],
+            "invalid metrics_listen = `localhost` (from --metrics-listen): invalid socket address syntax",
+        ),
+    ];
+    for (args, env, want) in cases {
+        let all = [&["check-config", "--auth", "none"][..], args].concat();
+        let err = refused(&all, env);
+        assert_eq!(err, format!("rwgate: {want}\n"), "{all:?} {env:?}");
+    }
+}
+
+/// An empty value means nothing for a setting that must have one: it is
+/// refused (`RWGATE_LOG_LEVEL=` would silence every log line, errors
+/// included), while it unsets a setting that may be unset.
+#[test]
+fn empty_values_of_required_settings_are_refused() {
+    for (name, want) in [
+        ("RWGATE_LOG_LEVEL", "log.level"),
+        ("RWGATE_FILTER_ALLOWLIST", "filter.allowlist"),
+        ("RWGATE_SPOOL_DIR", "spool.dir"),
+    ] {
+        let err = refused(&["check-config", "--auth", "none"], &[(name, "")]);
+        assert_eq!(
+            err,
+            format!("rwgate: invalid {want} = \"\" (from {name}): must not be empty\n")
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = config_file(dir.path(), "[log]\nlevel = \"\"\n");
+    let err = refused(&["serve", "--auth", "none", "--config", &file], &[]);
+    assert_eq!(
+        err,
+        format!("rwgate: invalid log.level = \"\" (from config file {file}): must not be empty\n")
+    );
+    // Optional: unset.
+    let out = accepted(
+        &["check-config", "--auth", "none"],
+        &[("RWGATE_CLICKHOUSE_URL", ""), ("RWGATE_METRICS_LISTEN", "")],
+    );
+    assert!(!out.contains("metrics_listen"), "{out}");
 }
 
 /// What only `serve` can find out (files it must read, the port) also ends
@@ -288,9 +395,9 @@ fn other_value(setting: &Setting, default: &serde_json::Value) -> String {
         // Unset: follows another setting (`resources.enabled`).
         (Kind::Bool, J::Null) => "false".into(),
         (Kind::Choice(names), J::Null) => names[0].to_string(),
-        (Kind::Integer, J::Number(n)) => (n.as_u64().expect("unsigned") + 1).to_string(),
+        (Kind::Integer { .. }, J::Number(n)) => (n.as_u64().expect("unsigned") + 1).to_string(),
         (Kind::Float, J::Number(n)) => (n.as_f64().expect("a number") / 2.0).to_string(),
-        (Kind::NumberOrText, J::String(size)) => {
+        (Kind::Size, J::String(size)) => {
             (size.parse::<Size>().expect("a size").bytes() + 4096).to_string()
         }
         (Kind::Choice(names), J::String(d)) => names
@@ -299,7 +406,7 @@ fn other_value(setting: &Setting, default: &serde_json::Value) -> String {
             .expect("another choice")
             .to_string(),
         (Kind::List, _) => "a,b".into(),
-        (Kind::Text, J::String(d)) if humantime::parse_duration(d).is_ok() => format!("{d} 1ms"),
+        (Kind::Duration, J::String(d)) => format!("{d} 1ms"),
         (Kind::Text, J::String(d)) if d.parse::<std::net::SocketAddr>().is_ok() => {
             "127.0.0.1:9".into()
         }
@@ -397,7 +504,7 @@ fn environment_variables_of_settings_unset_by_default_are_read() {
         &["check-config", "--auth", "none"],
         &[("RWGATE_LIMITS_MAX_SERIES_PER_REQUEST", "many")],
     );
-    assert_eq!(err, "rwgate: invalid limits.max_series_per_request = \"many\" (from RWGATE_LIMITS_MAX_SERIES_PER_REQUEST): expected a whole number\n");
+    assert_eq!(err, "rwgate: invalid limits.max_series_per_request = `many` (from RWGATE_LIMITS_MAX_SERIES_PER_REQUEST): expected a whole number from 0 to 18446744073709551615\n");
     // The names of an earlier release are refused, not ignored.
     let err = refused(
         &["check-config", "--auth", "none"],

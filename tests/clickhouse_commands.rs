@@ -137,7 +137,7 @@ fn reconcile_refuses_a_backward_range_and_an_account_that_is_not_a_uuid() {
         ),
         (
             &["--from", "2026-02-30", "--to", "2026-03-01"],
-            "rwgate: invalid value '2026-02-30' for '--from <DAY>': invalid date \"2026-02-30\": expected YYYY-MM-DD between 1970-01-01 and 2105-12-31\n",
+            "rwgate: invalid value '2026-02-30' for '--from <DAY>': not a date: expected YYYY-MM-DD between 1970-01-01 and 2105-12-31\n",
         ),
         (
             &["--from", "2026-11-01"],
