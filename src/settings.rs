@@ -918,36 +918,33 @@ mod tests {
     /// Values are shown as written, without Rust's escaping.
     #[test]
     fn values_are_shown_as_written() {
-        let err = load_text(None, &[given("limits.max_connections", "C:\\a\"b")])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("invalid limits.max_connections = `C:\\a\"b` (from --set): "),
-            "{err}"
-        );
-        let err = load_text(Some(("[auth]\nmode = 'a\\\"b'\n", "f")), &[])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("invalid auth.mode = `a\\\"b` (from config file f): "),
-            "{err}"
-        );
-        // A size with a fraction says how to write it.
-        let err = load_text(None, &[given("limits.max_decoded_bytes", "0.5GiB")])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.ends_with(": a size is a whole number of its unit: write 512MiB, not 0.5GiB"),
-            "{err}"
-        );
-        // A value a custom check refuses is shown too.
-        let err = load_text(None, &[given("listen", "nowhere")])
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            "invalid listen = `nowhere` (from --set): invalid socket address syntax"
-        );
+        let err = |file: Option<&str>, g: &[Given]| {
+            load_text(file.map(|f| (f, "f")), g)
+                .unwrap_err()
+                .to_string()
+        };
+        for (got, want) in [
+            (
+                err(None, &[given("limits.max_connections", "C:\\a\"b")]),
+                "invalid limits.max_connections = `C:\\a\"b` (from --set): expected a whole number from 0 to 18446744073709551615",
+            ),
+            (
+                err(Some("[auth]\nmode = 'a\\\"b'\n"), &[]),
+                "invalid auth.mode = `a\\\"b` (from config file f): expected one of \"rest\", \"static\", \"none\"",
+            ),
+            // A size with a fraction says how to write it.
+            (
+                err(None, &[given("limits.max_decoded_bytes", "0.5GiB")]),
+                "invalid limits.max_decoded_bytes = `0.5GiB` (from --set): a size is a whole number of its unit: write 512MiB, not 0.5GiB",
+            ),
+            // A value a custom check refuses is shown too.
+            (
+                err(None, &[given("listen", "nowhere")]),
+                "invalid listen = `nowhere` (from --set): invalid socket address syntax",
+            ),
+        ] {
+            assert_eq!(got, want);
+        }
     }
 
     #[test]
