@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::display::shown;
+
 /// Default listen address: diproxy's port, so existing remote_write URLs keep working.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8935";
 /// Default upstream: the platform's Thanos receive.
@@ -855,26 +857,6 @@ display_as_serde_name! {
 
 /// What a size looks like, for messages.
 pub const SIZE_EXPECTED: &str = "a size such as 16MiB, or a number of bytes";
-
-/// A value a user gave, for messages: in backticks and as typed (no Rust
-/// escaping of quotes or backslashes); only control characters are
-/// escaped, so that the message stays one line. Nothing typed is `""`.
-pub fn shown(value: &str) -> String {
-    if value.is_empty() {
-        return "\"\"".into();
-    }
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('`');
-    for c in value.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out.push('`');
-    out
-}
 
 /// A byte size, written as a plain number of bytes or as `16MiB`, `512KiB`, `1GB`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -71,7 +71,7 @@ impl Literal {
 
 /// Why an allowlist is not usable, in one line naming the pattern as written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{} is not a valid regex: {reason}", crate::config::shown(pattern))]
+#[error("{} is not a valid regex: {reason}", crate::display::shown(pattern))]
 pub struct AllowlistError {
     pattern: String,
     reason: String,

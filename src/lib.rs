@@ -29,7 +29,8 @@
 //! Around them: [`config`] (the one documented settings tree), [`settings`]
 //! (how the file, `RWGATE_<PATH>` variables and the command line fill it, in
 //! one precedence), [`cli`] (the subcommands and their flags), [`client`] (the outbound HTTP client),
-//! [`clock`] (time, backoff, dates), [`telemetry`] (metric names and
+//! [`clock`] (time, backoff, dates), [`display`] (values as written in
+//! messages), [`telemetry`] (metric names and
 //! logging), [`health`] (what `/-/ready` and `/-/healthy` answer: the
 //! background components report their death there), and, with the
 //! `loadgen` feature, `loadgen` (realistic payloads shared by `benches/` and
@@ -44,6 +45,7 @@ pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod cost;
+pub mod display;
 pub mod error;
 pub mod filter;
 #[cfg(any(test, feature = "fuzz"))]

@@ -827,7 +827,7 @@ mod tests {
                     format!(
                         "invalid {} = {} (from --set): must not be empty",
                         s.path,
-                        crate::config::shown(raw)
+                        crate::display::shown(raw)
                     ),
                 );
             }
