@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 1 + 2: appends under load while the writer drains into ClickHouse.
     let health = Arc::new(rwgate::health::Health::default());
-    let tee = Arc::new(Tee::start(&cfg, &health).await?);
+    let tee = Arc::new(Tee::start(&cfg, ClickHouse::new(&cfg.clickhouse)?, &health).await?);
     let tasks = 64;
     let per_task = 400;
     let started = Instant::now();

@@ -32,17 +32,7 @@ fn main() -> ExitCode {
         Command::Serve(_) => run(cfg, serve),
         Command::Migrate(_) => run(cfg, |cfg| async move {
             let ch = rwgate::cost::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
-            let r = ch.migrate().await?;
-            let list = |items: &[String]| match items {
-                [] => "none".to_string(),
-                items => items.join(", "),
-            };
-            println!(
-                "clickhouse {}: tables created: {}; columns added: {}",
-                r.server_version,
-                list(&r.created),
-                list(&r.columns_added)
-            );
+            println!("{}", ch.migrate().await?);
             Ok(())
         }),
         Command::Reconcile(args) => run(cfg, |cfg| async move {
@@ -85,7 +75,8 @@ fn main() -> ExitCode {
             // The role ends at a signal, or with an error once its loop died
             // (a restart is the remedy; until then the probes fail).
             let health = std::sync::Arc::new(rwgate::health::Health::default());
-            let rollup = rwgate::cost::rollup::RollupTask::start(&cfg, &health)?;
+            let ch = rwgate::cost::clickhouse::ClickHouse::new(&cfg.clickhouse)?;
+            let rollup = rwgate::cost::rollup::RollupTask::start(&cfg, ch, &health)?;
             health.set_serving(true);
             let end = {
                 let health = health.clone();

@@ -23,6 +23,7 @@ use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::connection::{self, Serving};
+use crate::cost::clickhouse::ClickHouse;
 use crate::cost::rollup::RollupTask;
 use crate::cost::tee::Tee;
 use crate::error::ApiError;
@@ -134,15 +135,16 @@ pub async fn serve(
     let max_connections = cfg.limits.max_connections;
     let mut state = State::new(cfg)?;
     state.metrics_on_ingest = metrics.is_none();
+    // The tee and, when this process is the one rollup writer, the rollup:
+    // one client, so the schema is migrated once.
+    let mut rollup = None;
     if state.cfg.clickhouse.url.is_some() {
-        state.tee = Some(Tee::start(&state.cfg, &state.health).await?);
+        let ch = ClickHouse::new(&state.cfg.clickhouse)?;
+        state.tee = Some(Tee::start(&state.cfg, ch.clone(), &state.health).await?);
+        if state.cfg.rollup.enabled {
+            rollup = Some(RollupTask::start(&state.cfg, ch, &state.health)?);
+        }
     }
-    // The rollup, when this process is the one rollup writer.
-    let rollup = if state.cfg.clickhouse.url.is_some() && state.cfg.rollup.enabled {
-        Some(RollupTask::start(&state.cfg, &state.health)?)
-    } else {
-        None
-    };
     let state = Arc::new(state);
     state.health.set_serving(true);
     let listen = listener.local_addr()?;
@@ -695,7 +697,8 @@ mod tests {
         cfg.auth.mode = crate::config::AuthMode::None;
         cfg.resources.enabled = Some(false);
         let health = Arc::new(Health::default());
-        let rollup = RollupTask::start(&cfg, &health).expect("the rollup starts");
+        let ch = ClickHouse::new(&cfg.clickhouse).expect("the client builds");
+        let rollup = RollupTask::start(&cfg, ch, &health).expect("the rollup starts");
         health.set_serving(true);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

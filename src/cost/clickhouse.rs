@@ -176,6 +176,10 @@ pub struct ClickHouse {
     /// The client [`check_server`](Self::check_server) chose and whether
     /// it validates (where the server supports it), shared by clones.
     checked: Arc<OnceLock<(Client, bool)>>,
+    /// Set once [`migrate_until_done`](Self::migrate_until_done) succeeded,
+    /// shared by clones: the tasks of one process that each need the
+    /// schema migrate it once, the first to ask, the others waiting.
+    migrated: Arc<tokio::sync::OnceCell<()>>,
     /// The server's URL without credentials, for messages.
     pub url: Arc<str>,
     pub config: ClickHouseConfig,
@@ -209,6 +213,7 @@ impl ClickHouse {
         Ok(ClickHouse {
             plain: client,
             checked: Arc::new(OnceLock::new()),
+            migrated: Arc::default(),
             url: redact_url(url).into(),
             config: cfg.clone(),
         })
@@ -319,31 +324,41 @@ impl ClickHouse {
     }
 
     /// Runs [`migrate`](Self::migrate) until it succeeds, backing off
-    /// between `retry.0` and `retry.1`; false if `stop` turned true first.
+    /// between `retry.0` and `retry.1`, once for this client and its
+    /// clones (a second caller waits for the first); false if `stop`
+    /// turned true first.
     pub async fn migrate_until_done(
         &self,
         retry: (Duration, Duration),
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) -> bool {
-        let mut backoff = Backoff::new(retry.0, retry.1);
-        loop {
-            match self.migrate().await {
-                Ok(r) => {
-                    tracing::info!(server = %r.server_version, validation = r.validation, created = %r.created.join(","), columns_added = %r.columns_added.join(","), defaults_added = %r.defaults_added.join(","), "clickhouse schema checked");
-                    return true;
-                }
-                Err(e) => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = %human_wait(wait), "clickhouse migrate failed; retrying");
-                    if *stop.borrow() {
-                        return false;
+        let mut waiting = stop.clone();
+        let first = self.migrated.get_or_try_init(|| async {
+            let mut backoff = Backoff::new(retry.0, retry.1);
+            loop {
+                match self.migrate().await {
+                    Ok(r) => {
+                        tracing::info!(rows_validated = r.validation, "{r}");
+                        return Ok(());
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        _ = stop.changed() => return false,
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        tracing::warn!(error = %e, retry_in = %human_wait(wait), "clickhouse migrate failed; retrying");
+                        if *stop.borrow() {
+                            return Err(());
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            _ = stop.changed() => return Err(()),
+                        }
                     }
                 }
             }
+        });
+        // A task waiting on another's migration still stops when told.
+        tokio::select! {
+            done = first => done.is_ok(),
+            _ = waiting.wait_for(|stop| *stop) => false,
         }
     }
 
@@ -446,6 +461,27 @@ pub struct MigrateReport {
     pub columns_added: Vec<String>,
     /// `table.column`s given a default so that validated inserts may omit them.
     pub defaults_added: Vec<String>,
+}
+
+/// As `rwgate migrate` prints it and `serve` logs it.
+impl std::fmt::Display for MigrateReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |items: &[String]| match items {
+            [] => "none".to_string(),
+            items => items.join(", "),
+        };
+        write!(
+            f,
+            "clickhouse {}: tables created: {}; columns added: {}",
+            self.server_version,
+            list(&self.created),
+            list(&self.columns_added)
+        )?;
+        if !self.defaults_added.is_empty() {
+            write!(f, "; defaults added: {}", list(&self.defaults_added))?;
+        }
+        Ok(())
+    }
 }
 
 /// The columns the platform's older `expenses` tables may lack.
@@ -617,6 +653,45 @@ fn label_values<S: Serializer>(labels: &[(&str, &str)], s: S) -> Result<S::Ok, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two clones (the drain and the rollup of one `serve`) migrate once:
+    /// against a server that takes connections and never answers, only one
+    /// connection comes; and the waiting clone, too, stops when told.
+    #[tokio::test]
+    async fn clones_migrate_once_and_both_stop_when_told() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = ClickHouseConfig {
+            url: Some(format!("http://{}", listener.local_addr().unwrap())),
+            timeout: Duration::from_secs(60),
+            ..ClickHouseConfig::default()
+        };
+        let ch = ClickHouse::new(&cfg).unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let retry = (Duration::from_millis(1), Duration::from_millis(1));
+        let migrations: Vec<_> = (0..2)
+            .map(|_| {
+                let (ch, mut stopped) = (ch.clone(), stopped.clone());
+                tokio::spawn(async move { ch.migrate_until_done(retry, &mut stopped).await })
+            })
+            .collect();
+        let mut held = Vec::new();
+        // The connections that come within a second.
+        let _elapsed = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                held.push(listener.accept().await.unwrap());
+            }
+        })
+        .await;
+        assert_eq!(held.len(), 1, "one migration, one connection");
+        stop.send(true).unwrap();
+        for m in migrations {
+            let done = tokio::time::timeout(Duration::from_secs(10), m).await;
+            assert!(
+                !done.expect("stops when told").unwrap(),
+                "stopped, not done"
+            );
+        }
+    }
 
     /// `table_row!` lists the fields as columns, in order, with their
     /// types, then the engine clause.

@@ -47,12 +47,10 @@ pub struct Tee {
 }
 
 impl Tee {
-    /// Opens the spool and starts the drain, both reporting their death
-    /// into `health`. Fails only if the spool cannot be opened or the
-    /// client cannot be configured; ClickHouse being down is not an error
-    /// here.
-    pub async fn start(cfg: &Config, health: &Arc<Health>) -> anyhow::Result<Tee> {
-        let ch = ClickHouse::new(&cfg.clickhouse)?;
+    /// Opens the spool and starts the drain writing to `ch`, both
+    /// reporting their death into `health`. Fails only if the spool cannot
+    /// be opened; ClickHouse being down is not an error here.
+    pub async fn start(cfg: &Config, ch: ClickHouse, health: &Arc<Health>) -> anyhow::Result<Tee> {
         let mut opts = SpoolOptions::from_config(&cfg.spool);
         opts.health = Some(health.reporter(Component::Spool));
         let dir = opts.dir.display().to_string();
@@ -154,7 +152,8 @@ mod tests {
         cfg.spool.dir = dir.path().into();
         let health = Arc::new(Health::default());
         health.set_serving(true);
-        let tee = Tee::start(&cfg, &health).await.expect("tee starts");
+        let ch = ClickHouse::new(&cfg.clickhouse).expect("the client builds");
+        let tee = Tee::start(&cfg, ch, &health).await.expect("tee starts");
         assert_eq!(health.ready(), Ok(()));
         if let Some(drain) = tee.drain.lock().expect("drain lock").as_ref() {
             drain.kill();

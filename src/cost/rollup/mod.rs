@@ -1113,12 +1113,11 @@ pub struct RollupTask {
 }
 
 impl RollupTask {
-    /// Starts the loop (after `migrate`, retried until it succeeds, when
-    /// `clickhouse.migrate_on_start`), reporting its death into `health`.
-    /// Fails only if the client cannot be configured, or registration is on
-    /// without a REST API to register with.
-    pub fn start(cfg: &Config, health: &Arc<Health>) -> anyhow::Result<RollupTask> {
-        let ch = ClickHouse::new(&cfg.clickhouse)?;
+    /// Starts the loop on `ch` (after `migrate`, retried until it
+    /// succeeds, when `clickhouse.migrate_on_start`), reporting its death
+    /// into `health`. Fails only if registration is on without a REST API
+    /// to register with.
+    pub fn start(cfg: &Config, ch: ClickHouse, health: &Arc<Health>) -> anyhow::Result<RollupTask> {
         cfg.validate_registration_source()?;
         let rollup = Rollup::from_config(cfg)?;
         let migrate = cfg.clickhouse.migrate_on_start;
