@@ -254,19 +254,6 @@ pub const SERVING: &[Flag] = &[
         "FILE",
         "PEM private key of the upstream client certificate",
     ),
-    flag("auth", "auth.mode", "MODE", "Credential source"),
-    flag(
-        "rest-url",
-        "auth.rest_url",
-        "URL",
-        "Platform REST API base URL (auth rest)",
-    ),
-    flag(
-        "cluster-secret-file",
-        "auth.cluster_secret_file",
-        "FILE",
-        "File holding the cluster secret for the REST API (auth rest)",
-    ),
     flag(
         "tenants-file",
         "auth.tenants_file",
@@ -330,6 +317,29 @@ pub const SERVING: &[Flag] = &[
     ),
 ];
 
+/// The platform's REST API: credentials (`auth rest`), and where the
+/// rollup registers resources (`serve`, `rollup`, `reconcile --move-ids`).
+pub const PLATFORM: &[Flag] = &[
+    flag(
+        "auth",
+        "auth.mode",
+        "MODE",
+        "Credential source; rest also turns resource registration on by default",
+    ),
+    flag(
+        "rest-url",
+        "auth.rest_url",
+        "URL",
+        "Platform REST API base URL: credentials (auth rest) and resource registration",
+    ),
+    flag(
+        "cluster-secret-file",
+        "auth.cluster_secret_file",
+        "FILE",
+        "File holding the cluster secret sent to the platform REST API",
+    ),
+];
+
 /// The flags of the ClickHouse connection.
 pub const CLICKHOUSE: &[Flag] = &[
     flag(
@@ -363,7 +373,7 @@ pub const OPERATOR: &[Flag] = &[flag(
     "metrics-listen",
     "metrics_listen",
     "ADDR",
-    "Serve /metrics and the health endpoints on this address (plain HTTP); /metrics then leaves the ingest port",
+    "Serve /metrics and the health endpoints on this address (plain HTTP); for serve, instead of on the ingest port",
 )];
 
 /// The spool's flags.
@@ -431,6 +441,7 @@ pub struct Serve;
 impl FlagGroup for Serve {
     const GROUPS: &'static [&'static [Flag]] = &[
         SERVING,
+        PLATFORM,
         OPERATOR,
         PROCESS,
         CLICKHOUSE,
@@ -453,15 +464,22 @@ impl FlagGroup for Migrate {
 #[derive(Debug, Clone)]
 pub struct Reconcile;
 impl FlagGroup for Reconcile {
-    const GROUPS: &'static [&'static [Flag]] = &[CLICKHOUSE, EXPENSES, LOG];
+    const GROUPS: &'static [&'static [Flag]] = &[CLICKHOUSE, EXPENSES, PLATFORM, LOG];
 }
 
 /// `rollup`.
 #[derive(Debug, Clone)]
 pub struct Rollup;
 impl FlagGroup for Rollup {
-    const GROUPS: &'static [&'static [Flag]] =
-        &[CLICKHOUSE, EXPENSES, ROLLUP_LOOP, PROCESS, OPERATOR, LOG];
+    const GROUPS: &'static [&'static [Flag]] = &[
+        CLICKHOUSE,
+        EXPENSES,
+        ROLLUP_LOOP,
+        PLATFORM,
+        PROCESS,
+        OPERATOR,
+        LOG,
+    ];
 }
 
 /// The named flags given, in the order of their group.
@@ -861,7 +879,7 @@ mod tests {
         assert!(at("--from") < at("--to") && at("--to") < at("--account"));
         assert!(at("--account") < at("--config") && at("--config") < at("--clickhouse-url"));
         assert!(
-            !help.contains("--auth") && !help.contains("--listen"),
+            !help.contains("--tenants-file") && !help.contains("--listen"),
             "{help}"
         );
         assert!(help.contains("[env: RWGATE_CLICKHOUSE_URL]"), "{help}");

@@ -642,8 +642,10 @@ pub enum Charge {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RollupConfig {
-    /// Run the rollup in this process. Exactly one process per ClickHouse may
-    /// (on by default for a single node; off on all but one replica).
+    /// Run the rollup in `serve`. Exactly one process per ClickHouse may
+    /// (on by default for a single node; off on all but one replica, or on
+    /// every replica when a `rwgate rollup` role runs it, which it always
+    /// does, whatever this says).
     pub enabled: bool,
     /// Time between passes.
     #[serde(with = "human_duration")]

@@ -634,9 +634,10 @@ fn subcommands_take_only_their_own_flags() {
                 "--clickhouse-url",
                 "--charge",
                 "--expense-grain",
+                "--rest-url",
             ],
             &[
-                "--auth",
+                "--tenants-file",
                 "--listen",
                 "--spool-dir",
                 "--rollup",
@@ -651,8 +652,16 @@ fn subcommands_take_only_their_own_flags() {
                 "--charge",
                 "--rollup-interval",
                 "--shutdown-grace",
+                "--auth",
+                "--rest-url",
+                "--cluster-secret-file",
             ],
-            &["--auth", "--listen", "--spool-dir", "--tenants-file"],
+            &[
+                "--listen",
+                "--spool-dir",
+                "--tenants-file",
+                "--auth-cache-ttl",
+            ],
         ),
     ] {
         let text = help(cmd);
