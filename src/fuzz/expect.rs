@@ -161,6 +161,18 @@ pub fn check_processed<A: std::fmt::Debug>(
     }
 }
 
+/// The counts every protocol's outcome has: the valid series received,
+/// their samples (histograms included), the series kept.
+pub fn check_received(out: &Outcome, want: (u64, u64, u64)) -> Result<(), TestCaseError> {
+    let got = (out.series_received, out.samples_received, out.series_kept);
+    if got != want {
+        return Err(fail(format!(
+            "(series, samples) received and series kept {got:?}, want {want:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// The series `out` refused: `refused` of the request's `series` (none of
 /// none when nothing was refused).
 pub fn check_refused(out: &Outcome, refused: u64, series: u64) -> Result<(), TestCaseError> {

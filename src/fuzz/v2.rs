@@ -95,76 +95,68 @@ struct OutRequest {
     timeseries: Vec<RawSeries>,
 }
 
-/// Series with their references resolved, to compare two 2.0 bodies
-/// whatever their symbol tables.
-#[derive(Clone, PartialEq, Message)]
-struct Resolved {
-    #[prost(message, repeated, tag = "1")]
-    series: Vec<ResolvedSeries>,
+/// `series` resolved through `symbols`, `tenant` set on their labels
+/// (replacing any of the same name) and the labels sorted by name, then
+/// interned afresh, in order: what two 2.0 bodies that say the same share,
+/// whatever their symbol tables. `None` if a reference is past the table.
+fn canonical<'r>(
+    symbols: &[String],
+    series: impl IntoIterator<Item = &'r RawSeries>,
+    tenant: &[(&str, &str)],
+) -> Option<OutRequest> {
+    let mut table = prompb_v2::Symbols::new();
+    let timeseries = series
+        .into_iter()
+        .map(|ts| reintern(symbols, ts, tenant, &mut table))
+        .collect::<Option<_>>()?;
+    Some(OutRequest {
+        symbols: table.into_table(),
+        timeseries,
+    })
 }
 
-#[derive(Clone, PartialEq, Message)]
-struct ResolvedSeries {
-    /// Sorted by name.
-    #[prost(message, repeated, tag = "1")]
-    labels: Vec<prompb::Label>,
-    #[prost(message, repeated, tag = "2")]
-    samples: Vec<prompb_v2::Sample>,
-    #[prost(message, repeated, tag = "3")]
-    histograms: Vec<prompb_v2::Histogram>,
-    #[prost(message, repeated, tag = "4")]
-    exemplars: Vec<prompb::Exemplar>,
-    /// Type, help and unit (no family name).
-    #[prost(message, optional, tag = "5")]
-    metadata: Option<prompb::MetricMetadata>,
-    #[prost(int64, optional, tag = "6")]
-    created_timestamp: Option<i64>,
-}
-
-/// Resolves `ts` through `symbols`, with `tenant` set on its labels
-/// (replacing any of the same name); `None` if a reference is past the table.
-fn resolve(symbols: &[String], ts: &RawSeries, tenant: &[(&str, &str)]) -> Option<ResolvedSeries> {
-    let sym = |r: u64| symbols.get(usize::try_from(r).ok()?).cloned();
-    let pairs = |refs: &[u64]| -> Option<Vec<prompb::Label>> {
+/// One series of [`canonical`].
+fn reintern(
+    symbols: &[String],
+    ts: &RawSeries,
+    tenant: &[(&str, &str)],
+    table: &mut prompb_v2::Symbols,
+) -> Option<RawSeries> {
+    let sym = |r: u64| symbols.get(usize::try_from(r).ok()?).map(String::as_str);
+    let pairs = |refs: &[u64]| -> Option<Vec<(&str, &str)>> {
         refs.chunks(2)
             .map(|p| match p {
-                [n, v] => Some(prompb::Label {
-                    name: sym(*n)?,
-                    value: sym(*v)?,
-                }),
+                [n, v] => Some((sym(*n)?, sym(*v)?)),
                 _ => None,
             })
             .collect()
     };
+    let refs = |table: &mut prompb_v2::Symbols, pairs: &[(&str, &str)]| -> Vec<u64> {
+        table.refs(pairs).into_iter().map(u64::from).collect()
+    };
     let mut labels = pairs(&ts.labels_refs)?;
-    labels.retain(|l| !tenant.iter().any(|(n, _)| *n == l.name));
-    labels.extend(tenant.iter().map(|(n, v)| prompb::Label {
-        name: n.to_string(),
-        value: v.to_string(),
-    }));
-    labels.sort_by(|a, b| a.name.cmp(&b.name));
-    let exemplars = ts
-        .exemplars
-        .iter()
-        .map(|e| {
-            Some(prompb::Exemplar {
-                labels: pairs(&e.labels_refs)?,
-                value: e.value,
-                timestamp: e.timestamp,
-            })
-        })
-        .collect::<Option<Vec<_>>>()?;
+    labels.retain(|(n, _)| !tenant.iter().any(|(t, _)| t == n));
+    labels.extend_from_slice(tenant);
+    labels.sort_by(|a, b| a.0.cmp(b.0));
+    let labels_refs = refs(table, &labels);
+    let mut exemplars = Vec::with_capacity(ts.exemplars.len());
+    for e in &ts.exemplars {
+        exemplars.push(RawExemplar {
+            labels_refs: refs(table, &pairs(&e.labels_refs)?),
+            value: e.value,
+            timestamp: e.timestamp,
+        });
+    }
     let metadata = match &ts.metadata {
         None => None,
-        Some(m) => Some(prompb::MetricMetadata {
+        Some(m) => Some(RawMetadata {
             r#type: m.r#type,
-            metric_family_name: String::new(),
-            help: sym(m.help_ref)?,
-            unit: sym(m.unit_ref)?,
+            help_ref: table.intern(sym(m.help_ref)?).into(),
+            unit_ref: table.intern(sym(m.unit_ref)?).into(),
         }),
     };
-    Some(ResolvedSeries {
-        labels,
+    Some(RawSeries {
+        labels_refs,
         samples: ts.samples.clone(),
         histograms: ts.histograms.clone(),
         exemplars,
@@ -228,8 +220,8 @@ fn check(symbols: &[String], raw: RawSeries, bytes: &[u8], limits: &ShapeLimits)
     {
         return None;
     }
-    // Every reference in range (`resolve` says).
-    resolve(symbols, &raw, &[])?;
+    // Every reference in range (`canonical` says).
+    canonical(symbols, [&raw], &[])?;
     let (labels, name) = expect::label_rules(
         raw.labels_refs
             .chunks(2)
@@ -361,23 +353,15 @@ fn check_outcome(
         })
     };
     let samples = |w: Written| w.samples + w.histograms;
-    let counts = (
-        out.series_received,
-        out.samples_received,
-        out.series_kept,
-        out.kept,
-        out.dropped,
-    );
-    let want_counts = (
-        valid.len() as u64,
-        samples(held(&valid)),
-        kept.len() as u64,
-        held(&kept),
-        held(&dropped),
-    );
+    expect::check_received(
+        out,
+        (valid.len() as u64, samples(held(&valid)), kept.len() as u64),
+    )?;
+    let counts = (out.kept, out.dropped);
+    let want_counts = (held(&kept), held(&dropped));
     if counts != want_counts || out.body_version != upstream {
         return Err(fail(format!(
-            "counts (received, samples, kept, kept held, dropped held) {counts:?}, want {want_counts:?}"
+            "what the kept and the dropped series held {counts:?}, want {want_counts:?}"
         )));
     }
     let body = expect::forwarded(out)?;
@@ -398,21 +382,14 @@ fn check_outcome(
             if !body.is_empty() && got.symbols.first().map(String::as_str) != Some("") {
                 return Err(fail("the forwarded symbols do not start with \"\""));
             }
-            let got = Resolved {
-                series: got
-                    .timeseries
-                    .iter()
-                    .map(|ts| resolve(&got.symbols, ts, &[]))
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| fail("a forwarded reference is past the table"))?,
-            };
-            let tenant = expect::tenant_pairs();
-            let want = Resolved {
-                series: kept
-                    .iter()
-                    .map(|s| resolve(symbols, &s.raw, &tenant).expect("checked in range"))
-                    .collect(),
-            };
+            let got = canonical(&got.symbols, &got.timeseries, &[])
+                .ok_or_else(|| fail("a forwarded reference is past the table"))?;
+            let want = canonical(
+                symbols,
+                kept.iter().map(|s| &s.raw),
+                &expect::tenant_pairs(),
+            )
+            .expect("checked in range");
             expect::same_message(&got, &want)?;
         }
     }
