@@ -421,7 +421,12 @@ pub const PROCESS: &[Flag] = &[flag(
 
 /// Logging flags (every command).
 pub const LOG: &[Flag] = &[
-    flag("log-format", "log.format", "FORMAT", "Log format"),
+    flag(
+        "log-format",
+        "log.format",
+        "FORMAT",
+        "Log format: text to read, json for a log collector",
+    ),
     flag(
         "log-level",
         "log.level",
