@@ -97,10 +97,6 @@ pub struct TlsConfig {
     pub cert: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: Option<PathBuf>,
-    /// PEM CA certificates. Set, every client must present a certificate
-    /// signed by one of them (mutual TLS); a handshake without one is
-    /// refused. Needs `cert` and `key`; read once at start.
-    pub client_ca: Option<PathBuf>,
     /// How often `cert` and `key` are read again: when their contents
     /// changed (an in-place write, a rename, or cert-manager swapping the
     /// symlinked directory of a Secret volume), new handshakes present the
@@ -108,6 +104,10 @@ pub struct TlsConfig {
     /// load is logged once and the current one kept. `0s` never reloads.
     #[serde(with = "human_duration")]
     pub reload_interval: Duration,
+    /// PEM CA certificates. Set, every client must present a certificate
+    /// signed by one of them (mutual TLS); a handshake without one is
+    /// refused. Needs `cert` and `key`; read once at start.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for TlsConfig {
@@ -115,8 +115,8 @@ impl Default for TlsConfig {
         TlsConfig {
             cert: None,
             key: None,
-            client_ca: None,
             reload_interval: DEFAULT_TLS_RELOAD_INTERVAL,
+            client_ca: None,
         }
     }
 }
