@@ -31,7 +31,7 @@ pub enum ApiError {
     UnsupportedEncoding(String),
     #[error("unsupported Content-Type {0:?}: send application/x-protobuf (Remote-Write 1.0) or application/x-protobuf;proto=io.prometheus.write.v2.Request (2.0)")]
     UnsupportedContentType(String),
-    #[error("request body too large: more than {limit} bytes")]
+    #[error("request body too large: more than {} (limits.max_body_bytes)", crate::config::Size(*limit))]
     BodyTooLarge { limit: u64 },
     #[error("timed out reading the request body; retry")]
     BodyTimeout,

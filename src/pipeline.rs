@@ -139,7 +139,7 @@ impl SeriesRefused {
 /// Why a body could not be processed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PipelineError {
-    #[error("decompressed body too large: {declared} bytes declared, the limit is {limit}")]
+    #[error("decompressed body too large: {declared} bytes declared, more than {} (limits.max_decoded_bytes)", crate::config::Size(*limit))]
     DecodedTooLarge { declared: u64, limit: u64 },
     #[error("invalid snappy block: {0}")]
     Snappy(String),

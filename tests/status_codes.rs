@@ -112,7 +112,7 @@ async fn request_errors_each_have_their_status_and_reason() {
     expect(
         rw_post(&http, &url, Some(TENANT_A), noise.clone()),
         413,
-        "request body too large: more than 4096 bytes\n",
+        "request body too large: more than 4KiB (limits.max_body_bytes)\n",
     )
     .await;
     // ... and streamed without one (chunked), cut off while reading.
@@ -129,7 +129,8 @@ async fn request_errors_each_have_their_status_and_reason() {
     let answer = raw_http(gw.addr, &chunked).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(
-        answer.ends_with("\r\n\r\nrequest body too large: more than 4096 bytes\n"),
+        answer
+            .ends_with("\r\n\r\nrequest body too large: more than 4KiB (limits.max_body_bytes)\n"),
         "{answer}"
     );
 
@@ -154,7 +155,7 @@ async fn request_errors_each_have_their_status_and_reason() {
     expect(
         rw_post(&http, &url, Some(TENANT_A), just_over),
         413,
-        "decompressed body too large: 65537 bytes declared, the limit is 65536\n",
+        "decompressed body too large: 65537 bytes declared, more than 64KiB (limits.max_decoded_bytes)\n",
     )
     .await;
 
