@@ -143,7 +143,13 @@ fn parse_account(s: &str) -> Result<String, String> {
 #[derive(Debug, Clone, Args)]
 pub struct Settings<G: FlagGroup> {
     /// TOML config file; the environment and the command line override it.
-    #[arg(long, short, env = "RWGATE_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        short,
+        env = "RWGATE_CONFIG",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
     /// Any setting by its path in the config file (repeatable), e.g.
     /// `--set limits.max_series_per_request=5000`. Every setting can also be
@@ -524,6 +530,8 @@ fn arg(flag: &'static Flag) -> clap::Arg {
                 .value_parser(["true", "false"]);
         }
         Kind::Choice(names) => a = a.value_parser(names.to_vec()),
+        // `-1` is a value to refuse by the setting's rule, not a flag.
+        Kind::Integer { .. } | Kind::Float => a = a.allow_negative_numbers(true),
         _ => {}
     }
     a

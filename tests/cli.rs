@@ -705,3 +705,23 @@ async fn serve_logs_its_addresses_without_debug_syntax() {
         }
     }
 }
+
+/// A negative number after a numeric flag is its value, refused by the
+/// setting's rule, not taken for an unknown flag.
+#[test]
+fn a_negative_number_is_a_flags_value() {
+    let err = refused(&["check-config", "--upstream-max-retries", "-1"], &[]);
+    assert_eq!(
+        err,
+        "rwgate: invalid upstream.max_retries = `-1` (from --upstream-max-retries): expected a whole number from 0 to 4294967295\n"
+    );
+}
+
+/// `--config`'s help names its variable as every flag's help does, not the
+/// variable's current value.
+#[test]
+fn the_config_variable_shows_in_help_like_the_others() {
+    let help = accepted(&["migrate", "--help"], &[("RWGATE_CONFIG", "/x.toml")]);
+    assert!(help.contains("[env: RWGATE_CONFIG]"), "{help}");
+    assert!(!help.contains("/x.toml"), "{help}");
+}
