@@ -169,13 +169,8 @@ fn certified_key(contents: &Contents, cert: &Path, key: &Path) -> anyhow::Result
         .map_err(|e| anyhow::anyhow!("tls.key {}: {e}", key.display()))?;
     let certs = parse_certs(cert_pem, cert, "tls.cert")?;
     let key_der = parse_key(key_pem, key, "tls.key")?;
-    CertifiedKey::from_der(certs, key_der, &provider()).with_context(|| {
-        format!(
-            "tls.cert {} and tls.key {} do not form a usable pair",
-            cert.display(),
-            key.display()
-        )
-    })
+    CertifiedKey::from_der(certs, key_der, &provider())
+        .map_err(|e| unusable_pair("tls", cert, key, &e))
 }
 
 /// The client configuration for an HTTPS upstream: the server's certificate
@@ -203,9 +198,20 @@ pub fn client_config(tls: &UpstreamTlsConfig) -> anyhow::Result<rustls::ClientCo
                 read_certs(cert, "upstream.tls.cert")?,
                 read_key(key, "upstream.tls.key")?,
             )
-            .context("upstream.tls.cert and upstream.tls.key do not form a usable pair")?,
+            .map_err(|e| unusable_pair("upstream.tls", cert, key, &e))?,
         _ => builder.with_no_client_auth(),
     })
+}
+
+/// A certificate and key (settings `{prefix}.cert`, `{prefix}.key`) that
+/// rustls refused together, with both files named.
+fn unusable_pair(prefix: &str, cert: &Path, key: &Path, e: &rustls::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{prefix}.cert {} and {prefix}.key {} do not form a usable pair: {}",
+        cert.display(),
+        key.display(),
+        describe(e)
+    )
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -242,4 +248,204 @@ fn parse_key(pem: &[u8], path: &Path, setting: &str) -> anyhow::Result<PrivateKe
     rustls_pemfile::private_key(&mut &pem[..])
         .with_context(|| format!("{setting} {}: not PEM", path.display()))?
         .with_context(|| format!("{setting} {}: no private key found", path.display()))
+}
+
+/// A rustls error in words, for a log line or a start-up error. rustls'
+/// own messages print its enums in Rust syntax (`received corrupt message
+/// of type InvalidContentType`, `invalid peer certificate:
+/// Other(OtherError(CaUsedAsEndEntity))`), so the cases an operator meets
+/// (a wrong CA, a plain-HTTP port, a certificate for another name, a key
+/// that is not the certificate's) are written out here; the rest say what
+/// failed without the variant's name.
+pub fn describe(e: &rustls::Error) -> String {
+    use rustls::{AlertDescription as A, Error as E, InvalidMessage as M};
+    match e {
+        E::InvalidCertificate(c) => certificate(c),
+        E::InvalidMessage(M::InvalidContentType | M::UnknownProtocolVersion) => {
+            "the server did not speak TLS (is it plain HTTP? then use http://)".into()
+        }
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => {
+            "the server sent a TLS message rwgate cannot use".into()
+        }
+        E::PeerSentOversizedRecord => {
+            "the server did not speak TLS (is it plain HTTP? then use http://)".into()
+        }
+        E::AlertReceived(A::CertificateRequired) => {
+            "the server requires a client certificate".into()
+        }
+        E::AlertReceived(
+            A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown | A::UnknownCA
+            | A::CertificateExpired | A::CertificateRevoked | A::AccessDenied,
+        ) => "the server refused the client certificate".into(),
+        E::AlertReceived(A::ProtocolVersion) => {
+            "the server speaks neither TLS 1.2 nor TLS 1.3".into()
+        }
+        E::AlertReceived(A::HandshakeFailure) => {
+            "the server refused the TLS handshake (no protocol version or cipher suite in common, or it wants a client certificate)".into()
+        }
+        E::AlertReceived(alert) => {
+            format!("the server ended the TLS handshake (TLS alert {})", u8::from(*alert))
+        }
+        E::PeerIncompatible(_) => {
+            "the server offers no TLS version or cipher suite in common with rwgate".into()
+        }
+        E::PeerMisbehaved(_) => "the server broke the TLS protocol".into(),
+        E::NoCertificatesPresented => "the server presented no certificate".into(),
+        E::NoApplicationProtocol => {
+            "the server speaks neither HTTP/2 nor HTTP/1.1 over TLS (ALPN)".into()
+        }
+        E::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            "the private key is not the certificate's (the first certificate of the file must be the one the key signs for)".into()
+        }
+        E::InconsistentKeys(_) => {
+            "cannot check that the private key is the certificate's (unsupported key type)".into()
+        }
+        E::General(text) => text.clone(),
+        E::DecryptError | E::EncryptError => "TLS encryption failed".into(),
+        _ => "the TLS handshake failed".into(),
+    }
+}
+
+/// Why the server's certificate was refused.
+fn certificate(c: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as C;
+    let what = match c {
+        C::BadEncoding => "is malformed",
+        C::Expired | C::ExpiredContext { .. } => "has expired",
+        C::NotValidYet | C::NotValidYetContext { .. } => "is not valid yet",
+        C::Revoked => "is revoked",
+        C::UnknownIssuer => "is not signed by a CA rwgate trusts",
+        C::BadSignature => "has a signature that does not verify",
+        C::NotValidForName => "is not valid for the host name of the URL",
+        C::NotValidForNameContext {
+            expected,
+            presented,
+        } => {
+            // webpki lists the names in Rust syntax (`DnsName("a.example")`).
+            let bare = |n: &String| {
+                let inner = match (n.find('('), n.rfind(')')) {
+                    (Some(open), Some(close)) if open < close => &n[open + 1..close],
+                    _ => n.as_str(),
+                };
+                inner.trim_matches('"').to_string()
+            };
+            let names = match presented.as_slice() {
+                [] => "no name".to_string(),
+                names => names.iter().map(bare).collect::<Vec<_>>().join(", "),
+            };
+            return format!(
+                "the server's certificate is not valid for {} (it is for {names})",
+                expected.to_str()
+            );
+        }
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "is not meant for a TLS server (extended key usage)"
+        }
+        C::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
+            Some(webpki::Error::CaUsedAsEndEntity) => {
+                "is a CA certificate, not a server certificate"
+            }
+            Some(webpki::Error::EndEntityUsedAsCa) => "chain uses a server certificate as a CA",
+            Some(webpki::Error::UnsupportedCertVersion) => "is not an X.509 v3 certificate",
+            Some(
+                webpki::Error::PathLenConstraintViolated
+                | webpki::Error::MaximumPathDepthExceeded
+                | webpki::Error::NameConstraintViolation,
+            ) => "chain breaks its CA's constraints",
+            _ => "was refused",
+        },
+        _ => "was refused",
+    };
+    format!("the server's certificate {what}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an operator meets is said in words, not in rustls' enum names.
+    #[test]
+    fn tls_errors_are_described_in_words() {
+        use rustls::{CertificateError as C, Error as E};
+        let other = |e: webpki::Error| rustls::OtherError(Arc::new(e));
+        for (e, words) in [
+            (
+                E::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+                "the server did not speak TLS (is it plain HTTP? then use http://)",
+            ),
+            (
+                E::InvalidCertificate(C::Other(other(webpki::Error::CaUsedAsEndEntity))),
+                "the server's certificate is a CA certificate, not a server certificate",
+            ),
+            (
+                E::InvalidCertificate(C::UnknownIssuer),
+                "the server's certificate is not signed by a CA rwgate trusts",
+            ),
+            (
+                E::InvalidCertificate(C::NotValidForNameContext {
+                    expected: rustls::pki_types::ServerName::try_from("thanos.example")
+                        .unwrap()
+                        .to_owned(),
+                    presented: vec!["DnsName(\"other.example\")".into()],
+                }),
+                "the server's certificate is not valid for thanos.example (it is for other.example)",
+            ),
+            (
+                E::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch),
+                "the private key is not the certificate's (the first certificate of the file must be the one the key signs for)",
+            ),
+            (
+                E::AlertReceived(rustls::AlertDescription::CertificateRequired),
+                "the server requires a client certificate",
+            ),
+            (
+                E::AlertReceived(rustls::AlertDescription::DecodeError),
+                "the server ended the TLS handshake (TLS alert 50)",
+            ),
+        ] {
+            assert_eq!(describe(&e), words, "{e:?}");
+        }
+    }
+
+    /// A key that is not the certificate's is refused in words, naming
+    /// both files, for the listener and for the upstream's client pair.
+    #[test]
+    fn a_mismatched_pair_names_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_path = dir.path().join("tls.crt");
+        let key_path = dir.path().join("other.key");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&key_path, other.serialize_pem()).unwrap();
+        let server = TlsConfig {
+            cert: Some(cert_path.clone()),
+            key: Some(key_path.clone()),
+            ..TlsConfig::default()
+        };
+        let upstream = UpstreamTlsConfig {
+            cert: Some(cert_path.clone()),
+            key: Some(key_path.clone()),
+            ..UpstreamTlsConfig::default()
+        };
+        for (prefix, e) in [
+            ("tls", server_config(&server).err().unwrap()),
+            ("upstream.tls", client_config(&upstream).err().unwrap()),
+        ] {
+            assert_eq!(
+                format!("{e:#}"),
+                format!(
+                    "{prefix}.cert {} and {prefix}.key {} do not form a usable pair: the private \
+                     key is not the certificate's (the first certificate of the file must be the \
+                     one the key signs for)",
+                    cert_path.display(),
+                    key_path.display()
+                )
+            );
+        }
+    }
 }

@@ -62,24 +62,15 @@ pub enum ClickHouseError {
 /// A client error in one line. The crate's network errors wrap hyper's,
 /// which wrap the connector's, each printing the next again ("network
 /// error: client error (Connect): client error (Connect): tcp connect
-/// error: ..."): say what happened, then the causes below the wrappers.
+/// error: ..."): say what happened, then the causes below the wrappers
+/// ([`crate::client::cause`], as for every outbound call).
 fn describe(url: &str, error: &clickhouse::error::Error) -> String {
     use clickhouse::error::Error as E;
     match error {
-        E::Network(inner) => {
-            let mut causes: Vec<String> = Vec::new();
-            let mut next: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
-            while let Some(e) = next {
-                let text = e.to_string();
-                // hyper-util's `client error (Connect)` only names the stage.
-                let wrapper = text.starts_with("client error (") && e.source().is_some();
-                if !wrapper && !causes.iter().any(|c| c.contains(&text)) {
-                    causes.push(text);
-                }
-                next = e.source();
-            }
-            format!("cannot reach ClickHouse at {url}: {}", causes.join(": "))
-        }
+        E::Network(inner) => format!(
+            "cannot reach ClickHouse at {url}: {}",
+            crate::client::cause(inner.as_ref())
+        ),
         E::BadResponse(message) => format!("ClickHouse at {url} answered: {}", message.trim()),
         E::TimedOut => format!("ClickHouse at {url} did not answer in time"),
         other => format!("ClickHouse at {url}: {other}"),
