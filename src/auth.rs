@@ -20,7 +20,7 @@ use moka::Expiry;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::client::{http_client, read_capped, HttpClient};
+use crate::client::{http_client, read_capped, Endpoint, HttpClient};
 use crate::config::{AuthConfig, AuthMode};
 use crate::filter::Allowlist;
 use crate::telemetry as t;
@@ -279,6 +279,8 @@ impl Expiry<String, Cached> for AnswerTtl {
 struct RestSource {
     client: HttpClient,
     base: String,
+    /// The REST API as failures name it.
+    endpoint: Endpoint,
     secret: String,
     /// Every fresh answer. Concurrent misses for one account share one
     /// lookup (`try_get_with`); a lookup whose requests are all cancelled is
@@ -316,6 +318,7 @@ impl RestSource {
         let capacity = cfg.cache_capacity as u64;
         RestSource {
             client,
+            endpoint: Endpoint::new("the REST API (auth.rest_url)", &base),
             base,
             secret,
             answers: Cache::builder()
@@ -356,10 +359,8 @@ impl RestSource {
                     tracing::warn!(account, error = %detail, "REST API unavailable, using cached credentials");
                     Ok(c.answer)
                 }
-                None => {
-                    tracing::error!(account, error = %detail, "REST API unavailable and nothing cached");
-                    Err(AuthError::Unavailable(detail.to_string()))
-                }
+                // Logged once, with the request's answer (server::reject).
+                None => Err(AuthError::Unavailable(detail.to_string())),
             },
         }
     }
@@ -426,31 +427,35 @@ impl RestSource {
             .map_err(|e| format!("building request: {e}"))?;
         let started = Instant::now();
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| self.endpoint.unreachable(&e))?;
             let status = resp.status();
             let body = read_capped(resp.into_body(), MAX_REST_ANSWER_BYTES)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| self.endpoint.unreachable(&e))?;
             if !body.complete {
                 return Err(format!(
-                    "REST API answer is longer than {MAX_REST_ANSWER_BYTES} bytes"
+                    "{} sent an answer longer than {MAX_REST_ANSWER_BYTES} bytes",
+                    self.endpoint
                 ));
             }
             Ok::<_, String>((status, body.bytes))
         };
         let (status, body) = tokio::time::timeout(self.cfg.rest_timeout, call)
             .await
-            .map_err(|_| {
-                format!(
-                    "timed out after {}",
-                    crate::clock::HumanDuration(self.cfg.rest_timeout)
-                )
-            })??;
+            .map_err(|_| self.endpoint.timed_out(self.cfg.rest_timeout))??;
         metrics::histogram!(t::AUTH_REST_DURATION).record(started.elapsed().as_secs_f64());
         match status {
             StatusCode::OK => {
-                let acc: CloudAccount = serde_json::from_slice(&body)
-                    .map_err(|e| format!("REST API answer is not a cloud account: {e}"))?;
+                let acc: CloudAccount = serde_json::from_slice(&body).map_err(|e| {
+                    format!(
+                        "{} sent something else than a cloud account: {e}",
+                        self.endpoint
+                    )
+                })?;
                 match acc
                     .config
                     .and_then(|c| c.credentials)
@@ -461,7 +466,9 @@ impl RestSource {
                 }
             }
             StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST => Ok(Answer::Unknown),
-            other => Err(format!("REST API answered {other}")),
+            other => Err(self
+                .endpoint
+                .answered(other.as_u16(), &crate::client::answer_detail(&body))),
         }
     }
 }

@@ -1346,8 +1346,10 @@ impl Config {
     }
 }
 
-fn check_http_url(field: &'static str, url: &str) -> Result<(), ConfigError> {
-    let uri: http::Uri = url
+fn check_http_url(field: &'static str, written: &str) -> Result<(), ConfigError> {
+    // Named without its credentials: the message goes to a terminal or a log.
+    let url = &redact_url(written);
+    let uri: http::Uri = written
         .parse()
         .map_err(|e| invalid(field, format!("{} is not a URL: {e}", shown(url))))?;
     match uri.scheme_str() {
@@ -1365,11 +1367,19 @@ fn check_http_url(field: &'static str, url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `url` with any `user:password@` masked.
+/// `url` with any `user:password@` masked. Only the authority (up to the
+/// first `/`, `?` or `#` after the scheme) holds credentials: an `@` in the
+/// path or query stays, and a password with an unescaped `@` is masked
+/// whole.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
+    let Some(start) = url.find("://").map(|s| s + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{}***@{}", &url[..start], &rest[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -1594,6 +1604,23 @@ mod tests {
     fn redacts_userinfo() {
         assert_eq!(redact_url("https://u:p@host/x"), "https://***@host/x");
         assert_eq!(redact_url("http://host/x"), "http://host/x");
+        assert_eq!(redact_url("http://u:p@ss@host:1/x"), "http://***@host:1/x");
+        assert_eq!(
+            redact_url("http://host/api?to=a@b#c@d"),
+            "http://host/api?to=a@b#c@d"
+        );
+        assert_eq!(redact_url("http://u@host?x@y"), "http://***@host?x@y");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    /// A URL refused at start-up is named without its password.
+    #[test]
+    fn refused_urls_hide_their_password() {
+        for bad in ["ftp://u:s3cret@host/", "http://u:s3cret@/x"] {
+            let e = check_http_url("upstream.url", bad).unwrap_err().to_string();
+            assert!(!e.contains("s3cret"), "{e}");
+            assert!(e.contains("***@"), "{e}");
+        }
     }
 }
 

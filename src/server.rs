@@ -157,7 +157,7 @@ pub async fn serve(
         %listen,
         metrics = %operator,
         tls = tls.is_some(),
-        upstream = %state.cfg.upstream.url,
+        upstream = %crate::config::redact_url(&state.cfg.upstream.url),
         auth = %state.cfg.auth.mode,
         "rwgate serving"
     );

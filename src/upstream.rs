@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::Full;
 
-use crate::client::{http_client, read_capped, HttpClient};
+use crate::client::{http_client, read_capped, Endpoint, HttpClient};
 use crate::clock::Backoff;
 use crate::config::{RemoteWriteVersion, UpstreamConfig};
 use crate::telemetry as t;
@@ -75,6 +75,8 @@ pub fn retry_action(status: StatusCode) -> Action {
 pub struct Upstream {
     client: HttpClient,
     uri: Uri,
+    /// The upstream as failures name it.
+    endpoint: Endpoint,
     tenant_header: HeaderName,
     cfg: UpstreamConfig,
 }
@@ -97,6 +99,7 @@ impl Upstream {
                 Some(crate::tls::client_config(&cfg.tls)?),
             ),
             uri: cfg.url.parse()?,
+            endpoint: Endpoint::new("the upstream", &cfg.url),
             tenant_header: HeaderName::from_bytes(cfg.tenant_header.as_bytes())?,
             cfg: cfg.clone(),
         })
@@ -142,10 +145,11 @@ impl Upstream {
                     match retry_action(status) {
                         Action::Done if version == RemoteWriteVersion::V2 && written.is_none() => {
                             return Err(UpstreamError::Unavailable {
-                                detail: format!(
-                                    "upstream answered {status} to Remote-Write 2.0 without \
-                                     X-Prometheus-Remote-Write-*-Written headers: it does not \
-                                     take 2.0 (set upstream.protocol = \"1.0\")"
+                                detail: self.endpoint.answered(
+                                    status.as_u16(),
+                                    "no X-Prometheus-Remote-Write-*-Written headers to a \
+                                     Remote-Write 2.0 request: it does not take 2.0 (set \
+                                     upstream.protocol = \"1.0\")",
                                 ),
                                 retry_after: None,
                             })
@@ -160,14 +164,14 @@ impl Upstream {
                         }
                         Action::Fail => {
                             return Err(UpstreamError::Unavailable {
-                                detail: format!("upstream answered {status}: {reason}"),
+                                detail: self.endpoint.answered(status.as_u16(), &reason),
                                 retry_after: None,
                             })
                         }
                         Action::Retry => (
                             status == StatusCode::TOO_MANY_REQUESTS,
                             retry_after,
-                            format!("upstream answered {status}: {reason}"),
+                            self.endpoint.answered(status.as_u16(), &reason),
                         ),
                     }
                 }
@@ -224,16 +228,11 @@ impl Upstream {
             Err(e) => return Attempt::Error(format!("building request: {e}")),
         };
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| {
-                // Show the root cause (connection refused, DNS), not just "client error".
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg = format!("{msg}: {s}");
-                    src = s.source();
-                }
-                msg
-            })?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| self.endpoint.unreachable(&e))?;
             let status = resp.status();
             let written = Written::from_headers(resp.headers());
             // Seconds only: Thanos and Mimir send no HTTP-dates.
@@ -261,10 +260,7 @@ impl Upstream {
         match tokio::time::timeout(self.cfg.timeout, call).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => Attempt::Error(e),
-            Err(_) => Attempt::Error(format!(
-                "timed out after {}",
-                crate::clock::HumanDuration(self.cfg.timeout)
-            )),
+            Err(_) => Attempt::Error(self.endpoint.timed_out(self.cfg.timeout)),
         }
     }
 }

@@ -279,3 +279,64 @@ async fn hanging_rest_api_costs_a_burst_one_timeout_not_one_each() {
         );
     }
 }
+
+/// The one log line of a write refused because the REST API is
+/// unavailable: it names the API (without the password of its URL) and the
+/// cause in words, once; nothing else is logged for the request.
+async fn one_refusal_line(rest_url: &str, detail: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("cluster-secret");
+    std::fs::write(&secret, SECRET).expect("write secret file");
+    let rw = RwgateProcess::start(&[
+        "--auth",
+        "rest",
+        "--rest-url",
+        rest_url,
+        "--cluster-secret-file",
+        secret.to_str().expect("utf-8 path"),
+        "--upstream-url",
+        "http://127.0.0.1:1/api/v1/receive",
+        "--set",
+        "auth.rest_timeout=300ms",
+    ])
+    .await;
+    let body = write_body(vec![series("up", &[("job", "auth")], 1.0, now_ms())]);
+    let req = rw_post(&client(), &rw.url("/api/v1/write"), Some(TENANT_A), body);
+    let (status, _) =
+        status_body(req.basic_auth("a", Some("pw")).send().await.expect("POST")).await;
+    assert_eq!(status, 503);
+    let log = wait_for("the refusal's log line", Duration::from_secs(10), || {
+        let log = rw.child.log();
+        async move { log.contains("reason=\"auth_unavailable\"").then_some(log) }
+    })
+    .await;
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(TENANT_A)).collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    let want = format!("detail=\"{detail}\"");
+    assert!(lines[0].contains(&want), "{want}\n{}", lines[0]);
+    assert!(!log.contains("pw-in-url"), "{log}");
+    assert!(!log.contains("client error"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rest_connection_is_one_log_line_naming_the_api() {
+    let port = free_port();
+    one_refusal_line(
+        &format!("http://user:pw-in-url@127.0.0.1:{port}"),
+        &format!(
+            "cannot reach the REST API (auth.rest_url) at http://***@127.0.0.1:{port}: \
+             connection refused"
+        ),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_api_that_does_not_answer_is_one_log_line_naming_it() {
+    let rest = RestApi::start(SECRET).await;
+    rest.set_mode(RestMode::Hang);
+    let url = rest.url().replacen("http://", "http://user:pw-in-url@", 1);
+    let masked = rest.url().replacen("http://", "http://***@", 1);
+    let detail = format!("the REST API (auth.rest_url) at {masked} did not answer within 300ms");
+    one_refusal_line(&url, &detail).await;
+}

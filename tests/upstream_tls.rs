@@ -62,3 +62,50 @@ async fn writes_reach_an_upstream_that_requires_a_client_certificate() {
         );
     }
 }
+
+/// A write the upstream cannot take is one log line naming the upstream
+/// (its URL without the password, as the start-up line shows it too) and
+/// why in words: no `client error (Connect)` wrapper, no OS error number,
+/// no rustls enum names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_one_log_line_naming_it() {
+    let plain = FakeUpstream::start(Vec::new()).await;
+    let refused = format!("http://127.0.0.1:{}/api/v1/receive", free_port());
+    let not_tls = plain.url().replacen("http://", "https://", 1);
+    for (url, cause) in [
+        (refused, "connection refused"),
+        (
+            not_tls,
+            "the server did not speak TLS (is it plain HTTP? then use http://)",
+        ),
+    ] {
+        let with_password = url.replacen("://", "://bob:s3cret@", 1);
+        let masked = url.replacen("://", "://***@", 1);
+        let rw = RwgateProcess::start(&[
+            "--auth",
+            "none",
+            "--upstream-url",
+            &with_password,
+            "--set",
+            "upstream.max_retries=0",
+        ])
+        .await;
+        let body = write_body(vec![series("up", &[("job", "down")], 1.0, now_ms())]);
+        let req = rw_post(&client(), &rw.url("/api/v1/write"), Some(TENANT_A), body);
+        assert_eq!(send_status_body(req).await.0, 503, "{url}");
+        let log = wait_for("the refusal's log line", START_TIMEOUT, || {
+            let log = rw.child.log();
+            async move {
+                log.contains("reason=\"upstream_unavailable\"")
+                    .then_some(log)
+            }
+        })
+        .await;
+        assert!(log.contains(&format!(" upstream={masked} ")), "{log}");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(TENANT_A)).collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        let want = format!("detail=\"cannot reach the upstream at {masked}: {cause}\"");
+        assert!(lines[0].contains(&want), "{want}\n{}", lines[0]);
+        assert!(!log.contains("s3cret"), "{log}");
+    }
+}
