@@ -36,7 +36,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Reconcile(args) => run(cfg, |cfg| async move {
-            let rollup = rwgate::cost::rollup::Rollup::from_config(&cfg)?;
+            let rollup = rwgate::cost::rollup::Rollup::from_config(&cfg)?.once();
             let account = args.account.as_deref();
             let whom = account.unwrap_or("every account");
             if args.move_ids {

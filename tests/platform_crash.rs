@@ -142,8 +142,10 @@ level = "warn"
         .filter(|l| l.contains("resource registration failed"))
         .collect();
     assert!(
-        why.first()
-            .is_some_and(|l| l.contains("REST API answered 503") && l.contains("retry_in_s=")),
+        why.first().is_some_and(|l| l.contains(&format!(
+            "the REST API (resources.rest_url) at {} answered 503 Service Unavailable",
+            rest.url()
+        )) && l.contains("retry_in=")),
         "{log}"
     );
 

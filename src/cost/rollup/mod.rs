@@ -266,6 +266,15 @@ impl Rollup {
         self
     }
 
+    /// For a command that runs once (`reconcile`): registration failures
+    /// are logged without a retry time, as nothing retries them.
+    pub fn once(mut self) -> Rollup {
+        if let Registration::On { registry, .. } = &mut self.registration {
+            registry.run_once();
+        }
+        self
+    }
+
     /// The rollup `cfg` describes, registration included (without a REST
     /// API configured, known resources only: see [`Registry::from_config`]).
     pub fn from_config(cfg: &Config) -> anyhow::Result<Rollup> {

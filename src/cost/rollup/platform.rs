@@ -25,7 +25,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::{Deserialize, Serialize};
 
-use crate::client::{http_client, HttpClient};
+use crate::client::{answer_detail, http_client, Endpoint, HttpClient};
 use crate::telemetry as t;
 
 /// Largest answer read (200 resources with their documents fit many times).
@@ -98,14 +98,19 @@ struct Answer {
 /// Why a bulk call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BulkError {
-    #[error("REST API answered {status}: {detail}")]
-    Status { status: u16, detail: String },
-    #[error("REST API did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("REST API unreachable: {0}")]
+    #[error("{}", .at.answered(*.status, .detail))]
+    Status {
+        at: Endpoint,
+        status: u16,
+        detail: String,
+    },
+    #[error("{}", .at.timed_out(*.after))]
+    Timeout { at: Endpoint, after: Duration },
+    /// No answer (the text names the API and says why).
+    #[error("{0}")]
     Transport(String),
-    #[error("REST API answer unusable: {0}")]
-    Answer(String),
+    #[error("{at}: {detail}")]
+    Answer { at: Endpoint, detail: String },
 }
 
 /// Whom a failure holds back.
@@ -123,7 +128,7 @@ pub enum Scope {
 impl BulkError {
     pub fn scope(&self) -> Scope {
         match self {
-            BulkError::Status { status: 404, .. } | BulkError::Answer(_) => Scope::Account,
+            BulkError::Status { status: 404, .. } | BulkError::Answer { .. } => Scope::Account,
             BulkError::Status { status: 400, .. } => Scope::Content,
             _ => Scope::Everyone,
         }
@@ -138,9 +143,9 @@ impl BulkError {
                 status: 401 | 403, ..
             } => "secret",
             BulkError::Status { .. } => "status",
-            BulkError::Timeout(_) => "timeout",
+            BulkError::Timeout { .. } => "timeout",
             BulkError::Transport(_) => "transport",
-            BulkError::Answer(_) => "answer",
+            BulkError::Answer { .. } => "answer",
         }
     }
 }
@@ -150,6 +155,8 @@ impl BulkError {
 pub struct PlatformApi {
     client: HttpClient,
     base: String,
+    /// The API as failures name it.
+    at: Endpoint,
     secret: String,
     timeout: Duration,
 }
@@ -159,6 +166,7 @@ impl PlatformApi {
         PlatformApi {
             client: http_client(8, None),
             base: base.trim_end_matches('/').to_string(),
+            at: Endpoint::new("the REST API (resources.rest_url)", base),
             secret,
             timeout,
         }
@@ -176,6 +184,7 @@ impl PlatformApi {
         // not be a path segment.
         let account = uuid::Uuid::try_parse(account)
             .map_err(|_| BulkError::Status {
+                at: self.at.clone(),
                 status: 404,
                 detail: format!("{account:?} is not a cloud account id"),
             })?
@@ -187,39 +196,43 @@ impl PlatformApi {
             self.base
         );
         let body = serde_json::to_vec(&Body { resources })
-            .map_err(|e| BulkError::Answer(format!("cannot encode the body: {e}")))?;
+            .map_err(|e| self.unusable(format!("cannot encode the request: {e}")))?;
         let req = Request::post(&url)
             .header("Secret", &self.secret)
             .header("Content-Type", "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| BulkError::Transport(format!("building request: {e}")))?;
+            .map_err(|e| BulkError::Transport(format!("cannot call {}: {e}", self.at)))?;
         let started = Instant::now();
         let call = async {
             let resp = self
                 .client
                 .request(req)
                 .await
-                .map_err(|e| BulkError::Transport(e.to_string()))?;
+                .map_err(|e| BulkError::Transport(self.at.unreachable(&e)))?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|e| BulkError::Transport(format!("reading the answer: {e}")))?
+                .map_err(|e| BulkError::Transport(self.at.unreachable(e.as_ref())))?
                 .to_bytes();
             Ok::<_, BulkError>((status, body))
         };
         let (status, body) = tokio::time::timeout(self.timeout, call)
             .await
-            .map_err(|_| BulkError::Timeout(self.timeout))??;
+            .map_err(|_| BulkError::Timeout {
+                at: self.at.clone(),
+                after: self.timeout,
+            })??;
         metrics::histogram!(t::RESOURCES_BULK_DURATION).record(started.elapsed().as_secs_f64());
         if status != StatusCode::OK {
             return Err(BulkError::Status {
+                at: self.at.clone(),
                 status: status.as_u16(),
-                detail: error_detail(&body),
+                detail: answer_detail(&body),
             });
         }
         let answer: Answer = serde_json::from_slice(&body)
-            .map_err(|e| BulkError::Answer(format!("not a resource list: {e}")))?;
+            .map_err(|e| self.unusable(format!("its answer is not a resource list: {e}")))?;
         let mut by_id: std::collections::HashMap<String, Registered> = answer
             .resources
             .into_iter()
@@ -232,45 +245,17 @@ impl PlatformApi {
                     .remove(&r.cloud_resource_id)
                     .filter(|got| !got.id.is_empty())
                     .ok_or_else(|| {
-                        BulkError::Answer(format!(
-                            "{} missing from the answer",
-                            r.cloud_resource_id
-                        ))
+                        self.unusable(format!("its answer lacks {}", r.cloud_resource_id))
                     })
             })
             .collect()
     }
-}
 
-/// The platform's `{"error": {"error_code", "reason"}}` as one short line,
-/// or the start of whatever else came back.
-fn error_detail(body: &[u8]) -> String {
-    #[derive(Deserialize)]
-    struct Wrapper {
-        error: Inner,
-    }
-    #[derive(Deserialize)]
-    struct Inner {
-        #[serde(default)]
-        error_code: String,
-        #[serde(default)]
-        reason: String,
-    }
-    let text = match serde_json::from_slice::<Wrapper>(body) {
-        Ok(w) => format!("{} {}", w.error.error_code, w.error.reason),
-        Err(_) => String::from_utf8_lossy(body).into_owned(),
-    };
-    let line: String = text
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .chars()
-        .take(200)
-        .collect();
-    if line.is_empty() {
-        "no detail".into()
-    } else {
-        line
+    fn unusable(&self, detail: String) -> BulkError {
+        BulkError::Answer {
+            at: self.at.clone(),
+            detail,
+        }
     }
 }
 
@@ -317,7 +302,9 @@ mod tests {
 
     #[test]
     fn failures_are_scoped() {
+        let at = || Endpoint::new("the REST API", "http://127.0.0.1:1");
         let st = |status| BulkError::Status {
+            at: at(),
             status,
             detail: String::new(),
         };
@@ -326,17 +313,34 @@ mod tests {
         for s in [401, 403, 429, 500, 502, 503] {
             assert_eq!(st(s).scope(), Scope::Everyone, "{s}");
         }
+        let timeout = BulkError::Timeout {
+            at: at(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(timeout.scope(), Scope::Everyone);
+    }
+
+    /// Each failure names the API (its URL without credentials), and a
+    /// timeout reads as people write durations.
+    #[test]
+    fn failures_name_the_api() {
+        let at = Endpoint::new("the REST API", "http://u:pw@rest:8999/");
+        let e = BulkError::Status {
+            at: at.clone(),
+            status: 500,
+            detail: "no detail".into(),
+        };
         assert_eq!(
-            BulkError::Timeout(Duration::from_secs(1)).scope(),
-            Scope::Everyone
+            e.to_string(),
+            "the REST API at http://***@rest:8999/ answered 500 Internal Server Error: no detail"
         );
+        let e = BulkError::Timeout {
+            at,
+            after: Duration::from_millis(1500),
+        };
         assert_eq!(
-            error_detail(br#"{"error": {"error_code": "OE0212", "reason": "Unexpected parameters: x", "params": []}}"#),
-            "OE0212 Unexpected parameters: x"
-        );
-        assert_eq!(
-            error_detail(b"<html>\n bad\n gateway</html>"),
-            "<html> bad gateway</html>"
+            e.to_string(),
+            "the REST API at http://***@rest:8999/ did not answer within 1s 500ms"
         );
     }
 }

@@ -61,7 +61,7 @@ use super::platform::{
     MAX_NAME_CHARS, MAX_SEEN,
 };
 use super::sql::InList;
-use crate::clock::Backoff;
+use crate::clock::{Backoff, HumanDuration};
 use crate::config::{Charge, Config};
 use crate::cost::clickhouse::{ClickHouse, ClickHouseError, ResourceRow};
 use crate::cost::names::{charged_metric, Resource};
@@ -177,6 +177,10 @@ pub struct Registry {
     concurrency: usize,
     update_interval: u64,
     retry: (Duration, Duration),
+    /// Whether failed calls are tried again (the rollup loop), or the
+    /// command runs once (`reconcile`) and its failure logs say no retry
+    /// time.
+    retries: bool,
     state: Mutex<State>,
 }
 
@@ -227,6 +231,7 @@ impl Registry {
             concurrency: r.concurrency.max(1),
             update_interval: r.update_interval.as_secs(),
             retry: (r.retry_backoff, r.retry_max_backoff),
+            retries: true,
             state: Mutex::new(State {
                 loaded: false,
                 known: HashMap::new(),
@@ -236,6 +241,11 @@ impl Registry {
                 refused: HashMap::new(),
             }),
         }
+    }
+
+    /// For a command that runs once: nothing tries a failed call again.
+    pub(super) fn run_once(&mut self) {
+        self.retries = false;
     }
 
     /// Whether it can register (a REST API is configured).
@@ -540,6 +550,12 @@ impl Registry {
         followups: &mut HashMap<Key, u64>,
     ) {
         let new_gate = || Gate::new(self.retry, now);
+        // The wait until a gate's next try, as ClickHouse's retries log it;
+        // none when nothing will try again.
+        let retry_in = |at: u64| {
+            self.retries
+                .then(|| tracing::field::display(HumanDuration(Duration::from_secs(at - now))))
+        };
         let mut outage: Option<(BulkError, usize)> = None;
         for (account, rs) in results {
             let mut account_error: Option<(BulkError, usize)> = None;
@@ -583,7 +599,7 @@ impl Registry {
                             .entry(p.key.clone())
                             .or_insert_with(new_gate)
                             .hold(now);
-                        tracing::warn!(account, cloud_resource_id = %p.key.1, error = %e, retry_in_s = at - now, "resource registration refused; its expense rows wait");
+                        tracing::warn!(account, cloud_resource_id = %p.key.1, error = %e, retry_in = retry_in(at), "resource registration refused; its expense rows wait");
                         at
                     }
                 };
@@ -597,13 +613,13 @@ impl Registry {
                 metrics::counter!(t::RESOURCES_REGISTERED).increment(ok);
             }
             if let Some((e, n)) = account_error {
-                let wait = st.accounts.get(&account).map_or(0, |g| g.next_try - now);
-                tracing::warn!(account, resources = n, error = %e, retry_in_s = wait, "resource registration failed for this account; its expense rows wait");
+                let at = st.accounts.get(&account).map_or(now, |g| g.next_try);
+                tracing::warn!(account, resources = n, error = %e, retry_in = retry_in(at), "resource registration failed for this account; its expense rows wait");
             }
         }
         if let Some((e, n)) = outage {
-            let wait = st.everyone.as_ref().map_or(0, |g| g.next_try - now);
-            tracing::warn!(resources = n, error = %e, retry_in_s = wait, "resource registration failed (REST API unavailable); expense rows of new resources wait");
+            let at = st.everyone.as_ref().map_or(now, |g| g.next_try);
+            tracing::warn!(resources = n, error = %e, retry_in = retry_in(at), "resource registration failed (REST API unavailable); expense rows of new resources wait");
         }
     }
 }
@@ -780,5 +796,96 @@ mod tests {
         )];
         assert_eq!((x.first_ms, x.last_ms), (50, 200));
         assert_eq!((x.first_bucket_end, x.last_bucket_start), (60, 190));
+    }
+
+    /// What `apply` logs for the failures of one pass, as text lines.
+    fn failure_log(once: bool) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut cfg = Config::default();
+        cfg.clickhouse.url = Some("http://127.0.0.1:1".into());
+        cfg.resources.retry_backoff = Duration::from_secs(3);
+        cfg.resources.retry_max_backoff = Duration::from_secs(3);
+        let mut registry = Registry::new(ClickHouse::new(&cfg.clickhouse).unwrap(), None, &cfg);
+        if once {
+            registry.run_once();
+        }
+        let planned = |id: &str| Planned {
+            key: ("acc".into(), id.into()),
+            doc: NewResource {
+                cloud_resource_id: id.into(),
+                resource_type: "K8s Namespace",
+                name: name("Namespace: ", id),
+                service_name: None,
+                meta: None,
+                first_seen: None,
+                last_seen: None,
+                k8s_namespace: None,
+                k8s_node: None,
+            },
+        };
+        let at = crate::client::Endpoint::new("the REST API", "http://u:pw@rest:1");
+        let results = vec![(
+            "acc".to_string(),
+            vec![
+                (
+                    planned("a"),
+                    Err(BulkError::Timeout {
+                        at: at.clone(),
+                        after: Duration::from_millis(1500),
+                    }),
+                ),
+                (
+                    planned("b"),
+                    Err(BulkError::Status {
+                        at,
+                        status: 400,
+                        detail: "OE0212".into(),
+                    }),
+                ),
+            ],
+        )];
+        let buf = Buf::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer({
+                let buf = buf.clone();
+                move || buf.clone()
+            })
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut st = registry.state();
+            registry.apply(&mut st, results, 1_000, &mut HashMap::new());
+        });
+        let bytes = buf.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// A failure's wait is logged as `retry_in=` in the format of
+    /// ClickHouse's retries, and the failure names the API without its
+    /// password; a command that runs once logs no wait at all.
+    #[test]
+    fn failures_log_when_they_are_retried() {
+        let log = failure_log(false);
+        assert_eq!(log.lines().count(), 2, "{log}");
+        for want in [
+            "error=the REST API at http://***@rest:1 did not answer within 1s 500ms retry_in=3s",
+            "error=the REST API at http://***@rest:1 answered 400 Bad Request: OE0212 retry_in=3s",
+        ] {
+            assert!(log.lines().any(|l| l.ends_with(want)), "{want}\n{log}");
+        }
+        let log = failure_log(true);
+        assert_eq!(log.lines().count(), 2, "{log}");
+        assert!(!log.contains("retry_in"), "{log}");
+        assert!(!log.contains("pw"), "{log}");
     }
 }
