@@ -452,7 +452,7 @@ impl RestSource {
             StatusCode::OK => {
                 let acc: CloudAccount = serde_json::from_slice(&body).map_err(|e| {
                     format!(
-                        "{} sent something else than a cloud account: {e}",
+                        "{} sent an answer that is not a cloud account: {e}",
                         self.endpoint
                     )
                 })?;

@@ -1,7 +1,8 @@
 //! An https upstream with a private CA and mutual TLS: a real Prometheus
 //! serving TLS with `client_auth_type: RequireAndVerifyClientCert` (as a
 //! Thanos receive behind `--remote-write.server-tls-client-ca`), the CA and
-//! certificates generated at test time.
+//! certificates generated at test time; and how a failing upstream is
+//! logged (a refused port, a plain-HTTP server behind https://).
 
 mod common;
 
