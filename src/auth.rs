@@ -20,7 +20,7 @@ use moka::Expiry;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::client::{http_client, read_capped, Endpoint, HttpClient};
+use crate::client::{call, http_client, CallError, Endpoint, HttpClient};
 use crate::config::{AuthConfig, AuthMode};
 use crate::filter::Allowlist;
 use crate::telemetry as t;
@@ -426,27 +426,18 @@ impl RestSource {
             .body(Full::new(Bytes::new()))
             .map_err(|e| format!("building request: {e}"))?;
         let started = Instant::now();
-        let call = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| self.endpoint.unreachable(&e))?;
-            let status = resp.status();
-            let body = read_capped(resp.into_body(), MAX_REST_ANSWER_BYTES)
-                .await
-                .map_err(|e| self.endpoint.unreachable(&e))?;
-            if !body.complete {
-                return Err(format!(
-                    "{} sent an answer longer than {MAX_REST_ANSWER_BYTES} bytes",
-                    self.endpoint
-                ));
-            }
-            Ok::<_, String>((status, body.bytes))
-        };
-        let (status, body) = tokio::time::timeout(self.cfg.rest_timeout, call)
-            .await
-            .map_err(|_| self.endpoint.timed_out(self.cfg.rest_timeout))??;
+        let (status, body) = call(
+            &self.client,
+            req,
+            &self.endpoint,
+            self.cfg.rest_timeout,
+            MAX_REST_ANSWER_BYTES,
+        )
+        .await
+        .map_err(|e| match e {
+            CallError::Failed(why) => why,
+            CallError::TimedOut => self.endpoint.timed_out(self.cfg.rest_timeout),
+        })?;
         metrics::histogram!(t::AUTH_REST_DURATION).record(started.elapsed().as_secs_f64());
         match status {
             StatusCode::OK => {

@@ -78,6 +78,46 @@ where
     })
 }
 
+/// Why [`call`] got no whole answer.
+#[derive(Debug)]
+pub enum CallError {
+    /// Not sent, cut off, or longer than the cap: in words, naming the
+    /// endpoint.
+    Failed(String),
+    /// No whole answer within the timeout.
+    TimedOut,
+}
+
+/// Sends `req` to `at` and reads its answer, at most `cap` bytes of it,
+/// all within `timeout`: the status and the answer.
+pub async fn call(
+    client: &HttpClient,
+    req: http::Request<Full<Bytes>>,
+    at: &Endpoint,
+    timeout: Duration,
+    cap: usize,
+) -> Result<(http::StatusCode, Vec<u8>), CallError> {
+    let exchange = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| CallError::Failed(at.unreachable(&e)))?;
+        let status = resp.status();
+        let body = read_capped(resp.into_body(), cap)
+            .await
+            .map_err(|e| CallError::Failed(at.unreachable(&e)))?;
+        if !body.complete {
+            return Err(CallError::Failed(format!(
+                "{at} sent an answer longer than {cap} bytes"
+            )));
+        }
+        Ok((status, body.bytes))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| CallError::TimedOut)?
+}
+
 /// What a refusing answer says, in one short line: the platform REST API's
 /// `{"error": {"error_code", "reason"}}`, or the start of whatever else
 /// came back.

@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use serde::{Deserialize, Serialize};
 
-use crate::client::{answer_detail, http_client, Endpoint, HttpClient};
+use crate::client::{answer_detail, call, http_client, CallError, Endpoint, HttpClient};
 use crate::telemetry as t;
 
 /// Largest answer read (200 resources with their documents fit many times).
@@ -203,26 +203,15 @@ impl PlatformApi {
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| BulkError::Transport(format!("cannot call {}: {e}", self.at)))?;
         let started = Instant::now();
-        let call = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| BulkError::Transport(self.at.unreachable(&e)))?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| BulkError::Transport(self.at.unreachable(e.as_ref())))?
-                .to_bytes();
-            Ok::<_, BulkError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(self.timeout, call)
+        let (status, body) = call(&self.client, req, &self.at, self.timeout, MAX_ANSWER_BYTES)
             .await
-            .map_err(|_| BulkError::Timeout {
-                at: self.at.clone(),
-                after: self.timeout,
-            })??;
+            .map_err(|e| match e {
+                CallError::Failed(why) => BulkError::Transport(why),
+                CallError::TimedOut => BulkError::Timeout {
+                    at: self.at.clone(),
+                    after: self.timeout,
+                },
+            })?;
         metrics::histogram!(t::RESOURCES_BULK_DURATION).record(started.elapsed().as_secs_f64());
         if status != StatusCode::OK {
             return Err(BulkError::Status {
