@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
 use crate::clock::Day;
-use crate::config::{Config, ConfigError};
+use crate::config::{AuthMode, Config, ConfigError};
 use crate::settings::{self, Given, Kind};
 
 #[derive(Debug, Parser)]
@@ -55,17 +55,23 @@ impl Command {
         }
     }
 
-    /// The effective config, with what this command uses validated.
+    /// The effective config, with what this command uses validated, and
+    /// the files it reads at start (secrets, certificates) read: so that
+    /// `check-config` refuses what `serve` would, and every command fails
+    /// before it starts anything.
     pub fn load(&self) -> Result<Config, ConfigError> {
         match self {
             Command::Serve(s) | Command::CheckConfig(s) => {
                 let c = s.load()?;
                 c.validate()?;
+                serving_files(&c)?;
+                cost_files(&c, c.rollup.enabled)?;
                 Ok(c)
             }
             Command::Migrate(s) => {
                 let c = s.load()?;
                 clickhouse_part(&c, "migrate")?;
+                cost_files(&c, false)?;
                 Ok(c)
             }
             Command::Reconcile(r) => {
@@ -73,6 +79,7 @@ impl Command {
                 let c = r.settings.load()?;
                 clickhouse_part(&c, "reconcile")?;
                 c.validate_rollup()?;
+                cost_files(&c, true)?;
                 Ok(c)
             }
             Command::Rollup(s) => {
@@ -80,10 +87,59 @@ impl Command {
                 clickhouse_part(&c, "rollup")?;
                 c.validate_rollup()?;
                 c.validate_registration_source()?;
+                cost_files(&c, true)?;
                 Ok(c)
             }
         }
     }
+}
+
+/// What `serve` reads for its traffic: the tenants file or cluster
+/// secret, the TLS pair, and the upstream's CA and client pair.
+fn serving_files(c: &Config) -> Result<(), ConfigError> {
+    crate::auth::Authenticator::from_config(&c.auth).map_err(|e| ConfigError::Invalid {
+        field: match c.auth.mode {
+            AuthMode::Static => "auth.tenants_file",
+            AuthMode::Rest | AuthMode::None => "auth.cluster_secret_file",
+        },
+        message: e.to_string(),
+    })?;
+    let unusable = |e: anyhow::Error| ConfigError::Unusable(one_line(&e));
+    if c.tls.cert.is_some() {
+        crate::tls::server_config(&c.tls).map_err(unusable)?;
+    }
+    crate::tls::client_config(&c.upstream.tls).map_err(unusable)?;
+    Ok(())
+}
+
+/// What the tee and the rollup read when they start (with `clickhouse.url`
+/// set): the ClickHouse password file and, for the rollup, the cluster
+/// secret resource registration sends.
+fn cost_files(c: &Config, rollup: bool) -> Result<(), ConfigError> {
+    use crate::cost::clickhouse::{ClickHouse, ClickHouseError};
+    if c.clickhouse.url.is_none() {
+        return Ok(());
+    }
+    let ch = ClickHouse::new(&c.clickhouse).map_err(|e| match e {
+        ClickHouseError::PasswordFile { path, source } => ConfigError::Invalid {
+            field: "clickhouse.password_file",
+            message: format!("cannot read {path}: {source}"),
+        },
+        other => ConfigError::Unusable(other.to_string()),
+    })?;
+    if rollup {
+        crate::cost::rollup::resources::Registry::from_config(c, ch).map_err(|e| {
+            ConfigError::Invalid {
+                field: if c.resources.cluster_secret_file.is_some() {
+                    "resources.cluster_secret_file"
+                } else {
+                    "auth.cluster_secret_file"
+                },
+                message: e.to_string(),
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// What every ClickHouse command uses: the log settings and a ClickHouse.

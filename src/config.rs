@@ -488,7 +488,8 @@ pub const DEFAULT_STEP: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseConfig {
-    /// HTTP interface URL, e.g. `http://clickhouse:8123`. Unset: no tee.
+    /// HTTP interface URL, e.g. `http://clickhouse:8123` (plain http: the
+    /// client has no TLS; put a TLS proxy in between if needed). Unset: no tee.
     pub url: Option<String>,
     /// Database holding the tables.
     pub database: String,
@@ -987,6 +988,9 @@ pub enum ConfigError {
         origin: String,
         message: String,
     },
+    /// A file a setting names cannot be used (the message names the setting).
+    #[error("{0}")]
+    Unusable(String),
     /// An environment variable of an earlier release, no longer read.
     #[error("{old} is no longer read: set {new} instead")]
     Renamed { old: &'static str, new: String },
@@ -1187,6 +1191,18 @@ impl Config {
         let ch = &self.clickhouse;
         if let Some(url) = &ch.url {
             check_http_url("clickhouse.url", url)?;
+            if url
+                .get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+            {
+                return Err(invalid(
+                    "clickhouse.url",
+                    format!(
+                        "{} is https, and rwgate talks to ClickHouse over plain http only: use http:// (through a TLS proxy if the link must be encrypted)",
+                        shown(url)
+                    ),
+                ));
+            }
         }
         // The database is only sent as the HTTP `database` parameter, so any
         // name ClickHouse has is fine; table names go into SQL unquoted.

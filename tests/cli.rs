@@ -86,7 +86,10 @@ fn check_config_reads_the_files_serve_would_read() {
         &[],
     );
     assert!(
-        err.starts_with("rwgate: invalid auth: cannot read "),
+        err.starts_with(&format!(
+            "rwgate: invalid auth.tenants_file: cannot read {}: ",
+            missing.display()
+        )),
         "{err}"
     );
     let bad = dir.path().join("bad.toml");
@@ -356,6 +359,101 @@ fn empty_values_of_required_settings_are_refused() {
         &[("RWGATE_CLICKHOUSE_URL", ""), ("RWGATE_METRICS_LISTEN", "")],
     );
     assert!(!out.contains("metrics_listen"), "{out}");
+}
+
+/// `check-config` refuses what `serve` refuses at start, and both in the
+/// same line naming the setting: the files they read (the ClickHouse
+/// password, the cluster secret registration sends, the auth files) and a
+/// ClickHouse URL the client cannot speak to.
+#[test]
+fn check_config_refuses_what_serve_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing");
+    let missing = missing.to_str().expect("utf-8");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").expect("write");
+    let empty = empty.to_str().expect("utf-8");
+    let dir_path = dir.path().to_str().expect("utf-8");
+    // A ClickHouse nothing listens on: nothing may get as far as connecting.
+    let tee = ["--clickhouse-url", "http://127.0.0.1:1"];
+    let missing_secret = format!("resources.cluster_secret_file={missing}");
+    let empty_secret = format!("resources.cluster_secret_file={empty}");
+    let registering = [
+        "--set",
+        "resources.enabled=true",
+        "--set",
+        "resources.rest_url=http://127.0.0.1:4",
+    ];
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            [&tee[..], &["--clickhouse-password-file", missing]].concat(),
+            format!("invalid clickhouse.password_file: cannot read {missing}: No such file or directory (os error 2)"),
+        ),
+        (
+            [
+                &tee[..],
+                &registering[..],
+                &["--set", &missing_secret],
+            ]
+            .concat(),
+            format!("invalid resources.cluster_secret_file: cannot read the cluster secret file {missing}: No such file or directory (os error 2)"),
+        ),
+        (
+            [
+                &tee[..],
+                &registering[..],
+                &["--set", &empty_secret],
+            ]
+            .concat(),
+            format!("invalid resources.cluster_secret_file: the cluster secret file {empty} is empty"),
+        ),
+        (
+            vec!["--clickhouse-url", "https://clickhouse:8443"],
+            "invalid clickhouse.url: `https://clickhouse:8443` is https, and rwgate talks to ClickHouse over plain http only: use http:// (through a TLS proxy if the link must be encrypted)".into(),
+        ),
+    ];
+    for (args, want) in &cases {
+        for command in ["check-config", "serve"] {
+            let all = [
+                &[command, "--auth", "none", "--listen", "127.0.0.1:0"][..],
+                &args[..],
+            ]
+            .concat();
+            let err = refused(&all, &[]);
+            assert_eq!(err, format!("rwgate: {want}\n"), "{all:?}");
+        }
+    }
+    // The auth files name their setting.
+    let err = refused(
+        &[
+            "check-config",
+            "--auth",
+            "rest",
+            "--rest-url",
+            "http://127.0.0.1:4",
+            "--cluster-secret-file",
+            dir_path,
+        ],
+        &[],
+    );
+    assert!(
+        err.starts_with(&format!(
+            "rwgate: invalid auth.cluster_secret_file: cannot read {dir_path}: "
+        )),
+        "{err}"
+    );
+    // Registration off, or no rollup: the secret is not read, by either.
+    let out = accepted(
+        &[
+            &["check-config", "--auth", "none", "--rollup", "false"][..],
+            &tee[..],
+            &registering[..],
+            &["--set", &missing_secret],
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(out.contains("[resources]"), "{out}");
 }
 
 /// What only `serve` can find out (files it must read, the port) also ends
