@@ -61,35 +61,29 @@ impl Command {
     /// before it starts anything.
     pub fn load(&self) -> Result<Config, ConfigError> {
         match self {
-            Command::Serve(s) | Command::CheckConfig(s) => {
-                let c = s.load()?;
+            Command::Serve(s) | Command::CheckConfig(s) => s.load_checked(|c| {
                 c.validate()?;
-                serving_files(&c)?;
-                cost_files(&c, c.rollup.enabled)?;
-                Ok(c)
-            }
-            Command::Migrate(s) => {
-                let c = s.load()?;
-                clickhouse_part(&c, "migrate")?;
-                cost_files(&c, false)?;
-                Ok(c)
-            }
+                serving_files(c)?;
+                cost_files(c, c.rollup.enabled)
+            }),
+            Command::Migrate(s) => s.load_checked(|c| {
+                clickhouse_part(c, "migrate")?;
+                cost_files(c, false)
+            }),
             Command::Reconcile(r) => {
                 r.check()?;
-                let c = r.settings.load()?;
-                clickhouse_part(&c, "reconcile")?;
-                c.validate_rollup()?;
-                cost_files(&c, true)?;
-                Ok(c)
+                r.settings.load_checked(|c| {
+                    clickhouse_part(c, "reconcile")?;
+                    c.validate_rollup()?;
+                    cost_files(c, true)
+                })
             }
-            Command::Rollup(s) => {
-                let c = s.load()?;
-                clickhouse_part(&c, "rollup")?;
+            Command::Rollup(s) => s.load_checked(|c| {
+                clickhouse_part(c, "rollup")?;
                 c.validate_rollup()?;
                 c.validate_registration_source()?;
-                cost_files(&c, true)?;
-                Ok(c)
-            }
+                cost_files(c, true)
+            }),
         }
     }
 }
@@ -225,6 +219,23 @@ impl<G: FlagGroup> Settings<G> {
 
     /// [`load`](Self::load) with `env` standing for the environment.
     pub fn load_with(&self, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        self.load_checked_with(env, |_| Ok(()))
+    }
+
+    /// The config from every source, checked by `check`; an error of a
+    /// setting some source gave names that source.
+    pub fn load_checked(
+        &self,
+        check: impl FnOnce(&Config) -> Result<(), ConfigError>,
+    ) -> Result<Config, ConfigError> {
+        self.load_checked_with(|name| std::env::var(name).ok(), check)
+    }
+
+    fn load_checked_with(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+        check: impl FnOnce(&Config) -> Result<(), ConfigError>,
+    ) -> Result<Config, ConfigError> {
         let mut given = settings::from_env(env)?;
         for kv in &self.set {
             let (path, raw) = kv.split_once('=').ok_or_else(|| ConfigError::Setting {
@@ -244,7 +255,7 @@ impl<G: FlagGroup> Settings<G> {
             raw: raw.clone(),
             origin: format!("--{}", flag.long),
         }));
-        settings::load(self.config.as_deref(), &given)
+        settings::load(self.config.as_deref(), &given, check)
     }
 }
 

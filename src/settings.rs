@@ -189,8 +189,14 @@ pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Vec<Given>, C
         .collect())
 }
 
-/// Reads and parses a config file, then applies `given` over it.
-pub fn load(file: Option<&Path>, given: &[Given]) -> Result<Config, ConfigError> {
+/// Reads and parses a config file, applies `given` over it, and checks the
+/// result with `check` (validation): a [`ConfigError::Invalid`] of a
+/// setting a source gave names that source, as a [`ConfigError::Setting`].
+pub fn load(
+    file: Option<&Path>,
+    given: &[Given],
+    check: impl FnOnce(&Config) -> Result<(), ConfigError>,
+) -> Result<Config, ConfigError> {
     let file = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -201,11 +207,27 @@ pub fn load(file: Option<&Path>, given: &[Given]) -> Result<Config, ConfigError>
         }
         None => None,
     };
-    load_text(
+    let (config, sources) = merged(
         file.as_ref()
             .map(|(text, origin)| (text.as_str(), origin.as_str())),
         given,
-    )
+    )?;
+    check(&config).map_err(|e| match e {
+        ConfigError::Invalid { field, message } => {
+            match sources.iter().rev().find(|s| s.written(field).is_some()) {
+                // The value is not repeated: the message shows it if it helps.
+                Some(source) => ConfigError::Setting {
+                    setting: field.to_string(),
+                    value: None,
+                    origin: source.origin.clone(),
+                    message,
+                },
+                None => ConfigError::Invalid { field, message },
+            }
+        }
+        other => other,
+    })?;
+    Ok(config)
 }
 
 /// A config file's text (`origin` names it in errors), without overrides.
@@ -215,6 +237,14 @@ pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
 
 /// The tree from a config file's text (if any) and `given` over it, in order.
 pub fn load_text(file: Option<(&str, &str)>, given: &[Given]) -> Result<Config, ConfigError> {
+    merged(file, given).map(|(config, _)| config)
+}
+
+/// [`load_text`], and the sources it merged.
+fn merged(
+    file: Option<(&str, &str)>,
+    given: &[Given],
+) -> Result<(Config, Vec<Source>), ConfigError> {
     let settings = all();
     let mut sources = Vec::new();
     if let Some((text, origin)) = file {
@@ -239,7 +269,7 @@ pub fn load_text(file: Option<(&str, &str)>, given: &[Given]) -> Result<Config, 
         sources.push(Source {
             origin,
             dict,
-            raw: None,
+            given: None,
         });
     }
     for g in given {
@@ -265,15 +295,16 @@ pub fn load_text(file: Option<(&str, &str)>, given: &[Given]) -> Result<Config, 
         sources.push(Source {
             origin: g.origin.clone(),
             dict,
-            raw: Some(g.raw.clone()),
+            given: Some((g.path.clone(), g.raw.clone())),
         });
     }
     let figment = sources
         .iter()
         .fold(Figment::new(), |f, source| f.merge(source));
-    figment
+    let config = figment
         .extract()
-        .map_err(|e| explain(&e, &settings, &sources))
+        .map_err(|e| explain(&e, &settings, &sources))?;
+    Ok((config, sources))
 }
 
 /// What an empty value of a setting that must have one is told.
@@ -324,8 +355,8 @@ fn explain(e: &figment::Error, settings: &[Setting], sources: &[Source]) -> Conf
     let value = sources
         .iter()
         .rev()
-        .find(|s| s.origin == origin)
-        .and_then(|s| s.written(&path));
+        .filter(|s| s.origin == origin)
+        .find_map(|s| s.written(&path));
     ConfigError::Setting {
         setting: if path.is_empty() {
             "config".into()
@@ -425,17 +456,17 @@ fn quoted(raw: &str) -> Option<String> {
 struct Source {
     origin: String,
     dict: Dict,
-    /// The text given for the one setting of an environment variable,
-    /// `--set` or a flag.
-    raw: Option<String>,
+    /// The one setting an environment variable, `--set` or a flag gave,
+    /// and its text.
+    given: Option<(String, String)>,
 }
 
 impl Source {
     /// The value at `path` as it was written: the text given, or the
     /// config file's value (a string without its quotes).
     fn written(&self, path: &str) -> Option<String> {
-        if let Some(raw) = &self.raw {
-            return Some(raw.clone());
+        if let Some((setting, raw)) = &self.given {
+            return (setting == path).then(|| raw.clone());
         }
         match Value::from(self.dict.clone()).find(path)? {
             Value::String(_, s) => Some(s),
@@ -913,6 +944,61 @@ mod tests {
         ] {
             assert_eq!(find(path).unwrap().kind.expected(), words, "{path}");
         }
+    }
+
+    /// The value shown is the one of the setting at fault, also when one
+    /// source (`--set`) gave several; a rule broken by a value a source gave
+    /// names that source.
+    #[test]
+    fn errors_name_the_source_of_the_value_at_fault() {
+        let err = load_text(
+            None,
+            &[
+                given("limits.max_connections", "x"),
+                given("listen", "127.0.0.1:1"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("invalid limits.max_connections = `x` (from --set)"),
+            "{err}"
+        );
+        let rule = |file: Option<&str>, g: &[Given]| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f.toml");
+            std::fs::write(&path, file.unwrap_or("")).unwrap();
+            let file = file.map(|_| path.as_path());
+            load(file, g, Config::validate).unwrap_err().to_string()
+        };
+        let mut env = given("limits.max_connections", "0");
+        env.origin = "RWGATE_LIMITS_MAX_CONNECTIONS".into();
+        assert_eq!(
+            rule(None, &[given("auth.mode", "none"), env]),
+            "invalid limits.max_connections (from RWGATE_LIMITS_MAX_CONNECTIONS): must be greater than 0"
+        );
+        let err = rule(
+            Some("[auth]\nmode = \"none\"\n[clickhouse]\nraw_table = 'a-b'\n"),
+            &[],
+        );
+        assert!(
+            err.starts_with("invalid clickhouse.raw_table (from config file ")
+                && err.ends_with(
+                    "f.toml): `a-b` must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)"
+                ),
+            "{err}"
+        );
+        // A rule about a setting no source gave names no source.
+        assert_eq!(
+            rule(
+                None,
+                &[
+                    given("limits.max_body_bytes", "1GiB"),
+                    given("auth.mode", "none")
+                ]
+            ),
+            "invalid limits.max_decoded_bytes: must be at least limits.max_body_bytes"
+        );
     }
 
     /// Values are shown as written, without Rust's escaping.

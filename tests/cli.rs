@@ -87,7 +87,7 @@ fn check_config_reads_the_files_serve_would_read() {
     );
     assert!(
         err.starts_with(&format!(
-            "rwgate: invalid auth.tenants_file: cannot read {}: ",
+            "rwgate: invalid auth.tenants_file (from --tenants-file): cannot read {}: ",
             missing.display()
         )),
         "{err}"
@@ -181,11 +181,11 @@ fn bad_config_exits_2_naming_the_field() {
         ),
         (
             &["--auth", "none", "--allowlist", "kube_("],
-            "rwgate: invalid filter.allowlist:",
+            "rwgate: invalid filter.allowlist (from --allowlist): `kube_(` is not a valid regex: unclosed group",
         ),
         (
             &["--auth", "none", "--upstream-url", "ftp://thanos/"],
-            "rwgate: invalid upstream.url:",
+            "rwgate: invalid upstream.url (from --upstream-url): `ftp://thanos/` ",
         ),
         (
             &["--auth", "none", "--tls-cert", "/x.pem"],
@@ -204,7 +204,7 @@ fn bad_config_exits_2_naming_the_field() {
         ),
         (
             &["--auth", "none", "--upstream-tls-ca", "/ca.pem"],
-            "rwgate: invalid upstream.tls.ca: needs an https:// upstream.url",
+            "rwgate: invalid upstream.tls.ca (from --upstream-tls-ca): needs an https:// upstream.url",
         ),
         (
             &[
@@ -215,11 +215,11 @@ fn bad_config_exits_2_naming_the_field() {
                 "--max-decoded-bytes",
                 "1MiB",
             ],
-            "rwgate: invalid limits.max_decoded_bytes: must be at least limits.max_body_bytes",
+            "rwgate: invalid limits.max_decoded_bytes (from --max-decoded-bytes): must be at least limits.max_body_bytes",
         ),
         (
             &["--auth", "none", "--tenant-labels", "tenant-id"],
-            "rwgate: invalid tenancy.labels:",
+            "rwgate: invalid tenancy.labels (from --tenant-labels): `tenant-id` is not a usable label name",
         ),
         (&["--auth", "none", "--config", typo], "max_bdy_bytes"),
         (
@@ -305,12 +305,12 @@ fn setting_errors_are_one_line_in_words_with_the_value_as_written() {
         (
             &["--set", "filter.allowlist=kube_(|up"],
             &[],
-            "invalid filter.allowlist: `kube_(|up` is not a valid regex: unclosed group",
+            "invalid filter.allowlist (from --set): `kube_(|up` is not a valid regex: unclosed group",
         ),
         (
             &["--set", "clickhouse.series_table=a\\b"],
             &[],
-            "invalid clickhouse.series_table: `a\\b` must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)",
+            "invalid clickhouse.series_table (from --set): `a\\b` must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)",
         ),
         (
             &["--set", "spool.segment_bytes=1.5MiB"],
@@ -387,7 +387,7 @@ fn check_config_refuses_what_serve_refuses() {
     let cases: Vec<(Vec<&str>, String)> = vec![
         (
             [&tee[..], &["--clickhouse-password-file", missing]].concat(),
-            format!("invalid clickhouse.password_file: cannot read {missing}: No such file or directory (os error 2)"),
+            format!("invalid clickhouse.password_file (from --clickhouse-password-file): cannot read {missing}: No such file or directory (os error 2)"),
         ),
         (
             [
@@ -396,7 +396,7 @@ fn check_config_refuses_what_serve_refuses() {
                 &["--set", &missing_secret],
             ]
             .concat(),
-            format!("invalid resources.cluster_secret_file: cannot read the cluster secret file {missing}: No such file or directory (os error 2)"),
+            format!("invalid resources.cluster_secret_file (from --set): cannot read the cluster secret file {missing}: No such file or directory (os error 2)"),
         ),
         (
             [
@@ -405,11 +405,11 @@ fn check_config_refuses_what_serve_refuses() {
                 &["--set", &empty_secret],
             ]
             .concat(),
-            format!("invalid resources.cluster_secret_file: the cluster secret file {empty} is empty"),
+            format!("invalid resources.cluster_secret_file (from --set): the cluster secret file {empty} is empty"),
         ),
         (
             vec!["--clickhouse-url", "https://clickhouse:8443"],
-            "invalid clickhouse.url: `https://clickhouse:8443` is https, and rwgate talks to ClickHouse over plain http only: use http:// (through a TLS proxy if the link must be encrypted)".into(),
+            "invalid clickhouse.url (from --clickhouse-url): `https://clickhouse:8443` is https, and rwgate talks to ClickHouse over plain http only: use http:// (through a TLS proxy if the link must be encrypted)".into(),
         ),
     ];
     for (args, want) in &cases {
@@ -438,7 +438,7 @@ fn check_config_refuses_what_serve_refuses() {
     );
     assert!(
         err.starts_with(&format!(
-            "rwgate: invalid auth.cluster_secret_file: cannot read {dir_path}: "
+            "rwgate: invalid auth.cluster_secret_file (from --cluster-secret-file): cannot read {dir_path}: "
         )),
         "{err}"
     );
