@@ -27,12 +27,27 @@ fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
     err
 }
 
+/// That `rwgate` with `args` and `env` refuses to run, saying `line` and
+/// nothing else.
+fn assert_refused(args: &[&str], env: &[(&str, &str)], line: &str) {
+    let err = refused(args, env);
+    assert_eq!(err, format!("rwgate: {line}\n"), "{args:?} {env:?}");
+}
+
 /// Writes `text` to `rwgate.toml` in `dir` and returns its path, for
 /// `--config`.
 fn config_file(dir: &Path, text: &str) -> String {
     let file = dir.join("rwgate.toml");
     std::fs::write(&file, text).expect("write the config file");
     file.to_str().expect("utf-8 path").to_string()
+}
+
+/// A config file holding `text`, in a directory of its own that is
+/// removed when the first value is dropped.
+fn temp_config(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = config_file(dir.path(), text);
+    (dir, file)
 }
 
 #[test]
@@ -247,10 +262,10 @@ fn bad_config_exits_2_naming_the_field() {
     let err = refused(&["check-config", "--auth", "ldap"], &[]);
     assert!(err.contains("--auth"), "{err}");
     // ... and so are bad environment values, naming the variable.
-    let err = refused(&["check-config"], &[("RWGATE_AUTH_MODE", "ldap")]);
-    assert_eq!(
-        err,
-        "rwgate: invalid auth.mode = `ldap` (from RWGATE_AUTH_MODE): expected one of \"rest\", \"static\", \"none\"\n"
+    assert_refused(
+        &["check-config"],
+        &[("RWGATE_AUTH_MODE", "ldap")],
+        "invalid auth.mode = `ldap` (from RWGATE_AUTH_MODE): expected one of \"rest\", \"static\", \"none\"",
     );
 }
 
@@ -259,11 +274,8 @@ fn bad_config_exits_2_naming_the_field() {
 /// from, and what the setting takes in words (no Rust type names).
 #[test]
 fn setting_errors_are_one_line_in_words_with_the_value_as_written() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = config_file(
-        dir.path(),
-        "[limits]\nmax_label_name_bytes = -3\n[upstream]\ntls = \"yes\"\n",
-    );
+    let (_dir, file) =
+        temp_config("[limits]\nmax_label_name_bytes = -3\n[upstream]\ntls = \"yes\"\n");
     /// Arguments, environment, the error line.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
@@ -346,8 +358,7 @@ fn empty_values_of_required_settings_are_refused() {
             format!("rwgate: invalid {want} = \"\" (from {name}): must not be empty\n")
         );
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = config_file(dir.path(), "[log]\nlevel = \"\"\n");
+    let (_dir, file) = temp_config("[log]\nlevel = \"\"\n");
     let err = refused(&["serve", "--auth", "none", "--config", &file], &[]);
     assert_eq!(
         err,
@@ -598,30 +609,23 @@ fn environment_variables_of_settings_unset_by_default_are_read() {
     assert_eq!(c.clickhouse.database, "2024", "a name, not a number");
     assert_eq!(c.clickhouse.user.as_deref(), Some("1"));
 
-    let err = refused(
+    assert_refused(
         &["check-config", "--auth", "none"],
         &[("RWGATE_LIMITS_MAX_SERIES_PER_REQUEST", "many")],
+        "invalid limits.max_series_per_request = `many` (from RWGATE_LIMITS_MAX_SERIES_PER_REQUEST): expected a whole number from 0 to 18446744073709551615",
     );
-    assert_eq!(err, "rwgate: invalid limits.max_series_per_request = `many` (from RWGATE_LIMITS_MAX_SERIES_PER_REQUEST): expected a whole number from 0 to 18446744073709551615\n");
     // The names of an earlier release are refused, not ignored.
-    let err = refused(
+    assert_refused(
         &["check-config", "--auth", "none"],
         &[("RWGATE_TENANTS_FILE", tenants)],
-    );
-    assert_eq!(
-        err,
-        "rwgate: RWGATE_TENANTS_FILE is no longer read: set RWGATE_AUTH_TENANTS_FILE instead\n"
+        "RWGATE_TENANTS_FILE is no longer read: set RWGATE_AUTH_TENANTS_FILE instead",
     );
 }
 
 /// File, then environment, then `--set`, then the named flags.
 #[test]
 fn one_precedence_for_every_source() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = config_file(
-        dir.path(),
-        "[auth]\nmode = \"none\"\n[upstream]\nmax_retries = 1\ntimeout = \"1s\"\nurl = \"http://file/\"\npool_max_idle = 1\n",
-    );
+    let (_dir, file) = temp_config("[auth]\nmode = \"none\"\n[upstream]\nmax_retries = 1\ntimeout = \"1s\"\nurl = \"http://file/\"\npool_max_idle = 1\n");
     let out = accepted(
         &[
             "check-config",
