@@ -158,7 +158,7 @@ impl FieldRun {
 /// One decoded series.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SeriesV2 {
-    /// Its labels: a range of [`DecodedV2::labels`], sorted by name.
+    /// Its labels: a range of the decoder's label table, sorted by name.
     pub labels_start: u32,
     pub labels_end: u32,
     /// The `TimeSeries` message body.
