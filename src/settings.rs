@@ -253,13 +253,13 @@ fn merged(
             message: toml_message(text, &e),
         })?;
         let origin = format!("config file {origin}");
+        let tree = Value::from(dict.clone());
         for s in &settings {
-            let value = Value::from(dict.clone()).find(&s.path);
-            if let Some(Value::String(_, v)) = value {
+            if let Some(Value::String(_, v)) = tree.find_ref(&s.path) {
                 if v.trim().is_empty() && !s.optional && s.kind != Kind::List {
                     return Err(ConfigError::Setting {
                         setting: s.path.clone(),
-                        value: Some(v),
+                        value: Some(v.clone()),
                         origin,
                         message: EMPTY.into(),
                     });
