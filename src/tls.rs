@@ -261,14 +261,12 @@ pub fn describe(e: &rustls::Error) -> String {
     use rustls::{AlertDescription as A, Error as E, InvalidMessage as M};
     match e {
         E::InvalidCertificate(c) => certificate(c),
-        E::InvalidMessage(M::InvalidContentType | M::UnknownProtocolVersion) => {
+        E::InvalidMessage(M::InvalidContentType | M::UnknownProtocolVersion)
+        | E::PeerSentOversizedRecord => {
             "the server did not speak TLS (is it plain HTTP? then use http://)".into()
         }
         E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => {
             "the server sent a TLS message rwgate cannot use".into()
-        }
-        E::PeerSentOversizedRecord => {
-            "the server did not speak TLS (is it plain HTTP? then use http://)".into()
         }
         E::AlertReceived(A::CertificateRequired) => {
             "the server requires a client certificate".into()
